@@ -1,0 +1,263 @@
+"""The `cai` command: a thin layer over the public API.
+
+Stage commands take their flags from the stage's config dataclass (names, types, defaults
+and help all come from it), optionally on top of a YAML file given with `--config`.
+Every user error prints one line naming file:line and field and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cai.config import _base_type, field_docs, from_dict, load_yaml_config
+from cai.errors import CaiError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Constitutional AI and RLAIF: from a versioned constitution to a harmless model.")
+models_app = typer.Typer(no_args_is_help=True, help="Known model specs and their local folders.")
+const_app = typer.Typer(no_args_is_help=True, help="Validate, show and diff constitutions.")
+train_app = typer.Typer(no_args_is_help=True, help="Train on the stages' outputs.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate labelers, constitutions and models.")
+app.add_typer(models_app, name="models")
+app.add_typer(const_app, name="constitution")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+def fail(err: Exception) -> typing.NoReturn:
+    typer.echo(f"error: {err}" if "\n" not in str(err) else f"error:\n{err}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn user errors into one message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CaiError as err:
+            fail(err)
+        except FileNotFoundError as err:
+            fail(CaiError(f"file not found: {err.filename}"))
+
+    return wrapper
+
+
+def config_command(group: typer.Typer, name: str, cls: type, help: str,
+                   run: Callable[[Any], Any]) -> None:
+    """Register a command whose options are the fields of config dataclass `cls`.
+
+    Every option defaults to "not given", so a value from `--config FILE` is only
+    overridden by flags the user actually typed.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
+        None, "--config", help="YAML file with these options (flags override it)."),
+        annotation=Optional[Path])]  # noqa: UP045 - typer needs a real Optional here
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        tp = tp if tp in (int, float, str, bool) else str
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, *decls, help=f"{docs.get(f.name, '')} [default: {default}]",
+                                 show_default=False),
+            annotation=Optional[tp]))  # noqa: UP045
+
+    @user_errors
+    def command(**kwargs: Any) -> None:
+        path = kwargs.pop("config")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        cfg = (load_yaml_config(cls, path, overrides=given) if path else from_dict(cls, given))
+        result = run(cfg)
+        if result is not None:
+            typer.echo(json.dumps(_summary(result), indent=2, default=str))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__ = name
+    command.__doc__ = help
+    group.command(name, help=help)(command)
+
+
+def _summary(manifest: dict) -> dict:
+    keys = ("stage", "counts", "label_stats", "timings_s", "output", "metrics")
+    return {k: manifest[k] for k in keys if k in manifest}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+@user_errors
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Known model specs and whether each is converted and cached."""
+    from cai.models import list_models
+
+    rows = list_models()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['spec']:<26} {'cached' if r['cached'] else 'not cached':<11} {r['path']}")
+    typer.echo("Other specs: hf:PATH | vllm:PATH | openai:http://HOST:PORT/v1#MODEL")
+
+
+@models_app.command("path")
+@user_errors
+def models_path(spec: str) -> None:
+    """Print the local folder of a model (converting the embedded model on first use)."""
+    from cai.models import local_path
+
+    typer.echo(str(local_path(spec)))
+
+
+# --------------------------------------------------------------------------- constitution
+
+
+@const_app.command("validate")
+def constitution_validate(files: list[Path]) -> None:
+    """Validate constitution files; errors name file:line and field, exit code 2."""
+    from cai.constitution import load
+
+    bad = False
+    for f in files:
+        try:
+            c = load(f)
+        except CaiError as err:
+            typer.echo(str(err), err=True)
+            bad = True
+            continue
+        typer.echo(f"{f}: ok ({c.name} v{c.version}, {len(c.sl_principles)} sl principles, "
+                   f"{len(c.rl_principles)} rl principles, {len(c.few_shot)} examples, {c.hash})")
+    if bad:
+        raise typer.Exit(2)
+
+
+@const_app.command("show")
+@user_errors
+def constitution_show(file: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a constitution (with its content hash)."""
+    from cai.constitution import load
+
+    c = load(file)
+    if as_json:
+        typer.echo(json.dumps(c.to_json(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{c.name} v{c.version}  {c.hash}\n{c.spec.description}\n")
+    typer.echo(f"SL principles ({c.spec.sl.rounds} rounds by default):")
+    for p in c.sl_principles:
+        typer.echo(f"  {p.id} (w={p.weight:g}): {p.critique}")
+    typer.echo("RL principles:")
+    for q in c.rl_principles:
+        typer.echo(f"  {q.id} (w={q.weight:g}): {q.text}")
+
+
+@const_app.command("diff")
+@user_errors
+def constitution_diff(old: Path, new: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Principles added, removed and changed by id; warns when the version was not bumped."""
+    from cai.constitution import diff, load
+
+    d = diff(load(old), load(new))
+    if as_json:
+        typer.echo(json.dumps(d.as_dict(), indent=2))
+    else:
+        typer.echo(f"{old} ({d.old.version}) -> {new} ({d.new.version})")
+        for section in ("sl", "rl"):
+            for kind, ids in (("+", d.added[section]), ("-", d.removed[section]),
+                              ("~", d.changed[section])):
+                for i in ids:
+                    typer.echo(f"  {kind} {section}.{i}")
+        for o in d.other_changes:
+            typer.echo(f"  ~ {o}")
+        if not d.content_changed:
+            typer.echo("  (no content change)")
+    if d.version_warning:
+        typer.echo(f"warning: {d.version_warning}", err=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _register_stages() -> None:
+    from cai.feedback import LabelConfig, run_label
+    from cai.sl import SLConfig, run_sl
+
+    config_command(app, "sl", SLConfig, "SL-CAI: respond, critique and revise in rounds.", run_sl)
+    config_command(app, "label", LabelConfig,
+                   "RLAIF: soft preference labels from the feedback model's log-probs.", run_label)
+    try:
+        from cai.train.sft import SFTConfig, run_sft
+    except ImportError:  # pragma: no cover - training extras missing
+        return
+    config_command(train_app, "sft", SFTConfig, "Supervised fine-tuning on SL-CAI data.", run_sft)
+
+
+_register_stages()
+
+
+def _register_evals() -> None:
+    try:
+        from cai.evaluate.constitutions import ConstitutionsEvalConfig, run_constitutions_eval
+        from cai.evaluate.labeler import LabelerEvalConfig, run_labeler_eval
+    except ImportError:  # pragma: no cover
+        return
+    config_command(eval_app, "labeler", LabelerEvalConfig,
+                   "Judge accuracy, calibration and position bias on A/B items.", run_labeler_eval)
+    config_command(eval_app, "constitutions", ConstitutionsEvalConfig,
+                   "Label the same pairs under two constitutions and compare.", run_constitutions_eval)
+
+
+_register_evals()
+
+
+@app.command("export")
+@user_errors
+def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
+               fmt: str = typer.Option("disk", "--format", help="disk (save_to_disk) or parquet")) -> None:
+    """Export a stage's data.jsonl to a `datasets` folder or a parquet file."""
+    from cai.records import export
+
+    typer.echo(str(export(file, out, fmt)))
+
+
+@app.command("demo")
+@user_errors
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
+         prompts: int = typer.Option(4, help="Red-team prompts to run through the pipeline.")) -> None:
+    """The README demo: every stage on the embedded model, end to end, on a few prompts."""
+    from cai.demo import run_demo
+
+    run_demo(out, prompts)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

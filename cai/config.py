@@ -1,0 +1,108 @@
+"""Dataclass configs: field docs read from the source, YAML loading, overrides, and CLI help.
+
+Each stage has one dataclass whose fields carry a docstring right under them. Those
+docstrings are the only description of a field: the CLI help and the docs come from them,
+so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cai.errors import CaiError
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; `list[str]` stays a list type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else str
+    return tp
+
+
+def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
+    """Check (and gently convert) one config value against the field's annotation."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise CaiError(f"unknown field; known: {', '.join(sorted(hints))}", where or None, name)
+    if value is None:
+        return None
+    tp = _base_type(hints[name])
+    try:
+        if tp is bool and isinstance(value, str):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        if tp in (int, float, str, bool):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if tp in (int, float) and isinstance(value, bool):
+                raise ValueError(value)
+            return tp(value)
+    except (TypeError, ValueError):
+        raise CaiError(f"expected {tp.__name__}, got {value!r}", where or None, name) from None
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build a config dataclass from a mapping, naming the file and field on any error."""
+    kwargs = {k: coerce(cls, k, v, where) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise CaiError(str(exc), where or None) from None
+
+
+def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> Any:
+    """Read a YAML config (optionally one section of it), apply overrides, validate."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise CaiError(f"cannot read config: {exc.strerror}", str(p)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise CaiError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
+                       f"{p}:{mark.line + 1 if mark else 1}") from None
+    if section is not None:
+        data = data.get(section) or {}
+    if not isinstance(data, dict):
+        raise CaiError("expected a mapping", str(p), section)
+    data = {**data, **(overrides or {})}
+    return from_dict(cls, data, str(p))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,113 @@
+"""Input loaders: prompt sets and response pairs, from jsonl files or local `datasets` folders.
+
+Every bad line is reported as file:line and field, so a user fixing a 10 000-line file
+knows exactly where to look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.errors import CaiError, ValidationErrors
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a prompt set."""
+
+    id: str
+    prompt: str
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """A prompt with two responses to compare."""
+
+    id: str
+    prompt: str
+    response_a: str
+    response_b: str
+
+
+def _text_id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def _rows(source: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for each row of a jsonl file or a `save_to_disk` folder."""
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise CaiError(f"not a `datasets` folder: {exc}", str(path)) from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        return [(f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)]
+    if not path.exists():
+        raise CaiError("file not found", str(path))
+    rows, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(CaiError(f"invalid JSON: {exc.msg}", f"{path}:{n}"))
+                continue
+            if not isinstance(obj, dict):
+                errors.append(CaiError("expected a JSON object", f"{path}:{n}"))
+                continue
+            rows.append((f"{path}:{n}", obj))
+    if errors:
+        raise ValidationErrors(errors[:20])
+    return rows
+
+
+def _text(row: dict, key: str, where: str, errors: list[CaiError]) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        what = "missing" if key not in row else "must be a non-empty string"
+        errors.append(CaiError(what, where, key))
+        return ""
+    return value
+
+
+def load_prompts(source: str | Path, text_field: str = "prompt",
+                 limit: int | None = None) -> list[PromptItem]:
+    """Prompts from jsonl (`prompt`, optional `id`, `category`) or a local dataset folder."""
+    items, errors, seen = [], [], set()
+    for where, row in _rows(source):
+        text = _text(row, text_field, where, errors)
+        pid = str(row.get("id") or _text_id(text))
+        if pid in seen:
+            errors.append(CaiError(f"duplicate id {pid!r}", where, "id"))
+        seen.add(pid)
+        items.append(PromptItem(pid, text, str(row.get("category") or "")))
+    if errors:
+        raise ValidationErrors(errors[:20])
+    if not items:
+        raise CaiError("no prompts", str(source))
+    return items[:limit] if limit else items
+
+
+def load_pairs(source: str | Path, limit: int | None = None) -> list[PairItem]:
+    """Pairs from jsonl with `prompt`, `response_a`, `response_b` (optional `id`)."""
+    items, errors = [], []
+    for where, row in _rows(source):
+        p, a, b = (_text(row, k, where, errors) for k in ("prompt", "response_a", "response_b"))
+        items.append(PairItem(str(row.get("id") or _text_id(p, *sorted((a, b)))), p, a, b))
+    if errors:
+        raise ValidationErrors(errors[:20])
+    if not items:
+        raise CaiError("no pairs", str(source))
+    return items[:limit] if limit else items

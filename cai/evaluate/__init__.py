@@ -1,0 +1,1 @@
+"""Evaluations: the labeler against known answers, and what a constitution edit changes."""

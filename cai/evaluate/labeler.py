@@ -1,0 +1,169 @@
+"""How good is the feedback model as a labeler? Accuracy, calibration and position bias.
+
+Items are multiple-choice A/B questions with a known better option. Each is judged exactly
+as the labelling stage judges a pair (same prompts, same principles, both orders), so
+the numbers describe the labels a user would get.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cai.backends import Backend, load_backend
+from cai.config import to_dict
+from cai.constitution import load
+from cai.data import PairItem, _rows
+from cai.errors import CaiError, ValidationErrors
+from cai.feedback import LabelConfig, judge_pairs
+from cai.records import write_json_atomic
+
+
+@dataclass
+class LabelerEvalConfig:
+    """Configuration of `cai eval labeler`."""
+
+    items: str = "prompts/labeler_ab.jsonl"
+    """A/B items: jsonl with context, options (two responses), correct (0 or 1), category."""
+    feedback_model: str = "embedded:smollm2-135m"
+    """Model spec of the judge under test."""
+    constitution: str = "constitutions/harmless.yaml"
+    """Constitution whose comparison principles are asked."""
+    out: str = "runs/eval/labeler"
+    """Folder for report.json and reliability.png."""
+    principles: int = 4
+    """K principles per item, as in labelling."""
+    layout: str = "options-first"
+    """Judge prompt layout."""
+    bins: int = 10
+    """Bins of the calibration (ECE) estimate and plot."""
+    limit: int | None = None
+    """Evaluate only the first N items."""
+    seed: int = 0
+    """Seed of the principle draws."""
+
+
+@dataclass(frozen=True)
+class ABItem:
+    id: str
+    context: str
+    options: tuple[str, str]
+    correct: int
+    category: str
+
+
+def load_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
+    items, errors = [], []
+    for where, row in _rows(path):
+        opts, correct = row.get("options"), row.get("correct")
+        if not isinstance(row.get("context"), str) or not row["context"].strip():
+            errors.append(CaiError("missing or empty", where, "context"))
+        elif not (isinstance(opts, list) and len(opts) == 2 and all(isinstance(o, str) for o in opts)):
+            errors.append(CaiError("must be a list of two strings", where, "options"))
+        elif correct not in (0, 1) or isinstance(correct, bool):
+            errors.append(CaiError("must be 0 or 1", where, "correct"))
+        else:
+            items.append(ABItem(str(row.get("id", len(items))), row["context"], (opts[0], opts[1]),
+                                correct, str(row.get("category", ""))))
+    if errors:
+        raise ValidationErrors(errors[:20])
+    return items[:limit] if limit else items
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int) -> tuple[float, list]:
+    """ECE over equal-width confidence bins; also the per-bin table for the plot."""
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf >= lo) & ((conf < hi) if hi < 1.0 else (conf <= hi))
+        if m.any():
+            acc, c = float(correct[m].mean()), float(conf[m].mean())
+            ece += m.mean() * abs(acc - c)
+            table.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
+                          "confidence": c, "accuracy": acc})
+    return float(ece), table
+
+
+def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConfig) -> dict[str, Any]:
+    c = load(cfg.constitution)
+    lcfg = LabelConfig(constitution=cfg.constitution, feedback_model=backend.spec, pairs="-",
+                       principles=cfg.principles, layout=cfg.layout, seed=cfg.seed)
+    pairs = [PairItem(i.id, i.context, i.options[0], i.options[1]) for i in items]
+    recs = judge_pairs(pairs, c, backend, lcfg)
+    correct = np.array([i.correct for i in items])
+    p_a = np.array([r.p_a for r in recs])
+    # p of the correct option, per order and averaged over orders.
+    def p_correct(order: str | None) -> np.ndarray:
+        out = []
+        for r, it in zip(recs, items):
+            js = [j for j in r.judgements if order is None or j.order == order]
+            pa = np.mean([j.p_first if j.order == "ab" else 1 - j.p_first for j in js])
+            out.append(pa if it.correct == 0 else 1 - pa)
+        return np.array(out)
+
+    pc_ab, pc_ba, pc = p_correct("ab"), p_correct("ba"), p_correct(None)
+    conf = np.maximum(p_a, 1 - p_a)
+    right = ((p_a >= 0.5) == (correct == 0)).astype(float)
+    ece, table = expected_calibration_error(conf, right, cfg.bins)
+    p_letter_a = np.mean([j.p_first for r in recs for j in r.judgements])
+    cats = sorted({i.category for i in items})
+    report = {
+        "items": len(items), "feedback_model": backend.spec, "constitution": c.stamp.as_dict(),
+        "accuracy": float(right.mean()),
+        "accuracy_order_ab": float((pc_ab > 0.5).mean()),
+        "accuracy_order_ba": float((pc_ba > 0.5).mean()),
+        "mean_p_correct": float(pc.mean()),
+        "ece": ece,
+        "position_bias": float(p_letter_a - 0.5),
+        "position_inconsistency_rate": float(np.mean(["position-inconsistent" in r.flags for r in recs])),
+        "mean_mass": float(np.mean([j.mass for r in recs for j in r.judgements])),
+        "by_category": {k: float(right[[i.category == k for i in items]].mean()) for k in cats},
+        "reliability": table,
+    }
+    return report
+
+
+def reliability_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfectly calibrated")
+    t = report["reliability"]
+    ax.plot([b["confidence"] for b in t], [b["accuracy"] for b in t], "o-", label="labeler")
+    for b in t:
+        ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set(xlabel="confidence max(p, 1-p)", ylabel="accuracy", xlim=(0.5, 1), ylim=(0, 1),
+           title=f"Labeler reliability (ECE {report['ece']:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    items = load_items(cfg.items, cfg.limit)
+    backend = backend or load_backend(cfg.feedback_model)
+    report = evaluate_labeler(items, backend, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reliability_plot(report, out / "reliability.png")
+    report = {"stage": "eval-labeler", "config": to_dict(cfg), **report,
+              "timings_s": {"total": round(time.time() - t0, 2)}, "output": str(out)}
+    write_json_atomic(out / "report.json", report)
+    return {"stage": report["stage"], "output": str(out),
+            "metrics": {k: report[k] for k in ("accuracy", "accuracy_order_ab", "accuracy_order_ba",
+                                               "ece", "position_bias", "mean_mass")}}
+
+
+__all__ = ["LabelerEvalConfig", "evaluate_labeler", "run_labeler_eval", "load_items",
+           "expected_calibration_error"]
+

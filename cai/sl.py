@@ -1,0 +1,311 @@
+"""SL-CAI stage: respond → (critique → revise) × N rounds, in batch, into SL-CAI data.
+
+For each red-team prompt a helpful model answers; then, each round, a principle is drawn
+from the constitution (seeded, weighted), the model critiques its latest answer under it
+and rewrites the answer. The constitution's worked examples come first in the same
+conversation to steer the format. All prompts of a chunk move through a round together,
+so every backend call is one big batch: all initial responses, then all round-1
+critiques, all round-1 revisions, and so on.
+
+Outputs in the stage folder:
+- data.jsonl: one record per (prompt, sample) with every step kept;
+- sft.jsonl: chat-format SFT data (prompt → final revision), optionally mixed with
+  helpful prompts' plain responses;
+- pairs.jsonl: preference pairs (final revision ≻ initial response) for DPO;
+- manifest.json and a dataset card README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load_backend
+from cai.config import to_dict
+from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
+from cai.data import PromptItem, load_prompts
+from cai.errors import CaiError
+from cai.records import Provenance, Record, StageDir, record_id, write_text_atomic
+from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
+from cai.text import is_bare_refusal, normalise
+
+STAGE = "sl"
+
+
+@dataclass
+class SLConfig:
+    """Configuration of `cai sl`; saved in the manifest so a run can be repeated."""
+
+    prompts: str = "prompts/red_team.jsonl"
+    """Red-team prompts: a jsonl file or a local `datasets` folder."""
+    constitution: str = "constitutions/harmless.yaml"
+    """Constitution file whose principles drive the critiques and revisions."""
+    model: str = "embedded:smollm2-135m"
+    """Model spec of the helpful model that answers, critiques and revises."""
+    out: str = "runs/sl"
+    """Output folder; rerunning with the same folder resumes."""
+    rounds: int | None = None
+    """Critique → revision rounds; default: the constitution's `sl.rounds`."""
+    samples_per_prompt: int = 1
+    """Independent samples (each with its own principle draws) per prompt."""
+    limit: int | None = None
+    """Use only the first N prompts."""
+    text_field: str = "prompt"
+    """Field holding the prompt text in the input."""
+    few_shot: int | None = None
+    """How many of the constitution's worked examples to show; default all."""
+    max_new_tokens: int = 192
+    """Token budget of each response, critique and revision."""
+    temperature: float = 0.7
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Run seed: principle draws and sampling seeds derive from it and each prompt."""
+    chunk_size: int = 64
+    """Prompts moved through all rounds together; each finished chunk is written (and
+    fsynced) at once, so a kill loses at most one chunk."""
+    helpful_prompts: str | None = None
+    """Optional helpful prompts whose plain responses are mixed into the SFT data."""
+    helpful_ratio: float = 0.0
+    """Helpful SFT examples per red-team SFT example (0 = none)."""
+    min_words: int = 3
+    """Revisions shorter than this count as empty."""
+
+    def __post_init__(self) -> None:
+        if self.rounds is not None and self.rounds < 1:
+            raise CaiError("must be at least 1", field="rounds")
+        if self.samples_per_prompt < 1:
+            raise CaiError("must be at least 1", field="samples_per_prompt")
+        if self.helpful_ratio < 0:
+            raise CaiError("must be >= 0", field="helpful_ratio")
+        if self.chunk_size < 1:
+            raise CaiError("must be at least 1", field="chunk_size")
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+class SLRound(BaseModel):
+    """One critique → revision round of a record."""
+
+    round: int
+    principle: str
+    """Id of the SL principle sampled for this round."""
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+    critique_finish: str = "stop"
+    revision_finish: str = "stop"
+
+
+class SLRecord(Record):
+    """Everything one prompt went through in the SL stage."""
+
+    kind: str = "red-team"
+    """"red-team" (critiqued and revised) or "helpful" (plain response for the SFT mix)."""
+    prompt_id: str
+    prompt: str
+    category: str = ""
+    sample: int = 0
+    initial: str
+    initial_finish: str = "stop"
+    rounds: list[SLRound]
+    final: str
+    filters: list[str]
+    """Quality filters this record failed; a record with any is left out of sft/pairs."""
+    flags: list[str]
+    """Observations that do not drop the record (e.g. "bare-refusal")."""
+    keep: bool
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def _check_format(text: str, own_prefix: str) -> bool:
+    """True when a critique/revision stayed in its turn: no other turn's marker inside it."""
+    markers = ("Human:", "User:", "Assistant:", CRITIQUE_PREFIX, REVISION_PREFIX)
+    return not any(m in text for m in markers if m != own_prefix) and own_prefix not in text
+
+
+def quality(rec_initial: str, rounds: list[SLRound], final: str, final_finish: str,
+            min_words: int) -> tuple[list[str], list[str]]:
+    """Filters (drop) and flags (keep) of one record; each is counted in the manifest."""
+    filters, flags = [], []
+    if len(final.split()) < min_words:
+        filters.append("empty-revision")
+    elif final_finish == "length":
+        filters.append("cut-off-revision")
+    if rounds and normalise(final) == normalise(rec_initial):
+        filters.append("unchanged-revision")
+    if any(not _check_format(r.critique, CRITIQUE_PREFIX) or not r.critique.strip()
+           for r in rounds):
+        filters.append("critique-format")
+    if any(not _check_format(r.revision, REVISION_PREFIX) for r in rounds):
+        filters.append("revision-format")
+    if is_bare_refusal(final):
+        flags.append("bare-refusal")
+    return filters, flags
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Work:
+    """One (prompt, sample) moving through the rounds."""
+
+    item: PromptItem
+    sample: int
+    rid: str
+    seed: int
+    convo: SLConversation
+    kind: str = "red-team"
+    initial: Generation | None = None
+    rounds: list[SLRound] = field(default_factory=list)
+    last: Generation | None = None
+
+
+def _gen(backend: Backend, chats: list, prefix: str, seeds: list[int],
+         cfg: GenerationConfig) -> list[Generation]:
+    reqs = [GenRequest(chat, prefix, seed) for chat, seed in zip(chats, seeds)]
+    return backend.generate(reqs, cfg) if reqs else []
+
+
+def run_chunk(work: list[_Work], c: Constitution, backend: Backend, cfg: SLConfig,
+              rounds: int, bar: tqdm | None = None) -> None:
+    """Move a chunk of prompts through the initial response and every round, in batches."""
+    gcfg = cfg.generation()
+    outs = _gen(backend, [w.convo.history for w in work], "", [w.seed for w in work], gcfg)
+    for w, g in zip(work, outs):
+        w.initial = w.last = g
+        w.convo.respond(g.text)
+    red = [w for w in work if w.kind == "red-team"]
+    for r in range(1, rounds + 1):
+        principles = [sample_sl_principle(c, cfg.seed, w.item.id, w.sample, r) for w in red]
+        if bar is not None:
+            bar.set_postfix_str(f"round {r}/{rounds} critiques")
+        crit = _gen(backend, [w.convo.critique_chat(p) for w, p in zip(red, principles)],
+                    CRITIQUE_PREFIX + " ", [derive_seed(w.seed, r, "c") % 2**31 for w in red], gcfg)
+        for w, p, g in zip(red, principles, crit):
+            w.convo.add_critique(p, g.text)
+        if bar is not None:
+            bar.set_postfix_str(f"round {r}/{rounds} revisions")
+        rev = _gen(backend, [w.convo.revision_chat(p) for w, p in zip(red, principles)],
+                   REVISION_PREFIX + " ", [derive_seed(w.seed, r, "r") % 2**31 for w in red], gcfg)
+        for w, p, gc, gr in zip(red, principles, crit, rev):
+            w.convo.add_revision(p, gr.text)
+            w.rounds.append(SLRound(
+                round=r, principle=p.id, critique_request=p.critique, critique=gc.text,
+                revision_request=p.revision, revision=gr.text, critique_finish=gc.finish_reason,
+                revision_finish=gr.finish_reason))
+            w.last = gr
+
+
+def _to_record(w: _Work, c: Constitution, cfg: SLConfig, model: str) -> SLRecord:
+    assert w.initial is not None and w.last is not None
+    final = w.last.text
+    filters, flags = quality(w.initial.text, w.rounds, final, w.last.finish_reason, cfg.min_words)
+    gcfg = cfg.generation()
+    return SLRecord(
+        id=w.rid, stage=STAGE, kind=w.kind,
+        provenance=Provenance(constitution=c.stamp.as_dict(), model=model,
+                              sampling={**gcfg.as_dict(), "few_shot": cfg.few_shot,
+                                        "item_seed": w.seed}, seed=cfg.seed),
+        prompt_id=w.item.id, prompt=w.item.prompt, category=w.item.category, sample=w.sample,
+        initial=w.initial.text, initial_finish=w.initial.finish_reason, rounds=w.rounds,
+        final=final, filters=filters, flags=flags, keep=not filters)
+
+
+def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, rounds: int,
+         kind: str = "red-team") -> list[_Work]:
+    """One unit of work per (prompt, sample), each with an id that hashes all its inputs."""
+    gcfg = cfg.generation().as_dict()
+    work = []
+    for item in items:
+        for s in range(cfg.samples_per_prompt if kind == "red-team" else 1):
+            n_rounds = rounds if kind == "red-team" else 0
+            rid = record_id(STAGE, kind, item.prompt, c.hash, model, gcfg, cfg.few_shot,
+                            n_rounds, cfg.seed, s)
+            seed = derive_seed(cfg.seed, item.id, s) % 2**31
+            # Helpful prompts get a plain conversation: no constitution examples before them.
+            convo = (SLConversation.start(c, item.prompt, cfg.few_shot) if kind == "red-team"
+                     else SLConversation([{"role": "user", "content": item.prompt}]))
+            work.append(_Work(item, s, rid, seed, convo, kind))
+    return work
+
+
+def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
+    """Run (or resume) the SL stage; returns the manifest."""
+    t0 = time.time()
+    c = load(cfg.constitution)
+    rounds = cfg.rounds or c.spec.sl.rounds
+    items = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
+    helpful = load_prompts(cfg.helpful_prompts, cfg.text_field) if cfg.helpful_prompts else []
+    backend = backend or load_backend(cfg.model)
+    stage = StageDir(cfg.out, STAGE)
+    work = plan(items, c, cfg, backend.spec, rounds)
+    if helpful and cfg.helpful_ratio > 0:
+        n_help = min(len(helpful), round(cfg.helpful_ratio * len(work)))
+        work += plan(helpful[:n_help], c, cfg, backend.spec, rounds, kind="helpful")
+    todo = [w for w in work if w.rid not in stage.store]
+    bar = tqdm(total=len(work), initial=len(work) - len(todo), desc="sl", unit="record")
+    for start in range(0, len(todo), cfg.chunk_size):
+        chunk = todo[start:start + cfg.chunk_size]
+        run_chunk(chunk, c, backend, cfg, rounds, bar)
+        stage.store.append(_to_record(w, c, cfg, backend.spec) for w in chunk)
+        bar.update(len(chunk))
+    bar.close()
+    wanted = {w.rid for w in work}
+    records = [r for r in stage.store if r["id"] in wanted]
+    counts = write_outputs(stage.root, records, cfg.seed)
+    manifest = stage.write_manifest(
+        config=to_dict(cfg), constitution=c.stamp.as_dict(), models={"policy": backend.spec},
+        counts={"records": len(records), "new": len(todo), "rounds": rounds, **counts},
+        timings={"total": round(time.time() - t0, 2)})
+    stage.write_card("SL-CAI data", "Red-team prompts answered, critiqued and revised under "
+                     f"{rounds} sampled principles each (constitution `{c.name}`).", manifest)
+    return manifest
+
+
+def write_outputs(root: Path, records: list[dict], seed: int) -> dict[str, int]:
+    """Derive sft.jsonl and pairs.jsonl from the records; count every filter and flag."""
+    red = [r for r in records if r["kind"] == "red-team"]
+    helpful = [r for r in records if r["kind"] == "helpful" and len(r["final"].split()) > 0
+               and r["initial_finish"] == "stop"]
+    counts: dict[str, int] = {"red_team": len(red), "helpful": len(helpful)}
+    for r in red:
+        for f in r["filters"]:
+            counts[f"filter:{f}"] = counts.get(f"filter:{f}", 0) + 1
+        for f in r["flags"]:
+            counts[f"flag:{f}"] = counts.get(f"flag:{f}", 0) + 1
+    kept = [r for r in red if r["keep"]]
+    counts["kept"] = len(kept)
+
+    def chat(r: dict, text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": text}]
+
+    sft = [{"id": r["id"], "kind": r["kind"], "messages": chat(r, r["final"])}
+           for r in kept + helpful]
+    random.Random(seed).shuffle(sft)
+    pairs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+              "chosen": [{"role": "assistant", "content": r["final"]}],
+              "rejected": [{"role": "assistant", "content": r["initial"]}], "p_chosen": 1.0}
+             for r in kept]
+    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        write_text_atomic(root / name, "".join(json.dumps(x, ensure_ascii=False) + "\n"
+                                               for x in rows))
+    counts["sft_examples"] = len(sft)
+    counts["pairs"] = len(pairs)
+    return counts
+
+
+__all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl"]
