@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from cai.config import _base_type, field_docs, from_dict, load_yaml_config
 from cai.errors import CaiError
@@ -61,17 +62,23 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def config_command(group: typer.Typer, name: str, cls: type, help: str,
-                   run: Callable[[Any], Any]) -> None:
+                   run: Callable[[Any], Any], positional: tuple[str, ...] = ()) -> None:
     """Register a command whose options are the fields of config dataclass `cls`.
 
     Every option defaults to "not given", so a value from `--config FILE` is only
-    overridden by flags the user actually typed.
+    overridden by flags the user actually typed. Fields named in `positional` are also
+    accepted as optional positional arguments (`cai eval labeler FILE`).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
         None, "--config", help="YAML file with these options (flags override it)."),
         annotation=Optional[Path])]  # noqa: UP045 - typer needs a real Optional here
+    for pos in positional:
+        params.append(inspect.Parameter(
+            f"{pos}_arg", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
+            default=typer.Argument(None, metavar=pos.upper(), show_default=False,
+                                   help=f"Same as --{pos.replace('_', '-')}.")))
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         tp = tp if tp in (int, float, str, bool) else str
@@ -80,13 +87,17 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, *decls, help=f"{docs.get(f.name, '')} [default: {default}]",
+            default=typer.Option(None, *decls, help=escape(f"{docs.get(f.name, '')} [default: {default}]"),
                                  show_default=False),
             annotation=Optional[tp]))  # noqa: UP045
 
     @user_errors
     def command(**kwargs: Any) -> None:
         path = kwargs.pop("config")
+        for pos in positional:
+            value = kwargs.pop(f"{pos}_arg")
+            if value is not None:
+                kwargs[pos] = value
         given = {k: v for k, v in kwargs.items() if v is not None}
         cfg = (load_yaml_config(cls, path, overrides=given) if path else from_dict(cls, given))
         result = run(cfg)
@@ -223,9 +234,11 @@ def _register_evals() -> None:
     except ImportError:  # pragma: no cover
         return
     config_command(eval_app, "labeler", LabelerEvalConfig,
-                   "Judge accuracy, calibration and position bias on A/B items.", run_labeler_eval)
+                   "Judge accuracy, calibration and position bias on A/B items.", run_labeler_eval,
+                   positional=("items",))
     config_command(eval_app, "constitutions", ConstitutionsEvalConfig,
-                   "Label the same pairs under two constitutions and compare.", run_constitutions_eval)
+                   "Label the same pairs under two constitutions and compare.", run_constitutions_eval,
+                   positional=("old", "new"))
 
 
 _register_evals()

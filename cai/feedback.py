@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from cai.backends import Backend, GenerationConfig, GenRequest, ScoreRequest, load_backend
 from cai.config import to_dict
 from cai.constitution import Constitution, derive_seed, load, sample_rl_principles
-from cai.data import PairItem, load_pairs, load_prompts
+from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
 from cai.records import JsonlStore, Provenance, Record, StageDir, record_id, write_text_atomic
 from cai.templates import (
@@ -334,13 +334,12 @@ def label_stats(records: list[dict]) -> dict[str, float]:
                                              or [float("nan")])), 4)}
 
 
-def sample_pairs(cfg: LabelConfig, stage: StageDir) -> list[PairItem]:
+def sample_pairs(cfg: LabelConfig, stage: StageDir, prompts: list[PromptItem]) -> list[PairItem]:
     """Policy answers each prompt `responses_per_prompt` times; all unordered pairs follow.
 
     Responses are kept in responses.jsonl so a rerun does not sample them again.
     """
-    assert cfg.prompts and cfg.policy
-    prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
+    assert cfg.policy
     store = JsonlStore(stage.root / "responses.jsonl")
     gcfg = GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0, cfg.seed)
     todo = []
@@ -376,8 +375,14 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     if cfg.principles > len(c.rl_principles):
         raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
                        f"{len(c.rl_principles)}", field="principles")
-    stage = StageDir(cfg.out, STAGE)
-    pairs = load_pairs(cfg.pairs, cfg.limit) if cfg.pairs else sample_pairs(cfg, stage)
+    # Bad input fails here, before anything is written.
+    if cfg.pairs:
+        pairs = load_pairs(cfg.pairs, cfg.limit)
+        stage = StageDir(cfg.out, STAGE)
+    else:
+        prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
+        stage = StageDir(cfg.out, STAGE)
+        pairs = sample_pairs(cfg, stage, prompts)
     backend = backend or load_backend(cfg.feedback_model)
     ids = {}
     todo = []

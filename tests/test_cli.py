@@ -1,0 +1,60 @@
+"""The CLI on bad input: one clear message naming file:line and field, exit 2, no traceback,
+nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import MINIMAL
+
+CAI = str(Path(sys.executable).parent / "cai")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CAI, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content, where", [
+    ('{"prompt": "fine"}\n{"prompt": "broken"\n', ":2"),
+    ('{"prompt": "fine"}\n{"text": "no prompt field"}\n', ":2: prompt"),
+    ('{"prompt": ""}\n', ":1: prompt"),
+])
+def test_sl_bad_prompts(tmp_path: Path, content: str, where: str) -> None:
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    r = _run("sl", "--prompts", str(bad), "--constitution", str(MINIMAL), "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert f"{bad}{where}" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_label_bad_pairs_and_options(tmp_path: Path) -> None:
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "p", "response_a": "a"}\n')
+    out = tmp_path / "out"
+    r = _run("label", "--pairs", str(bad), "--constitution", str(MINIMAL), "--principles", "2",
+             "--out", str(out))
+    assert r.returncode == 2 and f"{bad}:1: response_b" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = _run("label", "--pairs", str(bad), "--mode", "vibes", "--out", str(out))
+    assert r.returncode == 2 and "mode" in r.stderr and "Traceback" not in r.stderr
+    r = _run("label", "--pairs", str(bad), "--principles", "many")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_bad_config_file_names_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "sl.yaml"
+    cfg.write_text("rounds: 2\nwobble: 3\n")
+    r = _run("sl", "--config", str(cfg))
+    assert r.returncode == 2 and "wobble" in r.stderr and str(cfg) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_model_spec(tmp_path: Path) -> None:
+    r = _run("models", "path", "nope:thing")
+    assert r.returncode == 2 and "unknown model spec" in r.stderr and "Traceback" not in r.stderr
