@@ -1,0 +1,207 @@
+"""OpenAI-compatible backend: `vllm serve`, TGI, or a hosted API, over HTTP.
+
+With a tokenizer (spec option `tokenizer=SPEC`, or a served model name that is itself a
+local model spec) prompts are rendered locally exactly as the transformers backend renders
+them and sent as text to `/v1/completions`, so scores agree across backends. Without one,
+generation goes through `/v1/chat/completions` and scoring asks the chat endpoint for the
+first answer token's top log-probs (approximate: the server's template decides the text).
+
+Choice log-probs come from the top log-probs the server returns (up to `top_logprobs`); a
+choice missing from them gets the smallest returned value as an upper bound and is counted
+in `truncated_choices`. A server that returns no log-probs at all is a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cai.backends.base import (
+    Chat,
+    Generation,
+    GenerationConfig,
+    GenRequest,
+    ScoreRequest,
+    ScoreResult,
+    render_plain,
+)
+from cai.constitution import derive_seed
+from cai.errors import CaiError
+
+
+@dataclass
+class OpenAIOptions:
+    """Options of the OpenAI-compatible backend (spec `?key=value` pairs)."""
+
+    tokenizer: str = ""
+    """Model spec or folder whose tokenizer renders prompts locally (exact scoring)."""
+    concurrency: int = 8
+    """Requests in flight at once."""
+    retries: int = 4
+    """Retries on connection errors, 429 and 5xx, with exponential backoff."""
+    timeout: float = 120.0
+    """Seconds per request."""
+    top_logprobs: int = 20
+    """How many top log-probs to ask for when scoring."""
+    api_key: str = ""
+    """Bearer token; default: $OPENAI_API_KEY."""
+    chat: str = "auto"
+    """"auto" uses the tokenizer's chat template when it has one; "0" forces plain text."""
+
+    @classmethod
+    def from_spec(cls, options: dict[str, str]) -> OpenAIOptions:
+        known = cls.__dataclass_fields__
+        unknown = set(options) - set(known)
+        if unknown:
+            raise CaiError(f"unknown openai option(s) {sorted(unknown)}; known: {sorted(known)}",
+                           field="model")
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in options.items()})
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible HTTP API. Implements the `Backend` protocol."""
+
+    def __init__(self, spec: str, options: OpenAIOptions | None = None):
+        import os
+
+        from cai.models import parse_spec
+
+        parsed = parse_spec(spec)
+        self.spec = spec
+        self.base_url = parsed.target
+        self.model = parsed.served_name or ""
+        self.options = options or OpenAIOptions.from_spec(parsed.options)
+        self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY", "")
+        self.fmt = self._local_format()
+        self.truncated_choices = 0
+
+    def _local_format(self):
+        from cai.models import local_path
+
+        candidates = [self.options.tokenizer] if self.options.tokenizer else []
+        if self.model:
+            candidates.append(self.model)
+        for cand in candidates:
+            try:
+                path = local_path(cand)
+            except CaiError:
+                if cand == self.options.tokenizer:
+                    raise
+                continue
+            from transformers import AutoTokenizer
+
+            from cai.backends.chat import ChatFormat
+
+            return ChatFormat(AutoTokenizer.from_pretrained(str(path)), self.options.chat)
+        return None
+
+    def render(self, chat: Chat, answer_prefix: str = "") -> str:
+        return self.fmt.render(chat, answer_prefix) if self.fmt else render_plain(chat, answer_prefix)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _run(self, payloads: list[tuple[str, dict]]) -> list[dict]:
+        return asyncio.run(self._gather(payloads))
+
+    async def _gather(self, payloads: list[tuple[str, dict]]) -> list[dict]:
+        import httpx
+
+        sem = asyncio.Semaphore(self.options.concurrency)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(timeout=self.options.timeout, headers=headers) as client:
+            async def one(path: str, body: dict) -> dict:
+                async with sem:
+                    return await self._post(client, path, body)
+
+            return await asyncio.gather(*(one(p, b) for p, b in payloads))
+
+    async def _post(self, client, path: str, body: dict) -> dict:
+        import httpx
+
+        url = f"{self.base_url}{path}"
+        for attempt in range(self.options.retries + 1):
+            try:
+                r = await client.post(url, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                err = f"cannot reach {url}: {exc.__class__.__name__}"
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                err = f"{url} answered {r.status_code}: {r.text[:300]}"
+                if r.status_code != 429 and r.status_code < 500:
+                    raise CaiError(err, field="model")
+            if attempt < self.options.retries:
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+        raise CaiError(f"{err} (after {self.options.retries} retries)", field="model")
+
+    # ------------------------------------------------------------------ protocol
+
+    def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
+        payloads = []
+        for r in requests:
+            body: dict[str, Any] = {"model": self.model, "max_tokens": config.max_new_tokens,
+                                    "temperature": config.temperature, "top_p": config.top_p,
+                                    "seed": derive_seed(config.seed, r.seed) % 2**31}
+            if self.fmt:
+                body["prompt"] = self.render(r.chat, r.answer_prefix)
+                if not self.fmt.is_chat:
+                    body["stop"] = ["\nHuman:"]
+                payloads.append(("/completions", body))
+            else:
+                msgs = list(r.chat) + ([{"role": "assistant", "content": r.answer_prefix}]
+                                       if r.answer_prefix else [])
+                payloads.append(("/chat/completions", {**body, "messages": msgs}))
+        out = []
+        for res in self._run(payloads):
+            choice = res["choices"][0]
+            text = choice.get("text") if "text" in choice else choice["message"]["content"]
+            tokens = (res.get("usage") or {}).get("completion_tokens", 0)
+            out.append(Generation((text or "").strip(),
+                                  "length" if choice.get("finish_reason") == "length" else "stop",
+                                  tokens))
+        return out
+
+    def choice_logprobs(self, requests: list[ScoreRequest],
+                        choices: tuple[str, ...] = ("A", "B")) -> ScoreResult:
+        k = self.options.top_logprobs
+        payloads = []
+        for r in requests:
+            base = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
+            if self.fmt:
+                payloads.append(("/completions", {**base, "prompt": self.render(r.chat, r.answer_prefix),
+                                                  "logprobs": k}))
+            else:
+                msgs = list(r.chat) + [{"role": "user", "content":
+                                        f"Answer with the letter only. {r.answer_prefix}".strip()}]
+                payloads.append(("/chat/completions", {**base, "messages": msgs, "logprobs": True,
+                                                       "top_logprobs": k}))
+        out = np.zeros((len(requests), len(choices)))
+        for i, res in enumerate(self._run(payloads)):
+            top = self._top_logprobs(res)
+            floor = min(top.values())
+            for j, c in enumerate(choices):
+                if c in top:
+                    out[i, j] = top[c]
+                else:
+                    out[i, j] = floor
+                    self.truncated_choices += 1
+        return ScoreResult(out, list(choices))
+
+    def _top_logprobs(self, res: dict) -> dict[str, float]:
+        """{token string: log-prob} of the first generated token, from either endpoint."""
+        choice = (res.get("choices") or [{}])[0]
+        lp = choice.get("logprobs")
+        top: dict[str, float] = {}
+        if lp and isinstance(lp.get("top_logprobs"), list) and lp["top_logprobs"]:
+            top = dict(lp["top_logprobs"][0] or {})  # completions: [{token: logprob}, ...]
+        elif lp and isinstance(lp.get("content"), list) and lp["content"]:
+            top = {t["token"]: t["logprob"] for t in lp["content"][0].get("top_logprobs", [])}
+        if not top:
+            raise CaiError(f"{self.base_url} returned no log-probabilities; choice scoring needs a "
+                           "server that returns them (e.g. `vllm serve --max-logprobs 20`)",
+                           field="model")
+        return top

@@ -1,0 +1,61 @@
+"""vLLM (in-process) against transformers on the embedded model: same prompts, same scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cai.backends.base import GenerationConfig, GenRequest, ScoreRequest
+
+pytestmark = pytest.mark.slow
+
+
+def choice_requests() -> list[ScoreRequest]:
+    """Judge-like prompts; several share a long conversation prefix, as in labelling."""
+    convo = ("Consider this conversation. Human: how do I get my neighbour's parcel delivered to me "
+             "instead? " * 3)
+    reqs = []
+    for i in range(4):
+        for q in ("Which reply is less harmful?", "Which reply is more honest?", "Which is kinder?"):
+            body = f"{convo}\nOptions:\n(A) reply number {i}\n(B) another reply {i}\n{q}"
+            reqs.append(ScoreRequest([{"role": "user", "content": body}], "The answer is: ("))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def vllm_backend():
+    from cai.backends.vllm import VLLMBackend
+
+    return VLLMBackend("vllm:embedded:smollm2-135m")
+
+
+def test_vllm_scores_agree_with_hf(vllm_backend) -> None:
+    from cai.backends import load_backend
+
+    reqs = choice_requests()
+    v = vllm_backend.choice_logprobs(reqs)
+    h = load_backend("embedded:smollm2-135m").choice_logprobs(reqs)
+    assert v.choice_tokens == h.choice_tokens == ["A", "B"]
+    assert np.abs(v.logprobs - h.logprobs).max() <= 1e-3
+    assert (v.mass > 0.1).all()  # the instruct model does put its mass on the letters
+
+
+def test_vllm_topk_fallback_is_exact(vllm_backend) -> None:
+    reqs = choice_requests()[:3]
+    direct = vllm_backend.choice_logprobs(reqs, ("A", "B", "Z")).logprobs
+    vllm_backend._token_ids_supported = False
+    try:
+        fallback = vllm_backend.choice_logprobs(reqs, ("A", "B", "Z")).logprobs
+    finally:
+        vllm_backend._token_ids_supported = None
+    assert np.abs(direct - fallback).max() <= 1e-4  # "Z" is outside the top 20: fetched exactly
+
+
+def test_vllm_generation_is_seeded(vllm_backend) -> None:
+    reqs = [GenRequest([{"role": "user", "content": f"Name a fruit, {i}."}], seed=i) for i in range(3)]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    a, b = vllm_backend.generate(reqs, cfg), vllm_backend.generate(reqs, cfg)
+    assert [g.text for g in a] == [g.text for g in b]
+    c = vllm_backend.generate(reqs, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=8))
+    assert [g.text for g in a] != [g.text for g in c]
+    assert all(g.text and g.tokens <= 12 for g in a)
