@@ -222,8 +222,13 @@ def parse(text: str, path: str = "<memory>") -> Constitution:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        # An unclosed quote is only noticed at the end of the file; point at where it opened.
+        if "scanning" in (getattr(exc, "context", None) or "") and getattr(exc, "context_mark", None):
+            mark = exc.context_mark
         line = mark.line + 1 if mark else 1
         problem = getattr(exc, "problem", None) or str(exc)
+        if getattr(exc, "context", None):
+            problem = f"{problem} ({exc.context})"
         raise ValidationErrors([CaiError(f"YAML syntax error: {problem}", f"{path}:{line}")]) from None
     if node is None or not isinstance(data, dict):
         raise ValidationErrors([CaiError("expected a mapping at the top level", f"{path}:1")])
@@ -245,6 +250,8 @@ def parse(text: str, path: str = "<memory>") -> Constitution:
                 msg = "unknown key"
             elif err["type"] == "missing":
                 msg = "required field is missing"
+            elif err["type"] == "too_short":
+                msg = "must not be empty"
             errors.append(CaiError(msg, f"{path}:{_nearest_line(lines, loc)}", _dotted(loc)))
         raise ValidationErrors(errors) from None
     for section, plist in (("sl", spec.sl.principles), ("rl", spec.rl.principles)):
