@@ -56,3 +56,56 @@ def synthetic_pairs(n: int, seed: int = 0):
         b = " ".join(_sentence(rng, 9, 14) for _ in range(5))
         pairs.append(PairItem(f"s{i}", prompt, a, b))
     return pairs
+
+
+def judge_requests(pairs, constitution, k: int, seed: int = 0):
+    """The label stage's exact judge requests for these pairs: K principles × 2 orders."""
+    from cai.feedback import LabelConfig, _plan
+
+    return [q.request for q in _plan(pairs, constitution, LabelConfig(pairs="-", principles=k, seed=seed))]
+
+
+def scoring_rows(methods: dict, encode, ks: list[int], n_pairs: int, constitution, params: int,
+                 emb_params: int, peak: float, log=None) -> list[dict]:
+    """Time each scoring method on the same judge prompts for each K, side by side.
+
+    `methods` maps a name to fn(pairs, k) -> [n, 2] log-probs; the first is the baseline
+    ("naive"). Reports comparisons/s, the speedup over the baseline, the ideal speedup
+    (naive tokens ÷ unique tokens), the largest log-prob difference from the baseline, and
+    the fraction of the matmul peak reached counting unique tokens (2·params per token).
+    """
+    import numpy as np
+
+    rows = []
+    for k in ks:
+        n = n_pairs if k <= 4 else max(4, n_pairs // 8)
+        pairs = synthetic_pairs(n, seed=k)
+        reqs = judge_requests(pairs, constitution, k)
+        seqs = [encode(r) for r in reqs]
+        naive_tokens, uniq = sum(len(s) for s in seqs), unique_tokens(seqs)
+        row = {"K": k, "pairs": n, "comparisons": len(reqs), "naive_tokens": naive_tokens,
+               "unique_tokens": uniq, "ideal_speedup": round(naive_tokens / uniq, 3)}
+        base_name, base_lp = None, None
+        for name, fn in methods.items():
+            if fn is None:
+                continue
+            fn(pairs[:1], k)  # warm-up (vLLM compiles and allocates on its first request)
+            t = time.perf_counter()
+            lp = np.asarray(fn(pairs, k))
+            secs = time.perf_counter() - t
+            row[f"{name}_s"] = round(secs, 2)
+            row[f"{name}_comparisons_per_s"] = round(len(reqs) / secs, 3)
+            if base_name is None:
+                base_name, base_lp, base_s = name, lp, secs
+                row[f"{name}_flops_fraction"] = round(2 * params * naive_tokens / secs / peak, 3)
+            else:
+                row[f"{name}_speedup"] = round(base_s / secs, 3)
+                row[f"{name}_speedup_over_ideal"] = round(base_s / secs / row["ideal_speedup"], 3)
+                row[f"{name}_flops_fraction"] = round(2 * params * uniq / secs / peak, 3)
+                row[f"{name}_flops_fraction_nonembedding"] = round(
+                    2 * (params - emb_params) * uniq / secs / peak, 3)
+                row[f"{name}_max_abs_diff"] = float(np.abs(lp - base_lp).max())
+        rows.append(row)
+        if log:
+            log(row)
+    return rows
