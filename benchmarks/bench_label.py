@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--no-vllm", action="store_true")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",") if not (args.quick and int(k) > 4)]
+    n_pairs = 8 if args.quick else args.pairs
 
     import numpy as np
     import torch
@@ -72,7 +73,7 @@ def main() -> None:
     peak = matmul_peak_flops()
     rows = scoring_rows({"naive": naive_loop, "stage_hf": stage(hf),
                          "stage_vllm": stage(vllm) if vllm else None},
-                        lambda r: hf.encode(hf.render(r.chat, r.answer_prefix)), ks, args.pairs, c,
+                        lambda r: hf.encode(hf.render(r.chat, r.answer_prefix)), ks, n_pairs, c,
                         params, emb, peak, log=lambda row: print(json.dumps(row), file=sys.stderr))
     summary = {"bench": "label", "model": spec, "threads": torch.get_num_threads(),
                "matmul_peak_gflops": round(peak / 1e9, 1), "params": params, "results": rows}

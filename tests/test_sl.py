@@ -150,7 +150,7 @@ def test_embedded_sl_run_and_resume(tmp_path: Path) -> None:
     backend = load_backend("embedded:smollm2-135m")
     cfg = dict(prompts=str(ROOT / "prompts" / "red_team.jsonl"),
                constitution=str(ROOT / "constitutions" / "harmless.yaml"), out=str(tmp_path / "sl"),
-               rounds=2, max_new_tokens=24, few_shot=1, seed=0)
+               rounds=2, max_new_tokens=16, few_shot=0, seed=0)
     m8 = run_sl(SLConfig(**cfg, limit=8), backend)
     assert m8["counts"]["records"] == 8 and m8["counts"]["new"] == 8
     m16 = run_sl(SLConfig(**cfg, limit=16), backend)

@@ -180,7 +180,7 @@ class HFBackend:
             cache = self._extend(cache, first[depth:lcp])
             self._solve_below(idxs, lcp, cache, seqs, targets, out, bar)
             if depth > 0:  # hand the parent its own prefix back; a root cache is dropped
-                cache.crop(depth)
+                cache.crop(depth - cache.get_seq_length())  # negative: drop that many tokens
             return
         self._solve_below(idxs, depth, cache, seqs, targets, out, bar)
 
