@@ -1,3 +1,37 @@
-"""cai: Constitutional AI and RLAIF, from a versioned constitution to a harmless model."""
+"""cai: Constitutional AI and RLAIF, from a versioned constitution to a harmless model.
+
+The public API (imported lazily, so `import cai` stays fast):
+
+    load_constitution, SLConfig, run_sl, LabelConfig, run_label, judge_pairs,
+    SFTConfig, run_sft, load_backend, GenerationConfig, load_prompts, load_pairs
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_constitution": ("cai.constitution", "load"),
+    "SLConfig": ("cai.sl", "SLConfig"),
+    "run_sl": ("cai.sl", "run_sl"),
+    "LabelConfig": ("cai.feedback", "LabelConfig"),
+    "run_label": ("cai.feedback", "run_label"),
+    "judge_pairs": ("cai.feedback", "judge_pairs"),
+    "SFTConfig": ("cai.train.sft", "SFTConfig"),
+    "run_sft": ("cai.train.sft", "run_sft"),
+    "load_backend": ("cai.backends", "load_backend"),
+    "GenerationConfig": ("cai.backends", "GenerationConfig"),
+    "load_prompts": ("cai.data", "load_prompts"),
+    "load_pairs": ("cai.data", "load_pairs"),
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'cai' has no attribute {name!r}")
