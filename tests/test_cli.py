@@ -58,3 +58,12 @@ def test_bad_config_file_names_field(tmp_path: Path) -> None:
 def test_unknown_model_spec(tmp_path: Path) -> None:
     r = _run("models", "path", "nope:thing")
     assert r.returncode == 2 and "unknown model spec" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_public_api_names_resolve() -> None:
+    import cai
+
+    for name in cai.__all__:
+        assert getattr(cai, name) is not None
+    with pytest.raises(AttributeError):
+        cai.not_a_thing  # noqa: B018
