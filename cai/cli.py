@@ -111,7 +111,7 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
 
 
 def _summary(manifest: dict) -> dict:
-    keys = ("stage", "counts", "label_stats", "timings_s", "output", "metrics")
+    keys = ("stage", "counts", "label_stats", "metrics", "timings_s", "output")
     return {k: manifest[k] for k in keys if k in manifest}
 
 
@@ -211,37 +211,17 @@ def constitution_diff(old: Path, new: Path, as_json: bool = typer.Option(False, 
 
 
 def _register_stages() -> None:
-    from cai.feedback import LabelConfig, run_label
-    from cai.sl import SLConfig, run_sl
+    """One command per registered stage: "sl" → `cai sl`, "train.pm" → `cai train pm`."""
+    from cai.stage import load_registry
 
-    config_command(app, "sl", SLConfig, "SL-CAI: respond, critique and revise in rounds.", run_sl)
-    config_command(app, "label", LabelConfig,
-                   "RLAIF: soft preference labels from the feedback model's log-probs.", run_label)
-    try:
-        from cai.train.sft import SFTConfig, run_sft
-    except ImportError:  # pragma: no cover - training extras missing
-        return
-    config_command(train_app, "sft", SFTConfig, "Supervised fine-tuning on SL-CAI data.", run_sft)
+    groups = {"train": train_app, "eval": eval_app}
+    for name, stage in load_registry().items():
+        group, _, leaf = name.rpartition(".")
+        config_command(groups[group] if group else app, leaf, stage.config, stage.help,
+                       stage.run, positional=stage.positional)
 
 
 _register_stages()
-
-
-def _register_evals() -> None:
-    try:
-        from cai.evaluate.constitutions import ConstitutionsEvalConfig, run_constitutions_eval
-        from cai.evaluate.labeler import LabelerEvalConfig, run_labeler_eval
-    except ImportError:  # pragma: no cover
-        return
-    config_command(eval_app, "labeler", LabelerEvalConfig,
-                   "Judge accuracy, calibration and position bias on A/B items.", run_labeler_eval,
-                   positional=("items",))
-    config_command(eval_app, "constitutions", ConstitutionsEvalConfig,
-                   "Label the same pairs under two constitutions and compare.", run_constitutions_eval,
-                   positional=("old", "new"))
-
-
-_register_evals()
 
 
 @app.command("export")

@@ -274,8 +274,10 @@ def parse(text: str, path: str = "<memory>") -> Constitution:
 
 
 def load(path: str | Path) -> Constitution:
-    """Load and validate a constitution file."""
-    p = Path(path)
+    """Load and validate a constitution file, or a shipped one by name (`harmless`)."""
+    from cai.resources import resolve
+
+    p = resolve(path, "constitutions")
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:

@@ -84,9 +84,12 @@ def _text(row: dict, key: str, where: str, errors: list[CaiError]) -> str:
 
 def load_prompts(source: str | Path, text_field: str = "prompt",
                  limit: int | None = None) -> list[PromptItem]:
-    """Prompts from jsonl (`prompt`, optional `id`, `category`) or a local dataset folder."""
+    """Prompts from jsonl (`prompt`, optional `id`, `category`) or a local dataset folder;
+    a bare name (`red_team`) picks a shipped prompt set."""
+    from cai.resources import resolve
+
     items, errors, seen = [], [], set()
-    for where, row in _rows(source):
+    for where, row in _rows(resolve(source, "prompts")):
         text = _text(row, text_field, where, errors)
         pid = str(row.get("id") or _text_id(text))
         if pid in seen:

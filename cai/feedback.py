@@ -24,20 +24,29 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
-from cai.backends import Backend, GenerationConfig, GenRequest, ScoreRequest, load_backend
-from cai.config import to_dict
+from cai.backends import (
+    Backend,
+    GenerationConfig,
+    GenRequest,
+    ScoreRequest,
+    load_backend,
+    release,
+)
 from cai.constitution import Constitution, derive_seed, load, sample_rl_principles
 from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
-from cai.records import JsonlStore, Provenance, Record, StageDir, record_id, write_text_atomic
+from cai.models import model_identity
+from cai.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
+from cai.stage import Stage, StageDir, register, run_chunks, write_card, write_manifest
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
@@ -55,11 +64,61 @@ COT_CLAMP = (0.4, 0.6)
 
 
 @dataclass
+class JudgeConfig:
+    """How the feedback model judges a pair: shared by labelling, both evals, and the
+    reward and best-of-k code that come after. Everything here changes a label, so all of
+    it (but `keep_prompts`) goes into a label's id and provenance."""
+
+    constitution: str = "harmless"
+    """Constitution whose comparison principles are asked (a file, or a shipped name)."""
+    principles: int = 4
+    """K: distinct principles sampled per pair."""
+    orders: str = "both"
+    """"both" asks each question in both orders; "one" in one order, drawn per pair."""
+    mode: str = "logprob"
+    """"logprob", "cot" (reason, then score; p clamped to [0.4, 0.6]) or "score" (1–10)."""
+    layout: str = "options-first"
+    """"options-first" (shares work across principles) or "principle-first"."""
+    tie_threshold: float = 0.05
+    """A pair with |p − ½| below this is flagged as a tie."""
+    low_mass_threshold: float = 0.5
+    """A judgement whose probability mass on the answer tokens is below this is flagged."""
+    max_new_tokens: int = 128
+    """Token budget of CoT reasoning."""
+    keep_prompts: bool = False
+    """Store the exact text scored and the token strings, to recompute any label."""
+    seed: int = 0
+    """Seed of the principle and order draws."""
+
+    def __post_init__(self) -> None:
+        checks = [(self.mode in MODES, "mode", f"must be one of {MODES}"),
+                  (self.orders in ORDERS, "orders", f"must be one of {ORDERS}"),
+                  (self.layout in LAYOUTS, "layout", f"must be one of {LAYOUTS}"),
+                  (self.principles >= 1, "principles", "must be at least 1"),
+                  (0 <= self.tie_threshold < 0.5, "tie_threshold", "must be in [0, 0.5)"),
+                  (0 <= self.low_mass_threshold <= 1, "low_mass_threshold", "must be in [0, 1]"),
+                  (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CaiError(msg, field=name)
+
+    def method(self) -> dict[str, Any]:
+        """The fields that decide a label (ids and provenance carry these)."""
+        out = {"mode": self.mode, "principles": self.principles, "orders": self.orders,
+               "layout": self.layout, "tie_threshold": self.tie_threshold,
+               "low_mass_threshold": self.low_mass_threshold}
+        if self.mode == "cot":
+            out["max_new_tokens"] = self.max_new_tokens
+        return out
+
+
+@dataclass
 class LabelConfig:
     """Configuration of `cai label`; saved in the manifest so a run can be repeated."""
 
-    constitution: str = "constitutions/harmless.yaml"
-    """Constitution whose comparison principles the judge is asked."""
+    constitution: str = "harmless"
+    """Constitution whose comparison principles the judge is asked (a file, or a shipped
+    name such as `harmless`)."""
     feedback_model: str = "embedded:smollm2-135m"
     """Model spec of the feedback model (the judge)."""
     out: str = "runs/label"
@@ -102,18 +161,26 @@ class LabelConfig:
     """Pairs scored in one backend call; each finished chunk is written and fsynced."""
 
     def __post_init__(self) -> None:
-        checks = [(self.mode in MODES, "mode", f"must be one of {MODES}"),
-                  (self.orders in ORDERS, "orders", f"must be one of {ORDERS}"),
-                  (self.layout in LAYOUTS, "layout", f"must be one of {LAYOUTS}"),
-                  (self.principles >= 1, "principles", "must be at least 1"),
-                  (self.responses_per_prompt >= 2, "responses_per_prompt", "must be at least 2"),
-                  (0 <= self.tie_threshold < 0.5, "tie_threshold", "must be in [0, 0.5)"),
+        self.judge()  # validates the judging fields
+        checks = [(self.responses_per_prompt >= 2, "responses_per_prompt", "must be at least 2"),
+                  (self.policy_temperature >= 0, "policy_temperature", "must be >= 0"),
+                  (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+                  (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
                   ((self.pairs is None) != (self.prompts is None), "pairs",
                    "give exactly one of --pairs or --prompts"),
                   (self.prompts is None or self.policy, "policy", "--prompts needs --policy")]
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
+
+    def judge(self) -> JudgeConfig:
+        """The judging part of this config, as every judge-using stage shares it."""
+        return JudgeConfig(constitution=self.constitution, principles=self.principles,
+                           orders=self.orders, mode=self.mode, layout=self.layout,
+                           tie_threshold=self.tie_threshold,
+                           low_mass_threshold=self.low_mass_threshold,
+                           max_new_tokens=self.max_new_tokens, keep_prompts=self.keep_prompts,
+                           seed=self.seed)
 
 
 class Judgement(BaseModel):
@@ -129,6 +196,8 @@ class Judgement(BaseModel):
     """p("A") + p("B"): how much the judge answers the question at all."""
     p_first: float
     """softmax over the two letters: probability that option (A) is better."""
+    truncated: bool = False
+    """A letter was missing from a server's top log-probs: its value is an upper bound."""
     reasoning: str | None = None
     prompt_text: str | None = None
     """With --keep-prompts: the exact text scored."""
@@ -149,6 +218,10 @@ class LabelRecord(Record):
     judgements: list[Judgement]
     scores: dict[str, float] | None = None
     """Score mode: expected 1–10 rating of each response ("a", "b")."""
+    rating_mass: float | None = None
+    """Score mode: mean probability the judge put on the rating digits."""
+    rating_prompts: list[str] | None = None
+    """Score mode with --keep-prompts: the exact texts rated."""
     flags: list[str]
     choice_tokens: list[str] | None = None
     """With --keep-prompts: the token strings whose log-probs were read."""
@@ -179,7 +252,7 @@ class _Question:
     reasoning: str | None = None
 
 
-def _plan(pairs: list[PairItem], c: Constitution, cfg: LabelConfig) -> list[_Question]:
+def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig) -> list[_Question]:
     qs = []
     for i, pair in enumerate(pairs):
         key = pair_key(pair)
@@ -198,37 +271,59 @@ def _plan(pairs: list[PairItem], c: Constitution, cfg: LabelConfig) -> list[_Que
     return qs
 
 
-def _add_reasoning(qs: list[_Question], backend: Backend, cfg: LabelConfig) -> None:
+_COMMIT = re.compile(r"(?:(?:therefore|so|thus|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+|correct\s+)?"
+                     r"answer\s+is\b", re.IGNORECASE)
+
+
+def split_reasoning(text: str) -> str:
+    """The judge's reasoning without the answer it committed to.
+
+    The text is cut where the judge starts stating its answer ("… the answer is (B)"), so
+    the scored prompt ends with the reasoning and our own answer prefix. Letters named
+    inside the reasoning ("Option (A) is rude …") are part of it and are kept.
+    """
+    m = _COMMIT.search(text)
+    return (text[:m.start()] if m else text).strip()
+
+
+def _add_reasoning(qs: list[_Question], backend: Backend, cfg: JudgeConfig) -> None:
     """CoT: the judge writes its reasoning (greedy), then is scored after it."""
     gens = backend.generate([GenRequest(q.request.chat, COT_PREFIX + " ", 0) for q in qs],
                             GenerationConfig(cfg.max_new_tokens, 0.0, 1.0, cfg.seed))
     for q, g in zip(qs, gens):
-        reasoning = g.text.split("(A)")[0].strip() if "answer is" in g.text else g.text.strip()
-        q.reasoning = reasoning
-        q.request = ScoreRequest(q.request.chat, f"{COT_PREFIX} {reasoning}{COT_ANSWER}")
+        q.reasoning = split_reasoning(g.text)
+        q.request = ScoreRequest(q.request.chat, f"{COT_PREFIX} {q.reasoning}{COT_ANSWER}")
+
+
+def _as_judge(cfg: JudgeConfig | LabelConfig) -> JudgeConfig:
+    return cfg.judge() if isinstance(cfg, LabelConfig) else cfg
 
 
 def judge_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
-                cfg: LabelConfig) -> list[LabelRecord]:
+                cfg: JudgeConfig | LabelConfig, policy: str | None = None) -> list[LabelRecord]:
     """Label pairs in one batch of backend calls. Pure: no files are touched."""
+    cfg = _as_judge(cfg)
     if cfg.mode == "score":
-        return _score_pairs(pairs, c, backend, cfg)
+        return _score_pairs(pairs, c, backend, cfg, policy)
     qs = _plan(pairs, c, cfg)
     if cfg.mode == "cot":
         _add_reasoning(qs, backend, cfg)
     result = backend.choice_logprobs([q.request for q in qs], ("A", "B"))
+    truncated = result.truncated
     per_pair: dict[int, list[Judgement]] = {}
-    for q, (la, lb) in zip(qs, result.logprobs):
+    for n, (q, (la, lb)) in enumerate(zip(qs, result.logprobs)):
         p_first = _softmax2(float(la), float(lb))
         if cfg.mode == "cot":
             p_first = min(max(p_first, COT_CLAMP[0]), COT_CLAMP[1])
         text = backend.render(q.request.chat, q.request.answer_prefix) if cfg.keep_prompts else None
         per_pair.setdefault(q.pair, []).append(Judgement(
             principle=q.principle, order=q.order, logprob_a=float(la), logprob_b=float(lb),
-            mass=float(math.exp(la) + math.exp(lb)), p_first=p_first, reasoning=q.reasoning,
+            mass=float(math.exp(la) + math.exp(lb)), p_first=p_first,
+            truncated=bool(truncated is not None and truncated[n].any()), reasoning=q.reasoning,
             prompt_text=text))
     tokens = result.choice_tokens if cfg.keep_prompts else None
-    return [_finish(pair, per_pair[i], None, c, backend, cfg, tokens) for i, pair in enumerate(pairs)]
+    return [_finish(pair, per_pair[i], None, c, backend, cfg, tokens, policy)
+            for i, pair in enumerate(pairs)]
 
 
 def p_response_a(js: list[Judgement]) -> float:
@@ -240,21 +335,18 @@ def p_response_a(js: list[Judgement]) -> float:
     return float(np.mean([np.mean(v) for v in by_principle.values()]))
 
 
-def _sampling(cfg: LabelConfig) -> dict[str, Any]:
-    return {"mode": cfg.mode, "principles": cfg.principles, "orders": cfg.orders,
-            "layout": cfg.layout, "tie_threshold": cfg.tie_threshold,
-            "low_mass_threshold": cfg.low_mass_threshold}
-
-
-def label_id(pair: PairItem, c: Constitution, model: str, cfg: LabelConfig) -> str:
-    """A label's id hashes the pair, the constitution, the judge, the method and the seed."""
+def label_id(pair: PairItem, c: Constitution, model: str, cfg: JudgeConfig | LabelConfig) -> str:
+    """A label's id hashes the pair, the constitution, the judge's identity, the method and
+    the seed; never speed options, so a rerun with a bigger batch skips finished pairs."""
+    cfg = _as_judge(cfg)
     return record_id(STAGE, pair.prompt, pair.response_a, pair.response_b, c.hash, model,
-                     _sampling(cfg), cfg.seed)
+                     cfg.method(), cfg.seed)
 
 
 def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None,
-            c: Constitution, backend: Backend, cfg: LabelConfig,
-            tokens: list[str] | None) -> LabelRecord:
+            c: Constitution, backend: Backend, cfg: JudgeConfig, tokens: list[str] | None,
+            policy: str | None, rating_mass: float | None = None,
+            rating_prompts: list[str] | None = None) -> LabelRecord:
     p_a = p_response_a(js) if scores is None else 1 / (1 + math.exp(scores["b"] - scores["a"]))
     flags = []
     orders = {j.order for j in js}
@@ -263,55 +355,71 @@ def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None
         ba = np.mean([1 - j.p_first for j in js if j.order == "ba"])
         if (ab - 0.5) * (ba - 0.5) < 0:
             flags.append("position-inconsistent")
-    if js and np.mean([j.mass for j in js]) < cfg.low_mass_threshold:
+    mass = np.mean([j.mass for j in js]) if js else rating_mass
+    if mass is not None and mass < cfg.low_mass_threshold:
         flags.append("low-mass")
     if abs(p_a - 0.5) < cfg.tie_threshold:
         flags.append("tie")
+    if any(j.truncated for j in js):
+        flags.append("truncated-choices")
     a_wins = p_a >= 0.5
     return LabelRecord(
-        id=label_id(pair, c, backend.spec, cfg), stage=STAGE,
-        provenance=Provenance(constitution=c.stamp.as_dict(), model=backend.spec,
-                              sampling=_sampling(cfg), seed=cfg.seed),
+        id=label_id(pair, c, backend.identity, cfg), stage=STAGE,
+        provenance=Provenance(constitution=c.stamp.as_dict(), model=backend.identity,
+                              sampling=cfg.method(), seed=cfg.seed),
         pair_id=pair.id, prompt=pair.prompt, response_a=pair.response_a,
         response_b=pair.response_b, p_a=p_a,
         chosen=pair.response_a if a_wins else pair.response_b,
         rejected=pair.response_b if a_wins else pair.response_a,
-        p_chosen=p_a if a_wins else 1 - p_a, judgements=js, scores=scores, flags=flags,
-        choice_tokens=tokens, policy=cfg.policy)
+        p_chosen=p_a if a_wins else 1 - p_a, judgements=js, scores=scores,
+        rating_mass=rating_mass, rating_prompts=rating_prompts, flags=flags,
+        choice_tokens=tokens, policy=policy)
 
 
 RATINGS = tuple(str(i) for i in range(1, 10))
 
 
-def expected_ratings(backend: Backend, requests: list[ScoreRequest]) -> np.ndarray:
-    """Expected 1–10 rating per request, exact from the digit probabilities.
+def rating_distribution(backend: Backend, requests: list[ScoreRequest]) -> tuple[np.ndarray, np.ndarray]:
+    """Expected 1–10 rating per request, and the probability mass on the ratings at all.
 
     "10" may be two tokens ("1", "0"), so P("1") is split by a second scoring of the
     prompt followed by "1": P(10) = P("1")·P("0" | "1") and P(1) = P("1")·(1 − P("0" | "1")).
     """
+    if not requests:
+        return np.zeros(0), np.zeros(0)
     digits = np.exp(backend.choice_logprobs(requests, RATINGS).logprobs)  # [n, 9]
     after_one = [ScoreRequest(r.chat, r.answer_prefix + "1") for r in requests]
     p_zero = np.exp(backend.choice_logprobs(after_one, ("0",)).logprobs[:, 0])
     probs = np.concatenate([digits, (digits[:, 0] * p_zero)[:, None]], axis=1)
     probs[:, 0] *= 1 - p_zero
+    mass = probs.sum(axis=1)
     values = np.arange(1, 11)
-    return (probs * values).sum(axis=1) / probs.sum(axis=1)
+    return (probs * values).sum(axis=1) / np.maximum(mass, 1e-300), mass
+
+
+def expected_ratings(backend: Backend, requests: list[ScoreRequest]) -> np.ndarray:
+    """Expected 1–10 rating per request (see `rating_distribution`)."""
+    return rating_distribution(backend, requests)[0]
 
 
 def _score_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
-                 cfg: LabelConfig) -> list[LabelRecord]:
+                 cfg: JudgeConfig, policy: str | None) -> list[LabelRecord]:
     reqs, index = [], []
     for i, pair in enumerate(pairs):
         for p in sample_rl_principles(c, cfg.principles, cfg.seed, *pair_key(pair)):
             for side, resp in (("a", pair.response_a), ("b", pair.response_b)):
                 reqs.append(ScoreRequest(rating_chat(pair.prompt, resp, p), RATING_PREFIX))
                 index.append((i, side))
-    ratings = expected_ratings(backend, reqs)
+    ratings, mass = rating_distribution(backend, reqs)
     out = []
     for i, pair in enumerate(pairs):
-        scores = {s: float(np.mean([r for (j, side), r in zip(index, ratings)
-                                    if j == i and side == s])) for s in ("a", "b")}
-        out.append(_finish(pair, [], scores, c, backend, cfg, None))
+        mine = [n for n, (j, _) in enumerate(index) if j == i]
+        scores = {s: float(np.mean([ratings[n] for n in mine if index[n][1] == s]))
+                  for s in ("a", "b")}
+        texts = ([backend.render(reqs[n].chat, reqs[n].answer_prefix) for n in mine]
+                 if cfg.keep_prompts else None)
+        out.append(_finish(pair, [], scores, c, backend, cfg, None, policy,
+                           float(np.mean(mass[mine])), texts))
     return out
 
 
@@ -330,35 +438,51 @@ def label_stats(records: list[dict]) -> dict[str, float]:
     return {"pairs": n, "position_inconsistency_rate": rate("position-inconsistent"),
             "mean_abs_p_minus_half": round(float(np.mean([abs(r["p_a"] - 0.5) for r in records])), 4),
             "low_mass_rate": rate("low-mass"), "tie_rate": rate("tie"),
-            "mean_mass": round(float(np.mean([j["mass"] for r in records for j in r["judgements"]]
-                                             or [float("nan")])), 4)}
+            "mean_mass": _mean_mass(records)}
 
 
-def sample_pairs(cfg: LabelConfig, stage: StageDir, prompts: list[PromptItem]) -> list[PairItem]:
+def _mean_mass(records: list[dict]) -> float | None:
+    masses = [j["mass"] for r in records for j in r["judgements"]]
+    masses += [r["rating_mass"] for r in records if r.get("rating_mass") is not None]
+    return round(float(np.mean(masses)), 4) if masses else None
+
+
+def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem]) -> list[PairItem]:
     """Policy answers each prompt `responses_per_prompt` times; all unordered pairs follow.
 
-    Responses are kept in responses.jsonl so a rerun does not sample them again.
+    Responses are kept in responses.jsonl so a rerun does not sample them again. Only this
+    run's responses are paired: a rerun into the same folder with another policy, seed or
+    temperature never mixes its responses with an earlier run's.
     """
     assert cfg.policy
-    store = JsonlStore(stage.root / "responses.jsonl")
+    policy_id = model_identity(cfg.policy)
+    store = JsonlStore(root / "responses.jsonl")
     gcfg = GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0, cfg.seed)
-    todo = []
+    planned: dict[str, tuple[PromptItem, int]] = {}
     for item in prompts:
         for s in range(cfg.responses_per_prompt):
-            rid = record_id("response", item.prompt, cfg.policy, gcfg.as_dict(), cfg.seed, s)
-            if rid not in store:
-                todo.append((rid, item, s))
+            rid = record_id("response", item.prompt, policy_id, gcfg.as_dict(), cfg.seed, s)
+            planned[rid] = (item, s)
+    todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
     if todo:
         policy = load_backend(cfg.policy)
-        chats = [GenRequest([{"role": "user", "content": it.prompt}], "",
-                            derive_seed(cfg.seed, it.id, s) % 2**31) for _, it, s in todo]
-        gens = policy.generate(chats, gcfg)
-        store.append({"id": rid, "prompt_id": it.id, "prompt": it.prompt, "sample": s,
-                      "text": g.text, "finish": g.finish_reason, "model": cfg.policy,
-                      "sampling": gcfg.as_dict()} for (rid, it, s), g in zip(todo, gens))
+
+        def generate(chunk: list[tuple[str, PromptItem, int]]) -> list[dict]:
+            reqs = [GenRequest([{"role": "user", "content": it.prompt}], "",
+                               derive_seed(cfg.seed, it.id, s) % 2**31) for _, it, s in chunk]
+            return [{"id": rid, "prompt_id": it.id, "prompt": it.prompt, "sample": s,
+                     "text": g.text, "finish": g.finish_reason, "model": policy_id,
+                     "sampling": gcfg.as_dict(), "seed": cfg.seed}
+                    for (rid, it, s), g in zip(chunk, policy.generate(reqs, gcfg))]
+
+        run_chunks(todo, cfg.chunk_size, generate, store, total=len(planned), desc="sample",
+                   unit="response")
+        if model_identity(cfg.policy) != model_identity(cfg.feedback_model):
+            release(policy.spec)  # the judge comes next; do not keep both in memory
     by_prompt: dict[str, list[dict]] = {}
     for r in store:
-        by_prompt.setdefault(r["prompt_id"], []).append(r)
+        if r["id"] in planned:
+            by_prompt.setdefault(r["prompt_id"], []).append(r)
     pairs = []
     for item in prompts:
         rs = sorted(by_prompt.get(item.id, []), key=lambda r: r["sample"])
@@ -371,6 +495,7 @@ def sample_pairs(cfg: LabelConfig, stage: StageDir, prompts: list[PromptItem]) -
 def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Run (or resume) the labelling stage; returns the manifest."""
     t0 = time.time()
+    judge = cfg.judge()
     c = load(cfg.constitution)
     if cfg.principles > len(c.rl_principles):
         raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
@@ -380,43 +505,46 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         pairs = load_pairs(cfg.pairs, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
     else:
+        assert cfg.prompts is not None
         prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
-        pairs = sample_pairs(cfg, stage, prompts)
+        pairs = sample_pairs(cfg, stage.root, prompts)
+    assert stage.store is not None
     backend = backend or load_backend(cfg.feedback_model)
-    ids = {}
-    todo = []
+    policy = model_identity(cfg.policy) if cfg.policy else None
+    ids: dict[str, PairItem] = {}
     for pair in pairs:
         # The id is known before judging, so finished pairs are skipped without a model call.
-        rid = label_id(pair, c, backend.spec, cfg)
-        ids[rid] = pair
-        if rid not in stage.store:
-            todo.append(pair)
-    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="label", unit="pair")
-    for start in range(0, len(todo), cfg.chunk_size):
-        chunk = todo[start:start + cfg.chunk_size]
-        stage.store.append(judge_pairs(chunk, c, backend, cfg))
-        bar.update(len(chunk))
-    bar.close()
+        ids.setdefault(label_id(pair, c, backend.identity, judge), pair)
+    todo = [p for rid, p in ids.items() if rid not in stage.store]
+    new = run_chunks(todo, cfg.chunk_size, lambda ch: judge_pairs(ch, c, backend, judge, policy),
+                     stage.store, total=len(ids), desc="label", unit="pair")
     records = [r for r in stage.store if r["id"] in ids]
     prefs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}],
-              "p_chosen": r["p_chosen"]} for r in records]
+              "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in records]
     write_text_atomic(stage.root / "preferences.jsonl",
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prefs))
     stats = label_stats(records)
-    manifest = stage.write_manifest(
-        config=to_dict(cfg), constitution=c.stamp.as_dict(),
-        models={"feedback": backend.spec, **({"policy": cfg.policy} if cfg.policy else {})},
-        counts={"records": len(records), "new": len(todo)},
-        timings={"total": round(time.time() - t0, 2)}, extra={"label_stats": stats})
-    stage.write_card("AI preference labels",
-                     f"Soft preference labels from `{backend.spec}` under {cfg.principles} "
-                     f"sampled principles per pair ({cfg.orders} orders, mode {cfg.mode}); "
-                     "preferences.jsonl is in TRL's preference format plus `p_chosen`.", manifest)
+    manifest = write_manifest(
+        stage.root, STAGE, config=cfg, inputs=("pairs", "prompts"),
+        constitution=c.stamp.as_dict(),
+        models={"feedback": backend.identity, **({"policy": policy} if policy else {})},
+        counts={"records": len(records), "new": new}, started=t0,
+        data=("data.jsonl", "preferences.jsonl", "responses.jsonl"),
+        extra={"label_stats": stats})
+    write_card(stage.root, "AI preference labels",
+               f"Soft preference labels from `{backend.identity}` under {cfg.principles} sampled "
+               f"principles per pair ({cfg.orders} orders, mode {cfg.mode}); preferences.jsonl "
+               "is in TRL's preference format plus `p_chosen`.", manifest)
     return manifest
 
 
-__all__ = ["LabelConfig", "LabelRecord", "Judgement", "judge_pairs", "run_label", "label_stats",
+register(Stage("label", LabelConfig, run_label,
+               "RLAIF: soft preference labels from the feedback model's log-probs.",
+               inputs=("pairs", "prompts"), outputs=("data.jsonl", "preferences.jsonl")))
+
+__all__ = ["JudgeConfig", "split_reasoning", "rating_distribution",
+           "LabelConfig", "LabelRecord", "Judgement", "judge_pairs", "run_label", "label_stats",
            "p_response_a", "pair_key", "expected_ratings"]

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from cai.errors import CaiError
 
@@ -86,6 +86,20 @@ def parse_spec(spec: str) -> ModelSpec:
         raise CaiError(f"unknown model spec {raw!r}; use embedded:NAME, hf:PATH, vllm:PATH or "
                        "openai:URL#MODEL", field="model")
     return ModelSpec(raw, "hf", body, None, options)
+
+
+def model_identity(spec: str | ModelSpec) -> str:
+    """What names a model's outputs: the spec without its speed options.
+
+    `hf:PATH?batch_size=4` and `hf:PATH?batch_size=16` give the same records, so they share
+    one identity; `dtype` or `chat` change outputs and stay in it.
+    """
+    from cai.backends.base import SPEED_OPTIONS
+
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    body = s.raw.split("?", 1)[0]
+    kept = sorted((k, v) for k, v in s.options.items() if k not in SPEED_OPTIONS)
+    return body + ("?" + urlencode(kept) if kept else "")
 
 
 # ---------------------------------------------------------------------------- embedded cache

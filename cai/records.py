@@ -110,6 +110,10 @@ class JsonlStore:
                         raise CaiError(f"corrupt line {lineno} in the middle of the store; fix or "
                                        "remove it", f"{self.path}:{lineno}") from None
                     break
+                if not isinstance(obj, dict) or "id" not in obj:
+                    lineno = data.count(b"\n", 0, pos) + 1
+                    raise CaiError("a stored record without `id`; fix or remove the line",
+                                   f"{self.path}:{lineno}", "id")
                 self.ids.add(obj["id"])
             pos = nl + 1
             good_end = pos
@@ -191,70 +195,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class StageDir:
-    """`<out>/` of one stage: data.jsonl, manifest.json and a dataset card README.md."""
-
-    def __init__(self, out: str | Path, stage: str):
-        self.root = Path(out)
-        self.stage = stage
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.store = JsonlStore(self.root / "data.jsonl")
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
-
-    def read_manifest(self) -> dict[str, Any]:
-        if self.manifest_path.exists():
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        return {}
-
-    def write_manifest(self, *, config: dict[str, Any], constitution: dict[str, str] | None,
-                       models: dict[str, str], counts: dict[str, Any],
-                       timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
-        """Write manifest.json; the config in it is enough to rerun the stage."""
-        manifest = {
-            "stage": self.stage,
-            "cai_version": cai_version(),
-            "git": git_revision(),
-            "written": now(),
-            "config": config,
-            "constitution": constitution,
-            "models": models,
-            "counts": counts,
-            "timings_s": timings,
-            "data": {"file": "data.jsonl", "records": len(self.store),
-                     "sha256": file_sha256(self.store.path)},
-            **(extra or {}),
-        }
-        write_json_atomic(self.manifest_path, manifest)
-        return manifest
-
-    def write_card(self, title: str, summary: str, manifest: dict[str, Any]) -> None:
-        """A short dataset card: what the data is, how it was made, how to load it."""
-        c = manifest.get("constitution") or {}
-        lines = [
-            f"# {title}", "", summary, "",
-            "## Provenance", "",
-            f"- stage: `{self.stage}`",
-            f"- constitution: `{c.get('name')}` v{c.get('version')} (`{c.get('hash')}`)"
-            if c else "- constitution: none",
-            *[f"- {role} model: `{spec}`" for role, spec in manifest.get("models", {}).items()],
-            f"- records: {manifest['data']['records']}",
-            f"- cai {manifest['cai_version']}, git {manifest['git'].get('commit')}"
-            f"{' (dirty)' if manifest['git'].get('dirty') else ''}",
-            "", "## Counts", "",
-            *[f"- {k}: {v}" for k, v in manifest.get("counts", {}).items()],
-            "", "## Load", "", "```python",
-            "from cai.records import to_dataset",
-            f"ds = to_dataset('{self.store.path}')",
-            "```", "",
-            "The exact configuration is in `manifest.json`; rerunning it with the same output",
-            "folder resumes and reproduces these records.", "",
-        ]
-        write_text_atomic(self.root / "README.md", "\n".join(lines))
-
-
 def file_sha256(path: Path) -> str | None:
     if not path.exists():
         return None
@@ -277,11 +217,39 @@ def _flatten_for_arrow(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a jsonl file of records without touching it; bad lines are clear errors.
+
+    Unlike opening a `JsonlStore`, this never repairs (truncates) the file: a user's own
+    file is left exactly as it is, and a torn or malformed line is reported by number.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CaiError("file not found" if not p.exists() else "not a file", str(p))
+    rows = []
+    with open(p, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CaiError(f"not valid JSON ({exc.msg})", f"{p}:{n}") from None
+            if not isinstance(obj, dict):
+                raise CaiError("expected a JSON object", f"{p}:{n}")
+            if "id" not in obj:
+                raise CaiError("missing", f"{p}:{n}", "id")
+            rows.append(obj)
+    return rows
+
+
 def to_dataset(path: str | Path, columns: list[str] | None = None):
     """Load a jsonl file of records as a `datasets.Dataset` (provenance kept as JSON text)."""
     import datasets
 
-    rows = [_flatten_for_arrow(r) for r in JsonlStore(path)]
+    rows = [_flatten_for_arrow(r) for r in read_records(path)]
+    if not rows:
+        raise CaiError("no records to export", str(path))
     if columns:
         rows = [{k: r.get(k) for k in columns} for r in rows]
     return datasets.Dataset.from_list(rows)
@@ -289,13 +257,13 @@ def to_dataset(path: str | Path, columns: list[str] | None = None):
 
 def export(path: str | Path, out: str | Path, fmt: str = "disk") -> Path:
     """Export records to a `datasets` folder (save_to_disk) or a parquet file."""
+    if fmt not in ("disk", "parquet"):
+        raise CaiError(f"unknown export format {fmt!r}; use 'disk' or 'parquet'")
     ds = to_dataset(path)
     out = Path(out)
     if fmt == "disk":
         ds.save_to_disk(str(out))
-    elif fmt == "parquet":
+    else:
         out.parent.mkdir(parents=True, exist_ok=True)
         ds.to_parquet(str(out))
-    else:
-        raise CaiError(f"unknown export format {fmt!r}; use 'disk' or 'parquet'")
     return out

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load_backend
-from cai.config import to_dict
 from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
 from cai.data import PromptItem, load_prompts
 from cai.errors import CaiError
-from cai.records import Provenance, Record, StageDir, record_id, write_text_atomic
+from cai.records import Provenance, Record, record_id, write_text_atomic
+from cai.stage import Stage, StageDir, register, run_chunks, write_card, write_manifest
 from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
 from cai.text import is_bare_refusal, normalise
 
@@ -43,10 +42,11 @@ STAGE = "sl"
 class SLConfig:
     """Configuration of `cai sl`; saved in the manifest so a run can be repeated."""
 
-    prompts: str = "prompts/red_team.jsonl"
-    """Red-team prompts: a jsonl file or a local `datasets` folder."""
-    constitution: str = "constitutions/harmless.yaml"
-    """Constitution file whose principles drive the critiques and revisions."""
+    prompts: str = "red_team"
+    """Red-team prompts: a jsonl file, a local `datasets` folder or a shipped set's name."""
+    constitution: str = "harmless"
+    """Constitution whose principles drive the critiques and revisions (a file, or a
+    shipped name such as `harmless`)."""
     model: str = "embedded:smollm2-135m"
     """Model spec of the helpful model that answers, critiques and revises."""
     out: str = "runs/sl"
@@ -88,6 +88,12 @@ class SLConfig:
             raise CaiError("must be >= 0", field="helpful_ratio")
         if self.chunk_size < 1:
             raise CaiError("must be at least 1", field="chunk_size")
+        if self.limit is not None and self.limit < 1:
+            raise CaiError("must be at least 1", field="limit")
+        if self.max_new_tokens < 1:
+            raise CaiError("must be at least 1", field="max_new_tokens")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise CaiError("temperature must be >= 0 and top_p in (0, 1]", field="temperature")
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
@@ -181,7 +187,7 @@ def _gen(backend: Backend, chats: list, prefix: str, seeds: list[int],
 
 
 def run_chunk(work: list[_Work], c: Constitution, backend: Backend, cfg: SLConfig,
-              rounds: int, bar: tqdm | None = None) -> None:
+              rounds: int) -> None:
     """Move a chunk of prompts through the initial response and every round, in batches."""
     gcfg = cfg.generation()
     outs = _gen(backend, [w.convo.history for w in work], "", [w.seed for w in work], gcfg)
@@ -191,14 +197,10 @@ def run_chunk(work: list[_Work], c: Constitution, backend: Backend, cfg: SLConfi
     red = [w for w in work if w.kind == "red-team"]
     for r in range(1, rounds + 1):
         principles = [sample_sl_principle(c, cfg.seed, w.item.id, w.sample, r) for w in red]
-        if bar is not None:
-            bar.set_postfix_str(f"round {r}/{rounds} critiques")
         crit = _gen(backend, [w.convo.critique_chat(p) for w, p in zip(red, principles)],
                     CRITIQUE_PREFIX + " ", [derive_seed(w.seed, r, "c") % 2**31 for w in red], gcfg)
         for w, p, g in zip(red, principles, crit):
             w.convo.add_critique(p, g.text)
-        if bar is not None:
-            bar.set_postfix_str(f"round {r}/{rounds} revisions")
         rev = _gen(backend, [w.convo.revision_chat(p) for w, p in zip(red, principles)],
                    REVISION_PREFIX + " ", [derive_seed(w.seed, r, "r") % 2**31 for w in red], gcfg)
         for w, p, gc, gr in zip(red, principles, crit, rev):
@@ -250,29 +252,30 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     rounds = cfg.rounds or c.spec.sl.rounds
     items = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
     helpful = load_prompts(cfg.helpful_prompts, cfg.text_field) if cfg.helpful_prompts else []
+    stage = StageDir(cfg.out, STAGE)  # claimed and test-written before any model loads
+    assert stage.store is not None
     backend = backend or load_backend(cfg.model)
-    stage = StageDir(cfg.out, STAGE)
-    work = plan(items, c, cfg, backend.spec, rounds)
+    work = plan(items, c, cfg, backend.identity, rounds)
     if helpful and cfg.helpful_ratio > 0:
         n_help = min(len(helpful), round(cfg.helpful_ratio * len(work)))
-        work += plan(helpful[:n_help], c, cfg, backend.spec, rounds, kind="helpful")
+        work += plan(helpful[:n_help], c, cfg, backend.identity, rounds, kind="helpful")
     todo = [w for w in work if w.rid not in stage.store]
-    bar = tqdm(total=len(work), initial=len(work) - len(todo), desc="sl", unit="record")
-    for start in range(0, len(todo), cfg.chunk_size):
-        chunk = todo[start:start + cfg.chunk_size]
-        run_chunk(chunk, c, backend, cfg, rounds, bar)
-        stage.store.append(_to_record(w, c, cfg, backend.spec) for w in chunk)
-        bar.update(len(chunk))
-    bar.close()
+
+    def process(chunk: list[_Work]) -> list[SLRecord]:
+        run_chunk(chunk, c, backend, cfg, rounds)
+        return [_to_record(w, c, cfg, backend.identity) for w in chunk]
+
+    new = run_chunks(todo, cfg.chunk_size, process, stage.store, total=len(work), desc="sl")
     wanted = {w.rid for w in work}
     records = [r for r in stage.store if r["id"] in wanted]
     counts = write_outputs(stage.root, records, cfg.seed)
-    manifest = stage.write_manifest(
-        config=to_dict(cfg), constitution=c.stamp.as_dict(), models={"policy": backend.spec},
-        counts={"records": len(records), "new": len(todo), "rounds": rounds, **counts},
-        timings={"total": round(time.time() - t0, 2)})
-    stage.write_card("SL-CAI data", "Red-team prompts answered, critiqued and revised under "
-                     f"{rounds} sampled principles each (constitution `{c.name}`).", manifest)
+    manifest = write_manifest(
+        stage.root, STAGE, config=cfg, inputs=("prompts", "helpful_prompts"),
+        constitution=c.stamp.as_dict(), models={"policy": backend.identity},
+        counts={"records": len(records), "new": new, "rounds": rounds, **counts}, started=t0,
+        data=("data.jsonl", "sft.jsonl", "pairs.jsonl"))
+    write_card(stage.root, "SL-CAI data", "Red-team prompts answered, critiqued and revised "
+               f"under {rounds} sampled principles each (constitution `{c.name}`).", manifest)
     return manifest
 
 
@@ -307,5 +310,9 @@ def write_outputs(root: Path, records: list[dict], seed: int) -> dict[str, int]:
     counts["pairs"] = len(pairs)
     return counts
 
+
+register(Stage("sl", SLConfig, run_sl, "SL-CAI: respond, critique and revise in rounds.",
+               inputs=("prompts", "helpful_prompts"),
+               outputs=("data.jsonl", "sft.jsonl", "pairs.jsonl")))
 
 __all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl"]

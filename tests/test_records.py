@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cai.errors import CaiError
-from cai.records import JsonlStore, StageDir, export, to_dataset
+from cai.records import JsonlStore, export, to_dataset
+from cai.stage import StageDir, write_card, write_manifest
 
 WRITER = """
 import sys, time
@@ -78,13 +79,14 @@ def test_manifest_card_and_exports(tmp_path: Path) -> None:
 
     stage = StageDir(tmp_path / "run", "sl")
     stage.store.append([{"id": str(i), "prompt": f"p{i}", "provenance": {"seed": i}} for i in range(5)])
-    m = stage.write_manifest(config={"seed": 1}, constitution={"name": "c", "version": "1", "hash": "h"},
-                             models={"policy": "m"}, counts={"records": 5}, timings={"total": 1.0})
+    m = write_manifest(stage.root, "sl", config={"seed": 1},
+                       constitution={"name": "c", "version": "1", "hash": "h"},
+                       models={"policy": "m"}, counts={"records": 5}, timings={"total": 1.0})
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(m))
     assert on_disk["data"]["records"] == 5 and on_disk["data"]["sha256"].startswith("sha256:")
     assert set(on_disk["git"]) == {"commit", "dirty"} and on_disk["config"] == {"seed": 1}
-    stage.write_card("Title", "Summary.", m)
+    write_card(stage.root, "Title", "Summary.", m)
     assert "# Title" in (tmp_path / "run" / "README.md").read_text()
     ds = to_dataset(stage.store.path)
     assert len(ds) == 5 and json.loads(ds[0]["provenance"]) == {"seed": 0}

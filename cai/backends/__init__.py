@@ -12,37 +12,66 @@ from cai.backends.base import (
     ScoreResult,
 )
 from cai.errors import CaiError
+from cai.models import ModelSpec
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
-           "ScoreResult", "load_backend"]
+           "ScoreResult", "load_backend", "release", "cached_specs"]
 
 _CACHE: dict[str, Backend] = {}
+CACHE_SIZE = 1
+"""Backends kept loaded at once. A stage that moves from the policy to the judge releases
+the policy first, so policy, reference, judge and reward model never pile up in memory."""
 
 
-def load_backend(spec: str, reuse: bool = True) -> Backend:
+def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     """Build (or reuse) the backend a model spec names.
 
-    Reuse matters: a pipeline that uses one model as policy and judge loads it once.
+    Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
+    cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
     from cai.models import parse_spec
 
-    if reuse and spec in _CACHE:
-        return _CACHE[spec]
-    parsed = parse_spec(spec)
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    key = parsed.raw
+    if reuse and key in _CACHE:
+        return _CACHE[key]
+    if reuse:
+        while len(_CACHE) >= CACHE_SIZE:
+            release(next(iter(_CACHE)))
     if parsed.backend == "hf":
         from cai.backends.hf import HFBackend
 
-        backend: Backend = HFBackend(spec)
+        backend: Backend = HFBackend(parsed)
     elif parsed.backend == "vllm":
         from cai.backends.vllm import VLLMBackend
 
-        backend = VLLMBackend(spec)
+        backend = VLLMBackend(parsed)
     elif parsed.backend == "openai":
         from cai.backends.openai import OpenAIBackend
 
-        backend = OpenAIBackend(spec)
+        backend = OpenAIBackend(parsed)
     else:  # parse_spec only returns known backends
         raise CaiError(f"unknown backend {parsed.backend!r}", field="model")
     if reuse:
-        _CACHE[spec] = backend
+        _CACHE[key] = backend
     return backend
+
+
+def release(spec: str | None = None) -> None:
+    """Drop a cached backend (or all of them) and free its memory."""
+    import gc
+
+    for key in [spec] if spec is not None else list(_CACHE):
+        _CACHE.pop(key, None)
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cached_specs() -> list[str]:
+    return list(_CACHE)

@@ -12,10 +12,12 @@ gets plain text (`render_plain`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+
+from cai.errors import CaiError
 
 Message = dict[str, str]
 Chat = list[Message]
@@ -71,6 +73,9 @@ class ScoreResult:
     logprobs: np.ndarray
     choice_tokens: list[str] = field(default_factory=list)
     """The token strings that were scored, in choice order (for recomputation)."""
+    truncated: np.ndarray | None = None
+    """[n, k] booleans: the choice was missing from a server's top log-probs, so its value
+    is only an upper bound (OpenAI-compatible servers); None when every value is exact."""
 
     @property
     def mass(self) -> np.ndarray:
@@ -83,7 +88,11 @@ class Backend(Protocol):
     """What a stage needs from a model: batched generation and exact choice log-probs."""
 
     spec: str
-    """The model spec this backend was built from (recorded in every record)."""
+    """The model spec this backend was built from, speed options included."""
+    identity: str
+    """The model's identity: the spec without speed options (batch size, concurrency,
+    device, progress). Record ids and provenance use this, so raising a batch size never
+    reruns finished work."""
 
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
         """Generate one response per request, batched; same seeds give the same outputs."""
@@ -110,3 +119,43 @@ def trim_at_stop(text: str, stops: tuple[str, ...] = ("\nHuman:", "\nUser:")) ->
     """Cut a base model's continuation where it starts writing the next user turn."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# --------------------------------------------------------------------------- spec options
+
+OptionsT = TypeVar("OptionsT")
+
+SPEED_OPTIONS = frozenset({
+    "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
+    "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
+})
+"""Options that change how fast (or where) a model runs, never what it outputs. They are
+left out of a model's identity; `api_key` is also a secret that must never be recorded."""
+
+
+def parse_options(cls: type[OptionsT], options: dict[str, str], backend: str) -> OptionsT:
+    """Build a backend's options dataclass from spec `?key=value` pairs, one clear error each.
+
+    Values are checked with the same coercion as every config file (`cai.config.coerce`).
+    """
+    from cai.config import coerce
+
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CaiError(f"unknown {backend} option {unknown[0]!r}; known: {', '.join(sorted(known))}",
+                       field="model")
+    kwargs: dict[str, Any] = {}
+    for k, v in options.items():
+        try:
+            kwargs[k] = coerce(cls, k, v)
+        except CaiError as err:
+            raise CaiError(f"{backend} option {k}: {err.message}", field="model") from None
+    try:
+        opts = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CaiError(f"{backend} options: {exc}", field="model") from None
+    check = getattr(opts, "check", None)
+    if check is not None:
+        check()
+    return opts

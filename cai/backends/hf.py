@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from cai.backends.base import (
     Generation,
@@ -26,11 +27,13 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
+    parse_options,
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat
 from cai.constitution import derive_seed
 from cai.errors import CaiError
+from cai.models import ModelSpec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -51,36 +54,66 @@ class HFOptions:
     chat: str = "auto"
     """"auto" uses the chat template when the tokenizer has one; "0" forces plain text."""
     progress: bool = True
+    """Show progress bars."""
 
-    @classmethod
-    def from_spec(cls, options: dict[str, str]) -> HFOptions:
-        known = cls.__dataclass_fields__
-        unknown = set(options) - set(known)
-        if unknown:
-            raise CaiError(f"unknown hf option(s) {sorted(unknown)}; known: {sorted(known)}",
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CaiError(f"hf option dtype: unknown {self.dtype!r}; use one of {sorted(DTYPES)}",
                            field="model")
-        kw = {k: (type(getattr(cls, k))(v) if k != "progress" else v not in ("0", "false"))
-              for k, v in options.items()}
-        return cls(**kw)
+        if self.batch_size < 1:
+            raise CaiError("hf option batch_size: must be at least 1", field="model")
+        if self.min_shared_tokens < 1:
+            raise CaiError("hf option min_shared_tokens: must be at least 1", field="model")
+        if self.chat not in ("auto", "0", "1"):
+            raise CaiError("hf option chat: use auto, 0 or 1", field="model")
+
+
+class _PerRequestSampler(LogitsProcessor):
+    """Sampling with one random stream per request, inside greedy decoding.
+
+    Temperature and top-p are applied, then Gumbel noise drawn from the row's own
+    generator is added; the arg-max of that is an exact sample from the tempered nucleus.
+    `generate` is run greedy, so the only randomness is these per-row streams: a request
+    draws the same noise at the same step whatever its batch, position or batch size.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        self.gens = [torch.Generator(device="cpu").manual_seed(s % 2**63) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.device = device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+            probs = sorted_logits.softmax(dim=-1)
+            # Drop a token when the mass before it already reaches top_p (keep at least one).
+            drop_sorted = probs.cumsum(dim=-1) - probs >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        vocab = logits.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+        return (logits.double() + gumbel.to(logits.device)).to(scores.dtype)
 
 
 class HFBackend:
     """A causal LM run with transformers. Implements `cai.backends.base.Backend`."""
 
-    def __init__(self, spec: str, path: str | Path | None = None, options: HFOptions | None = None,
-                 model=None, tokenizer=None):
+    def __init__(self, spec: str | ModelSpec, path: str | Path | None = None,
+                 options: HFOptions | None = None, model=None, tokenizer=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai.models import local_path, parse_spec
+        from cai.models import local_path, model_identity, parse_spec
 
-        self.spec = spec
-        self.options = options or HFOptions.from_spec(parse_spec(spec).options)
-        if self.options.dtype not in DTYPES:
-            raise CaiError(f"unknown dtype {self.options.dtype!r}; use one of {sorted(DTYPES)}",
-                           field="model")
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+        self.spec = parsed.raw
+        self.identity = model_identity(parsed)
+        self.options = options or parse_options(HFOptions, parsed.options, "hf")
         device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None:
-            path = path or local_path(spec)
+            path = path or local_path(parsed)
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[self.options.dtype])
             model.to(device)
         if tokenizer is None:
@@ -115,14 +148,18 @@ class HFBackend:
                                      device=self.device)
             mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk],
                                 device=self.device)
-            # Seeded from the requests in the batch: the same inputs give the same outputs.
-            torch.manual_seed(derive_seed(config.seed, *(requests[i].seed for i in chunk)) % 2**63)
             sample = config.temperature > 0
+            # Each request samples from its own generator (see `_PerRequestSampler`), so its
+            # text depends on its seed and inputs only, never on its batch neighbours.
+            processors = None
+            if sample:
+                processors = LogitsProcessorList([_PerRequestSampler(
+                    [derive_seed(config.seed, requests[i].seed) for i in chunk],
+                    config.temperature, config.top_p, self.device)])
             gen = self.model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-                do_sample=sample, temperature=config.temperature if sample else None,
-                top_p=config.top_p if sample else None, top_k=None, pad_token_id=pad,
-                eos_token_id=self.stop_ids,
+                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                eos_token_id=self.stop_ids, logits_processor=processors,
             )
             for row, i in enumerate(chunk):
                 new = gen[row, width:].tolist()

@@ -27,10 +27,12 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
+    parse_options,
     render_plain,
 )
 from cai.constitution import derive_seed
 from cai.errors import CaiError
+from cai.models import ModelSpec
 
 
 @dataclass
@@ -52,29 +54,30 @@ class OpenAIOptions:
     chat: str = "auto"
     """"auto" uses the tokenizer's chat template when it has one; "0" forces plain text."""
 
-    @classmethod
-    def from_spec(cls, options: dict[str, str]) -> OpenAIOptions:
-        known = cls.__dataclass_fields__
-        unknown = set(options) - set(known)
-        if unknown:
-            raise CaiError(f"unknown openai option(s) {sorted(unknown)}; known: {sorted(known)}",
+    def check(self) -> None:
+        if self.concurrency < 1:
+            raise CaiError("openai option concurrency: must be at least 1", field="model")
+        if self.retries < 0 or self.timeout <= 0 or not 1 <= self.top_logprobs <= 100:
+            raise CaiError("openai options: retries >= 0, timeout > 0, top_logprobs in [1, 100]",
                            field="model")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in options.items()})
+        if self.chat not in ("auto", "0", "1"):
+            raise CaiError("openai option chat: use auto, 0 or 1", field="model")
 
 
 class OpenAIBackend:
     """A model behind an OpenAI-compatible HTTP API. Implements the `Backend` protocol."""
 
-    def __init__(self, spec: str, options: OpenAIOptions | None = None):
+    def __init__(self, spec: str | ModelSpec, options: OpenAIOptions | None = None):
         import os
 
-        from cai.models import parse_spec
+        from cai.models import model_identity, parse_spec
 
-        parsed = parse_spec(spec)
-        self.spec = spec
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+        self.spec = parsed.raw
+        self.identity = model_identity(parsed)
         self.base_url = parsed.target
         self.model = parsed.served_name or ""
-        self.options = options or OpenAIOptions.from_spec(parsed.options)
+        self.options = options or parse_options(OpenAIOptions, parsed.options, "openai")
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY", "")
         self.fmt = self._local_format()
         self.truncated_choices = 0
@@ -180,6 +183,7 @@ class OpenAIBackend:
                 payloads.append(("/chat/completions", {**base, "messages": msgs, "logprobs": True,
                                                        "top_logprobs": k}))
         out = np.zeros((len(requests), len(choices)))
+        truncated = np.zeros((len(requests), len(choices)), dtype=bool)
         for i, res in enumerate(self._run(payloads)):
             top = self._top_logprobs(res)
             floor = min(top.values())
@@ -188,8 +192,9 @@ class OpenAIBackend:
                     out[i, j] = top[c]
                 else:
                     out[i, j] = floor
+                    truncated[i, j] = True
                     self.truncated_choices += 1
-        return ScoreResult(out, list(choices))
+        return ScoreResult(out, list(choices), truncated if truncated.any() else None)
 
     def _top_logprobs(self, res: dict) -> dict[str, float]:
         """{token string: log-prob} of the first generated token, from either endpoint."""

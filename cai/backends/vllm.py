@@ -17,10 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cai.backends.base import Generation, GenerationConfig, GenRequest, ScoreRequest, ScoreResult
+from cai.backends.base import (
+    Generation,
+    GenerationConfig,
+    GenRequest,
+    ScoreRequest,
+    ScoreResult,
+    parse_options,
+)
 from cai.backends.chat import ChatFormat
 from cai.constitution import derive_seed
 from cai.errors import CaiError
+from cai.models import ModelSpec
 
 
 def _cpu_only() -> bool:
@@ -60,25 +68,26 @@ class VLLMOptions:
     chat: str = "auto"
     """"auto" uses the chat template when the tokenizer has one; "0" forces plain text."""
 
-    @classmethod
-    def from_spec(cls, options: dict[str, str]) -> VLLMOptions:
-        known = cls.__dataclass_fields__
-        unknown = set(options) - set(known)
-        if unknown:
-            raise CaiError(f"unknown vllm option(s) {sorted(unknown)}; known: {sorted(known)}",
+    def check(self) -> None:
+        if self.tensor_parallel_size < 1 or self.max_model_len < 1:
+            raise CaiError("vllm options tensor_parallel_size and max_model_len must be at least 1",
                            field="model")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in options.items()})
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise CaiError("vllm option gpu_memory_utilization: must be in (0, 1]", field="model")
+        if self.chat not in ("auto", "0", "1"):
+            raise CaiError("vllm option chat: use auto, 0 or 1", field="model")
 
 
 class VLLMBackend:
     """A model in an in-process vLLM engine. Implements `cai.backends.base.Backend`."""
 
-    def __init__(self, spec: str, options: VLLMOptions | None = None):
-        from cai.models import local_path, parse_spec
+    def __init__(self, spec: str | ModelSpec, options: VLLMOptions | None = None):
+        from cai.models import local_path, model_identity, parse_spec
 
-        parsed = parse_spec(spec)
-        self.spec = spec
-        self.options = options or VLLMOptions.from_spec(parsed.options)
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+        self.spec = parsed.raw
+        self.identity = model_identity(parsed)
+        self.options = options or parse_options(VLLMOptions, parsed.options, "vllm")
         path = local_path(parsed.target)
         _set_env_defaults()
         try:
@@ -110,6 +119,8 @@ class VLLMBackend:
             max_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p if config.temperature > 0 else 1.0,
             seed=derive_seed(config.seed, r.seed) % 2**31, stop_token_ids=self.fmt.stop_ids,
+            # A base model (plain text) stops where it starts the next user turn, as in hf.
+            stop=None if self.fmt.is_chat else ["\nHuman:", "\nUser:"],
             skip_special_tokens=True) for r in requests]
         outs = self.llm.generate(self._prompts([self.render(r.chat, r.answer_prefix) for r in requests]),
                                  params, use_tqdm=len(requests) > 1)

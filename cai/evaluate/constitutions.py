@@ -13,19 +13,22 @@ from typing import Any
 import numpy as np
 
 from cai.backends import Backend, load_backend
-from cai.config import to_dict
 from cai.constitution import diff, load
-from cai.feedback import LabelConfig, run_label
-from cai.records import JsonlStore, write_json_atomic
+from cai.errors import CaiError
+from cai.feedback import JudgeConfig, LabelConfig, run_label
+from cai.records import JsonlStore, read_records, write_json_atomic
+from cai.stage import Stage, claim_dir, register, write_manifest
+
+STAGE = "eval.constitutions"
 
 
 @dataclass
 class ConstitutionsEvalConfig:
     """Configuration of `cai eval constitutions`."""
 
-    old: str = "constitutions/harmless.yaml"
-    """The constitution before the edit."""
-    new: str = "constitutions/harmless.yaml"
+    old: str = "harmless"
+    """The constitution before the edit (a file or a shipped name)."""
+    new: str = "harmless"
     """The constitution after the edit."""
     pairs: str = "pairs.jsonl"
     """Pairs to label under both (prompt, response_a, response_b)."""
@@ -37,10 +40,20 @@ class ConstitutionsEvalConfig:
     """K principles per pair."""
     orders: str = "both"
     """"both" or "one"."""
+    mode: str = "logprob"
+    """"logprob", "cot" or "score", as in labelling."""
+    layout: str = "options-first"
+    """Judge prompt layout."""
     limit: int | None = None
     """Use only the first N pairs."""
     seed: int = 0
     """Seed of the principle draws (the same for both runs)."""
+
+    def __post_init__(self) -> None:
+        JudgeConfig(principles=self.principles, orders=self.orders, mode=self.mode,
+                    layout=self.layout, seed=self.seed)
+        if self.limit is not None and self.limit < 1:
+            raise CaiError("must be at least 1", field="limit")
 
 
 def compare(old_records: list[dict], new_records: list[dict]) -> dict[str, Any]:
@@ -59,25 +72,43 @@ def compare(old_records: list[dict], new_records: list[dict]) -> dict[str, Any]:
             "flipped": flipped}
 
 
+def _run_ids(folder: Path) -> set[str]:
+    """The ids of the labels the last run into `folder` produced (its preferences.jsonl)."""
+    return {r["id"] for r in read_records(folder / "preferences.jsonl")}
+
+
 def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
                            backend: Backend | None = None) -> dict[str, Any]:
     t0 = time.time()
     old_c, new_c = load(cfg.old), load(cfg.new)
-    backend = backend or load_backend(cfg.feedback_model)
     out = Path(cfg.out)
+    claim_dir(out, STAGE)
+    backend = backend or load_backend(cfg.feedback_model)
     base = LabelConfig(pairs=cfg.pairs, feedback_model=backend.spec, principles=cfg.principles,
-                       orders=cfg.orders, limit=cfg.limit, seed=cfg.seed)
+                       orders=cfg.orders, mode=cfg.mode, layout=cfg.layout, limit=cfg.limit,
+                       seed=cfg.seed)
+    runs = {}
     for name, path in (("old", cfg.old), ("new", cfg.new)):
         run_label(dataclasses.replace(base, constitution=path, out=str(out / name)), backend)
-    result = compare(JsonlStore(out / "old" / "data.jsonl").read(),
-                     JsonlStore(out / "new" / "data.jsonl").read())
-    report = {"stage": "eval-constitutions", "config": to_dict(cfg),
-              "diff": diff(old_c, new_c).as_dict(), **result,
-              "timings_s": {"total": round(time.time() - t0, 2)}, "output": str(out)}
+        # Only this run's labels: the folder may hold labels of earlier runs too.
+        ids = _run_ids(out / name)
+        runs[name] = [r for r in JsonlStore(out / name / "data.jsonl") if r["id"] in ids]
+    result = compare(runs["old"], runs["new"])
+    report = {"diff": diff(old_c, new_c).as_dict(), **result}
     write_json_atomic(out / "report.json", report)
-    return {"stage": report["stage"], "output": str(out),
-            "metrics": {k: result[k] for k in ("pairs", "agreement", "mean_shift_p_a")}
-            | {"flipped": len(result["flipped"])}}
+    metrics = {k: result[k] for k in ("pairs", "agreement", "mean_shift_p_a")} | {
+        "flipped": len(result["flipped"])}
+    return write_manifest(out, STAGE, config=cfg, inputs=("pairs",),
+                          constitution=new_c.stamp.as_dict(),
+                          models={"feedback": backend.identity}, started=t0,
+                          counts={"pairs": result["pairs"]}, data=("report.json",),
+                          extra={"metrics": metrics,
+                                 "constitutions": {"old": old_c.stamp.as_dict(),
+                                                   "new": new_c.stamp.as_dict()}})
 
+
+register(Stage(STAGE, ConstitutionsEvalConfig, run_constitutions_eval,
+               "Label the same pairs under two constitutions and compare.",
+               inputs=("pairs",), outputs=("report.json",), positional=("old", "new")))
 
 __all__ = ["ConstitutionsEvalConfig", "compare", "run_constitutions_eval"]

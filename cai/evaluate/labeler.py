@@ -15,28 +15,34 @@ from typing import Any
 import numpy as np
 
 from cai.backends import Backend, load_backend
-from cai.config import to_dict
 from cai.constitution import load
 from cai.data import PairItem, _rows
 from cai.errors import CaiError, ValidationErrors
-from cai.feedback import LabelConfig, judge_pairs
+from cai.feedback import JudgeConfig, judge_pairs
 from cai.records import write_json_atomic
+from cai.stage import Stage, claim_dir, register, write_manifest
+
+STAGE = "eval.labeler"
 
 
 @dataclass
 class LabelerEvalConfig:
     """Configuration of `cai eval labeler`."""
 
-    items: str = "prompts/labeler_ab.jsonl"
+    items: str = "labeler_ab"
     """A/B items: jsonl with context, options (two responses), correct (0 or 1), category."""
     feedback_model: str = "embedded:smollm2-135m"
     """Model spec of the judge under test."""
-    constitution: str = "constitutions/harmless.yaml"
-    """Constitution whose comparison principles are asked."""
+    constitution: str = "harmless"
+    """Constitution whose comparison principles are asked (a file or a shipped name)."""
     out: str = "runs/eval/labeler"
     """Folder for report.json and reliability.png."""
     principles: int = 4
     """K principles per item, as in labelling."""
+    orders: str = "both"
+    """"both" or "one" (accuracy per order needs both)."""
+    mode: str = "logprob"
+    """"logprob", "cot" or "score", as in labelling."""
     layout: str = "options-first"
     """Judge prompt layout."""
     bins: int = 10
@@ -45,6 +51,17 @@ class LabelerEvalConfig:
     """Evaluate only the first N items."""
     seed: int = 0
     """Seed of the principle draws."""
+
+    def __post_init__(self) -> None:
+        self.judge()
+        if self.bins < 1:
+            raise CaiError("must be at least 1", field="bins")
+        if self.limit is not None and self.limit < 1:
+            raise CaiError("must be at least 1", field="limit")
+
+    def judge(self) -> JudgeConfig:
+        return JudgeConfig(constitution=self.constitution, principles=self.principles,
+                           orders=self.orders, mode=self.mode, layout=self.layout, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,10 @@ class ABItem:
 
 
 def load_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
+    from cai.resources import resolve
+
     items, errors = [], []
-    for where, row in _rows(path):
+    for where, row in _rows(resolve(path, "prompts")):
         opts, correct = row.get("options"), row.get("correct")
         if not isinstance(row.get("context"), str) or not row["context"].strip():
             errors.append(CaiError("missing or empty", where, "context"))
@@ -90,10 +109,8 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int)
 
 def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConfig) -> dict[str, Any]:
     c = load(cfg.constitution)
-    lcfg = LabelConfig(constitution=cfg.constitution, feedback_model=backend.spec, pairs="-",
-                       principles=cfg.principles, layout=cfg.layout, seed=cfg.seed)
     pairs = [PairItem(i.id, i.context, i.options[0], i.options[1]) for i in items]
-    recs = judge_pairs(pairs, c, backend, lcfg)
+    recs = judge_pairs(pairs, c, backend, cfg.judge())
     correct = np.array([i.correct for i in items])
     p_a = np.array([r.p_a for r in recs])
     # p of the correct option, per order and averaged over orders.
@@ -112,7 +129,8 @@ def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConf
     p_letter_a = np.mean([j.p_first for r in recs for j in r.judgements])
     cats = sorted({i.category for i in items})
     report = {
-        "items": len(items), "feedback_model": backend.spec, "constitution": c.stamp.as_dict(),
+        "items": len(items), "feedback_model": backend.identity, "judge": cfg.judge().method(),
+        "constitution": c.stamp.as_dict(),
         "accuracy": float(right.mean()),
         "accuracy_order_ab": float((pc_ab > 0.5).mean()),
         "accuracy_order_ba": float((pc_ba > 0.5).mean()),
@@ -151,18 +169,23 @@ def reliability_plot(report: dict[str, Any], path: Path) -> None:
 def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     t0 = time.time()
     items = load_items(cfg.items, cfg.limit)
+    out = Path(cfg.out)
+    claim_dir(out, STAGE)
     backend = backend or load_backend(cfg.feedback_model)
     report = evaluate_labeler(items, backend, cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     reliability_plot(report, out / "reliability.png")
-    report = {"stage": "eval-labeler", "config": to_dict(cfg), **report,
-              "timings_s": {"total": round(time.time() - t0, 2)}, "output": str(out)}
     write_json_atomic(out / "report.json", report)
-    return {"stage": report["stage"], "output": str(out),
-            "metrics": {k: report[k] for k in ("accuracy", "accuracy_order_ab", "accuracy_order_ba",
-                                               "ece", "position_bias", "mean_mass")}}
+    metrics = {k: report[k] for k in ("accuracy", "accuracy_order_ab", "accuracy_order_ba",
+                                      "ece", "position_bias", "mean_mass")}
+    return write_manifest(out, STAGE, config=cfg, inputs=("items",),
+                          constitution=report["constitution"],
+                          models={"feedback": backend.identity}, counts={"items": len(items)},
+                          started=t0, data=("report.json",), extra={"metrics": metrics})
 
+
+register(Stage(STAGE, LabelerEvalConfig, run_labeler_eval,
+               "Judge accuracy, calibration and position bias on A/B items.",
+               inputs=("items",), outputs=("report.json", "reliability.png"), positional=("items",)))
 
 __all__ = ["LabelerEvalConfig", "evaluate_labeler", "run_labeler_eval", "load_items",
            "expected_calibration_error"]

@@ -9,20 +9,23 @@ and as the frozen reference of RL and DPO.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.config import to_dict
 from cai.errors import CaiError
-from cai.records import git_revision, write_json_atomic
+from cai.models import model_identity
+from cai.stage import Stage, claim_dir, read_manifest, register, write_card, write_manifest
+
+STAGE = "train.sft"
 
 
 @dataclass
 class SFTConfig:
-    """Configuration of `cai train sft`; saved beside the model as cai_train.json."""
+    """Configuration of `cai train sft`; saved in the model folder's manifest.json."""
 
     data: str = "runs/sl/sft.jsonl"
     """SFT data: a jsonl of {"messages": [...]} chats, or an SL stage folder."""
@@ -56,6 +59,18 @@ class SFTConfig:
     """Training seed (data order, LoRA init)."""
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
+    save_steps: int = 50
+    """Checkpoint every N steps into out/checkpoints; a rerun resumes from the last one."""
+
+    def __post_init__(self) -> None:
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length",
+                     "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise CaiError("must be at least 1", field=name)
+        if self.learning_rate <= 0 or self.epochs <= 0:
+            raise CaiError("learning_rate and epochs must be > 0", field="learning_rate")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise CaiError("must be -1 (use epochs) or at least 1", field="max_steps")
 
 
 def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -83,7 +98,11 @@ def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Fine-tune, save the model folder and its training log; returns a summary."""
+    """Fine-tune, save the model folder, its log and manifest; returns the manifest.
+
+    A rerun with the same config returns the finished run; an interrupted one continues
+    from its last checkpoint.
+    """
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,19 +113,24 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     t0 = time.time()
     rows = load_sft_rows(cfg.data)
+    out = Path(cfg.out)
+    claim_dir(out, STAGE)
+    done = finished(out, cfg)
+    if done is not None:
+        return done
     base = local_path(cfg.model)
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    out = Path(cfg.out)
     cuda = torch.cuda.is_available()
+    ckpt_dir = out / "checkpoints"
     args = TRLSFTConfig(
-        output_dir=str(out / "checkpoints"), learning_rate=cfg.learning_rate,
+        output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=cfg.seed,
-        save_strategy="no", report_to=[], bf16=cfg.bf16 and cuda, use_cpu=not cuda,
-        gradient_checkpointing=False, completion_only_loss=True, dataset_num_proc=None,
-        disable_tqdm=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to=[],
+        bf16=cfg.bf16 and cuda, use_cpu=not cuda, gradient_checkpointing=False,
+        completion_only_loss=True, dataset_num_proc=None, disable_tqdm=False,
     )
     peft_config = None
     if cfg.lora:
@@ -117,7 +141,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                  target_modules="all-linear")
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config)
-    trainer.train()
+    resume = any(ckpt_dir.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
     trained = trainer.model
     if cfg.lora:
         trained.save_pretrained(str(out / "adapter"))
@@ -125,17 +150,32 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     trained.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     log = [e for e in trainer.state.log_history if "loss" in e]
-    with open(out / "training_log.jsonl", "w", encoding="utf-8") as f:
+    with open(out / "log.jsonl", "w", encoding="utf-8") as f:
         for e in trainer.state.log_history:
             f.write(json.dumps(e) + "\n")
-    summary = {"stage": "sft", "output": str(out), "model": cfg.model, "examples": len(rows),
-               "steps": trainer.state.global_step,
-               "metrics": {"first_loss": log[0]["loss"] if log else None,
-                           "last_loss": log[-1]["loss"] if log else None},
-               "timings_s": {"total": round(time.time() - t0, 2)}}
-    write_json_atomic(out / "cai_train.json", {"config": to_dict(cfg), "git": git_revision(),
-                                               **summary})
-    return summary
+    metrics = {"first_loss": log[0]["loss"] if log else None,
+               "last_loss": log[-1]["loss"] if log else None, "resumed": resume}
+    manifest = write_manifest(out, STAGE, config=cfg, inputs=("data",),
+                              models={"base": model_identity(cfg.model)},
+                              counts={"examples": len(rows), "steps": trainer.state.global_step},
+                              started=t0, data=("model.safetensors",),
+                              extra={"metrics": metrics, "output": str(out)})
+    write_card(out, "SL-CAI model", f"`{cfg.model}` fine-tuned on SL-CAI revisions "
+               f"({'LoRA, merged' if cfg.lora else 'full'}); load it as the model spec "
+               f"`{out}`.", manifest)
+    return manifest
 
+
+def finished(out: Path, cfg: Any) -> dict[str, Any] | None:
+    """The manifest of a finished training run with this exact config, if there is one."""
+    m = read_manifest(out)
+    if m and m.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg), default=str)) \
+            and (out / "model.safetensors").exists():
+        return m
+    return None
+
+
+register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
+               inputs=("data",), outputs=("model.safetensors", "log.jsonl")))
 
 __all__ = ["SFTConfig", "run_sft", "load_sft_rows"]

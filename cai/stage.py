@@ -1,0 +1,291 @@
+"""The stage contract: every stage — data, training, evaluation — is registered once here.
+
+A stage is a config dataclass, a run function, the config fields that name its upstream
+inputs and the files it writes. The CLI builds its commands from this registry and the
+pipeline walks it, so neither keeps its own list.
+
+What every stage shares is written once in this file:
+- `StageDir` claims an output folder for one stage (another stage's command refuses it);
+- `run_chunks` is the resume → chunk → append loop over work not yet on disk;
+- `write_manifest` records the resolved config, the upstream manifests' data hashes and
+  the constitution stamp (inherited from upstream when the stage has none of its own), so a
+  trained model can be traced back to the constitution version and data that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from cai.errors import CaiError
+from cai.records import (
+    JsonlStore,
+    cai_version,
+    file_sha256,
+    git_revision,
+    now,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One registered stage."""
+
+    name: str
+    """Registry key, also the CLI path with dots: "sl", "label", "train.pm", "eval.labeler"."""
+    config: type
+    """The stage's config dataclass (fields become CLI flags and YAML keys)."""
+    run: Callable[[Any], dict[str, Any]]
+    """Run (or resume) the stage from a config; returns its manifest."""
+    help: str
+    """One line for `--help`."""
+    inputs: tuple[str, ...] = ()
+    """Config fields that name upstream files or folders (hashed into the manifest)."""
+    outputs: tuple[str, ...] = ()
+    """Files the stage writes into its `out` folder."""
+    positional: tuple[str, ...] = ()
+    """Config fields also accepted as positional CLI arguments."""
+
+
+REGISTRY: dict[str, Stage] = {}
+
+# Modules that register stages when imported; the CLI and the pipeline import them all.
+STAGE_MODULES = (
+    "cai.sl",
+    "cai.feedback",
+    "cai.train.sft",
+    "cai.evaluate.labeler",
+    "cai.evaluate.constitutions",
+)
+
+
+def register(stage: Stage) -> Stage:
+    if stage.name in REGISTRY and REGISTRY[stage.name].run is not stage.run:
+        raise RuntimeError(f"stage {stage.name!r} registered twice")
+    REGISTRY[stage.name] = stage
+    return stage
+
+
+def load_registry() -> dict[str, Stage]:
+    """Import every stage module so the registry is complete."""
+    for mod in STAGE_MODULES:
+        importlib.import_module(mod)
+    return REGISTRY
+
+
+# --------------------------------------------------------------------------- folders
+
+
+class StageDir:
+    """`<out>/` of one stage: data.jsonl, manifest.json and a dataset card README.md.
+
+    A folder belongs to the stage that first wrote it: a different stage refuses it before
+    anything is touched, so `cai label --out runs/sl` cannot mix records into SL data.
+    """
+
+    def __init__(self, out: str | Path, stage: str, data: str | None = "data.jsonl"):
+        self.root = Path(out)
+        self.stage = stage
+        claim_dir(self.root, stage)
+        self.store = JsonlStore(self.root / data) if data else None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any]:
+        return read_manifest(self.root) or {}
+
+
+def claim_dir(root: Path, stage: str) -> None:
+    """Create `root` for `stage`, test-write it, and refuse a folder of another stage."""
+    if root.exists() and not root.is_dir():
+        raise CaiError("exists and is not a folder; pick another --out", str(root))
+    owner = _owner(root)
+    if owner is not None and owner != stage:
+        raise CaiError(f"this folder holds the output of stage `{owner}`; give `{stage}` its "
+                       "own --out folder", str(root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".cai-stage"
+        if owner is None:
+            probe.write_text(stage + "\n", encoding="utf-8")
+        else:
+            with open(probe, "a", encoding="utf-8"):
+                pass
+    except OSError as exc:
+        raise CaiError(f"cannot write the output folder: {exc.strerror}", str(root)) from None
+
+
+def _owner(root: Path) -> str | None:
+    marker = root / ".cai-stage"
+    if marker.is_file():
+        return marker.read_text(encoding="utf-8").strip() or None
+    m = read_manifest(root)
+    return m.get("stage") if m else None
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of a stage folder (or of the folder holding a file), if there is one."""
+    p = Path(folder)
+    if p.is_file() or not p.exists():
+        p = p.parent
+    path = p / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CaiError("not a valid manifest", str(path)) from None
+
+
+# --------------------------------------------------------------------------- the loop
+
+T = TypeVar("T")
+
+
+def run_chunks(todo: Sequence[T], chunk_size: int, process: Callable[[list[T]], Iterable[Any]],
+               store: JsonlStore, *, total: int | None = None, desc: str = "",
+               unit: str = "record") -> int:
+    """Process work not yet stored in chunks; each chunk is appended (and fsynced) at once.
+
+    A kill loses at most the chunk in flight; the caller's rerun skips stored ids. Returns
+    how many records were written.
+    """
+    if chunk_size < 1:
+        raise CaiError("must be at least 1", field="chunk_size")
+    total = len(todo) if total is None else total
+    written = 0
+    with tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit) as bar:
+        for start in range(0, len(todo), chunk_size):
+            chunk = list(todo[start:start + chunk_size])
+            written += store.append(process(chunk))
+            bar.update(len(chunk))
+    return written
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinities become null: manifest.json must stay valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """For each input field: its path, the upstream stage, data hash and constitution."""
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = getattr(config, name, None)
+        if not value or value == "-":
+            continue
+        p = Path(str(value))
+        entry: dict[str, Any] = {"path": str(value)}
+        if p.is_file():
+            entry["sha256"] = file_sha256(p)
+        m = read_manifest(p) if p.exists() else None
+        if m:
+            entry["stage"] = m.get("stage")
+            entry["data_sha256"] = (m.get("data") or {}).get("sha256")
+            entry["constitution"] = m.get("constitution")
+        out[name] = entry
+    return out
+
+
+def inherited_constitution(ups: dict[str, Any]) -> dict[str, Any] | None:
+    """The constitution stamp of the upstream data, when a stage (training) has none."""
+    stamps = [u["constitution"] for u in ups.values() if u.get("constitution")]
+    return stamps[0] if stamps else None
+
+
+def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequence[str] = (),
+                   constitution: dict[str, Any] | None = None,
+                   models: dict[str, str] | None = None, counts: dict[str, Any] | None = None,
+                   started: float | None = None, timings: dict[str, float] | None = None,
+                   data: Sequence[str] = ("data.jsonl",),
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `manifest.json` for any stage; the config in it is enough to rerun the stage."""
+    root = Path(root)
+    ups = upstream(config, inputs)
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    timings = dict(timings or {})
+    if started is not None:
+        timings.setdefault("total", round(time.time() - started, 2))
+    files = {name: file_sha256(root / name) for name in data if (root / name).exists()}
+    first = next(iter(files), None)
+    manifest = {
+        "stage": stage,
+        "cai_version": cai_version(),
+        "git": git_revision(),
+        "written": now(),
+        "config": cfg,
+        "constitution": constitution or inherited_constitution(ups),
+        "models": models or {},
+        "upstream": ups,
+        "counts": counts or {},
+        "timings_s": timings,
+        "data": {"file": first, "records": _count_lines(root / first) if first else 0,
+                 "sha256": files.get(first) if first else None, "files": files},
+        **(extra or {}),
+    }
+    manifest = _json_safe(manifest)
+    write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+def _count_lines(path: Path) -> int:
+    if path.suffix != ".jsonl":
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, Any]) -> None:
+    """A short dataset (or model) card: what it is, how it was made, how to load it."""
+    root = Path(root)
+    c = manifest.get("constitution") or {}
+    git = manifest.get("git") or {}
+    lines = [
+        f"# {title}", "", summary, "",
+        "## Provenance", "",
+        f"- stage: `{manifest['stage']}`",
+        f"- constitution: `{c.get('name')}` v{c.get('version')} (`{c.get('hash')}`)"
+        if c else "- constitution: none",
+        *[f"- {role} model: `{spec}`" for role, spec in manifest.get("models", {}).items()],
+        *[f"- input `{k}`: `{u['path']}`" + (f" (stage `{u['stage']}`)" if u.get("stage") else "")
+          for k, u in manifest.get("upstream", {}).items()],
+        f"- records: {manifest['data']['records']}",
+        f"- cai {manifest['cai_version']}, git {git.get('commit')}"
+        f"{' (dirty)' if git.get('dirty') else ''}",
+        "", "## Counts", "",
+        *[f"- {k}: {v}" for k, v in manifest.get("counts", {}).items()],
+    ]
+    if manifest["data"].get("file", "").endswith(".jsonl"):
+        lines += ["", "## Load", "", "```python", "from cai.records import to_dataset",
+                  f"ds = to_dataset('{root / manifest['data']['file']}')", "```"]
+    lines += ["", "The exact configuration is in `manifest.json`; rerunning it with the same",
+              "output folder resumes and reproduces this.", ""]
+    write_text_atomic(root / "README.md", "\n".join(lines))
+
+
+__all__ = ["Stage", "StageDir", "REGISTRY", "register", "load_registry", "run_chunks",
+           "write_manifest", "write_card", "read_manifest", "upstream", "claim_dir"]
