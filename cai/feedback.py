@@ -343,14 +343,12 @@ def label_id(pair: PairItem, c: Constitution, model: str, cfg: JudgeConfig | Lab
                      cfg.method(), cfg.seed)
 
 
-def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None,
-            c: Constitution, backend: Backend, cfg: JudgeConfig, tokens: list[str] | None,
-            policy: str | None, rating_mass: float | None = None,
-            rating_prompts: list[str] | None = None) -> LabelRecord:
-    p_a = p_response_a(js) if scores is None else 1 / (1 + math.exp(scores["b"] - scores["a"]))
+def label_flags(js: list[Judgement], p_a: float, cfg: JudgeConfig,
+                rating_mass: float | None = None) -> list[str]:
+    """What a label's reader should know: the orders disagree, the judge barely answered,
+    the label is a tie, or a server hid a letter's log-prob."""
     flags = []
-    orders = {j.order for j in js}
-    if len(orders) == 2:
+    if {j.order for j in js} == {"ab", "ba"}:
         ab = np.mean([j.p_first for j in js if j.order == "ab"])
         ba = np.mean([1 - j.p_first for j in js if j.order == "ba"])
         if (ab - 0.5) * (ba - 0.5) < 0:
@@ -362,6 +360,15 @@ def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None
         flags.append("tie")
     if any(j.truncated for j in js):
         flags.append("truncated-choices")
+    return flags
+
+
+def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None,
+            c: Constitution, backend: Backend, cfg: JudgeConfig, tokens: list[str] | None,
+            policy: str | None, rating_mass: float | None = None,
+            rating_prompts: list[str] | None = None) -> LabelRecord:
+    p_a = p_response_a(js) if scores is None else 1 / (1 + math.exp(scores["b"] - scores["a"]))
+    flags = label_flags(js, p_a, cfg, rating_mass)
     a_wins = p_a >= 0.5
     return LabelRecord(
         id=label_id(pair, c, backend.identity, cfg), stage=STAGE,
@@ -545,6 +552,6 @@ register(Stage("label", LabelConfig, run_label,
                "RLAIF: soft preference labels from the feedback model's log-probs.",
                inputs=("pairs", "prompts"), outputs=("data.jsonl", "preferences.jsonl")))
 
-__all__ = ["JudgeConfig", "split_reasoning", "rating_distribution",
+__all__ = ["JudgeConfig", "split_reasoning", "rating_distribution", "label_flags",
            "LabelConfig", "LabelRecord", "Judgement", "judge_pairs", "run_label", "label_stats",
            "p_response_a", "pair_key", "expected_ratings"]

@@ -195,7 +195,7 @@ def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
     """For each input field: its path, the upstream stage, data hash and constitution."""
     out: dict[str, Any] = {}
     for name in fields:
-        value = getattr(config, name, None)
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
         if not value or value == "-":
             continue
         p = Path(str(value))

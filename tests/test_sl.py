@@ -19,7 +19,7 @@ class Recording:
     """A real backend that also keeps every generation request it was sent."""
 
     def __init__(self, inner):
-        self.inner, self.spec, self.calls = inner, inner.spec, []
+        self.inner, self.spec, self.identity, self.calls = inner, inner.spec, inner.identity, []
 
     def generate(self, requests: list[GenRequest], config: GenerationConfig):
         self.calls.append(list(requests))

@@ -35,11 +35,20 @@ def test_lora_sft_on_sl_output_loss_falls(tmp_path: Path) -> None:
     assert rows, "the SL stage produced no SFT data"
     summary = run_sft(SFTConfig(data=str(tmp_path / "sl"), out=str(tmp_path / "sft"), lora=True,
                                 max_steps=12, batch_size=2, learning_rate=2e-3, max_length=256))
-    log = [json.loads(x) for x in (tmp_path / "sft" / "training_log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (tmp_path / "sft" / "log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert summary["steps"] == 12
+    assert summary["counts"]["steps"] == 12
+    # The model can be traced back to the constitution and the data that made it.
+    sl_manifest = json.loads((tmp_path / "sl" / "manifest.json").read_text())
+    assert summary["constitution"] == sl_manifest["constitution"]
+    assert summary["upstream"]["data"]["stage"] == "sl"
+    assert summary["upstream"]["data"]["data_sha256"] == sl_manifest["data"]["sha256"]
+    # A rerun with the same config returns the finished run without training again.
+    again = run_sft(SFTConfig(data=str(tmp_path / "sl"), out=str(tmp_path / "sft"), lora=True,
+                              max_steps=12, batch_size=2, learning_rate=2e-3, max_length=256))
+    assert again["written"] == summary["written"]
     # The merged folder works as a model spec.
     b = load_backend(f"hf:{tmp_path / 'sft'}", reuse=False)
     out = b.generate([GenRequest([{"role": "user", "content": "Hi"}])], GenerationConfig(max_new_tokens=4))
