@@ -55,7 +55,8 @@ def _rows(source: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.exists():
         raise CaiError("file not found", str(path))
     rows, errors = [], []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark some editors write is accepted, as in YAML.
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

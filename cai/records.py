@@ -223,23 +223,16 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     Unlike opening a `JsonlStore`, this never repairs (truncates) the file: a user's own
     file is left exactly as it is, and a torn or malformed line is reported by number.
     """
+    from cai.data import _rows
+
     p = Path(path)
-    if not p.is_file():
-        raise CaiError("file not found" if not p.exists() else "not a file", str(p))
+    if p.exists() and not p.is_file():
+        raise CaiError("not a file", str(p))
     rows = []
-    with open(p, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CaiError(f"not valid JSON ({exc.msg})", f"{p}:{n}") from None
-            if not isinstance(obj, dict):
-                raise CaiError("expected a JSON object", f"{p}:{n}")
-            if "id" not in obj:
-                raise CaiError("missing", f"{p}:{n}", "id")
-            rows.append(obj)
+    for where, row in _rows(p):
+        if "id" not in row:
+            raise CaiError("missing", where, "id")
+        rows.append(row)
     return rows
 
 
