@@ -39,6 +39,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(const_app, name="constitution")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+pipeline_app = typer.Typer(no_args_is_help=True, help="Run every stage from one config.")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def fail(err: Exception) -> typing.NoReturn:
@@ -222,6 +224,36 @@ def _register_stages() -> None:
 
 
 _register_stages()
+
+
+@pipeline_app.command("run")
+@user_errors
+def pipeline_run(
+    config: Path = typer.Argument(..., help="Pipeline YAML (see configs/demo.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<name>)."),  # noqa: UP045
+    start: Optional[str] = typer.Option(None, "--from", help="Start at this stage."),  # noqa: UP045
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),  # noqa: UP045
+    force: bool = typer.Option(False, "--force", help="Rerun stages even when cached."),
+) -> None:
+    """sl → sft → label → pm → rl/dpo → eval, each cached by its config and inputs."""
+    from cai.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(config, {"out": str(out)} if out else None)
+    state = run_pipeline(cfg, start, until, force, where=str(config))
+    typer.echo(json.dumps({"run": str(cfg.root), "report": state.get("report"),
+                           "seconds": state.get("seconds"),
+                           "steps": {k: v.get("status") for k, v in state["steps"].items()}},
+                          indent=2))
+
+
+@app.command("plot")
+@user_errors
+def plot_cmd(run_dir: Path) -> None:
+    """PNG plots of a training run's per-step log (reward, KL, sqrt(KL), loss, ...)."""
+    from cai.train.plots import plot_run
+
+    for p in plot_run(run_dir):
+        typer.echo(str(p))
 
 
 @app.command("export")

@@ -99,7 +99,24 @@ def model_identity(spec: str | ModelSpec) -> str:
     s = parse_spec(spec) if isinstance(spec, str) else spec
     body = s.raw.split("?", 1)[0]
     kept = sorted((k, v) for k, v in s.options.items() if k not in SPEED_OPTIONS)
-    return body + ("?" + urlencode(kept) if kept else "")
+    return body + _weights_tag(s) + ("?" + urlencode(kept) if kept else "")
+
+
+def _weights_tag(s: ModelSpec) -> str:
+    """A model folder trained by cai carries its weights' hash in its manifest: the same
+    path retrained is another model, so records made with the old weights are not reused."""
+    if s.backend == "openai" or s.target.startswith("embedded:"):
+        return ""
+    manifest = Path(s.target).expanduser() / "manifest.json"
+    if not manifest.is_file():
+        return ""
+    import json
+
+    try:
+        digest = (json.loads(manifest.read_text(encoding="utf-8")).get("data") or {}).get("sha256")
+    except (OSError, ValueError):
+        return ""
+    return f"@{digest.split(':')[-1][:12]}" if digest else ""
 
 
 # ---------------------------------------------------------------------------- embedded cache

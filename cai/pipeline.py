@@ -1,0 +1,313 @@
+"""`cai pipeline run CONFIG.yaml`: one config from a constitution to a trained, evaluated model.
+
+The pipeline walks the stage registry: sl → sft → label → pm → rl and/or dpo → eval, each
+in its own folder under the run. A stage is skipped when its cache key matches the last
+run's: the key hashes the stage's resolved config, the part of the constitution it reads
+(SL principles and examples for `sl`, comparison principles for `label` and `eval`) and the
+data hashes of the stages it depends on. So an edit to one comparison principle reruns
+label and everything after it, never sl or sft. With `rounds: R > 1` the label → pm → rl
+loop repeats with the newest policy, each round in its own folder.
+
+Nothing here runs a model itself: every stage is the same registered run function the
+CLI calls, so a pipeline and a hand-run sequence of commands give the same records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cai.config import from_dict
+from cai.errors import CaiError
+from cai.records import write_json_atomic
+from cai.stage import REGISTRY, load_registry, read_manifest
+
+ORDER = ("sl", "sft", "label", "pm", "rl", "dpo", "eval")
+REGISTERED = {"sl": "sl", "sft": "train.sft", "label": "label", "pm": "train.pm",
+              "rl": "train.rl", "dpo": "train.dpo", "eval": "eval.policies"}
+CONSTITUTION_PART = {"sl": "sl", "label": "rl", "eval": "rl"}
+TRAINING = {"sft", "pm", "rl", "dpo"}
+
+
+@dataclass
+class PipelineConfig:
+    """A run config: shared settings, then one mapping of overrides per stage."""
+
+    name: str = "run"
+    """Run name; the default output folder is runs/<name>."""
+    out: str | None = None
+    """Run folder (default runs/<name>); each stage writes a subfolder."""
+    constitution: str = "harmless"
+    """Constitution file or shipped name, used by every stage."""
+    model: str = "embedded:smollm2-135m"
+    """The helpful base model: answers in SL, is fine-tuned by SFT."""
+    feedback_model: str = "embedded:smollm2-135m"
+    """The judge of the label stage and of the policy evaluation."""
+    seed: int = 0
+    """Seed given to every stage."""
+    stages: list[str] = field(default_factory=lambda: list(ORDER))
+    """Stages to run, a subset of sl, sft, label, pm, rl, dpo, eval (in that order)."""
+    rounds: int = 1
+    """Iterated online training: label → pm → rl repeated with the newest policy."""
+    sl_pairs_in_pm: bool = True
+    """Train the PM on the SL pairs (revision ≻ initial) beside the AI labels; with a
+    judge too small to give signal, the SL pairs are what the PM learns from."""
+    sl: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the sl stage's config (see `cai sl --help`)."""
+    sft: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai train sft`."""
+    label: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai label` (prompts, responses_per_prompt, principles, ...)."""
+    pm: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai train pm`."""
+    rl: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai train rl`."""
+    dpo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai train dpo`."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `cai eval policies`."""
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in ORDER]
+        if bad:
+            raise CaiError(f"unknown stage {bad[0]!r}; known: {', '.join(ORDER)}", field="stages")
+        self.stages = [s for s in ORDER if s in self.stages]
+        if self.rounds < 1:
+            raise CaiError("must be at least 1", field="rounds")
+        for s in ORDER:
+            if not isinstance(getattr(self, s), dict):
+                raise CaiError("expected a mapping of that stage's options", field=s)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out or f"runs/{self.name}")
+
+
+def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+    except OSError as exc:
+        raise CaiError(f"cannot read pipeline config: {exc.strerror}", str(p)) from None
+    except UnicodeDecodeError:
+        raise CaiError("not UTF-8 text", str(p)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise CaiError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
+                       f"{p}:{mark.line + 1 if mark else 1}") from None
+    if not isinstance(data, dict):
+        raise CaiError("expected a mapping", str(p))
+    return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Step:
+    """One stage to run: where, with which config, after which steps."""
+
+    key: str
+    """"sl", "label", or "round-2/label" for later rounds."""
+    stage: str
+    """Pipeline stage name (sl, sft, ...)."""
+    config: Any
+    deps: list[str]
+    folder: Path
+
+
+def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str) -> Any:
+    cls = REGISTRY[REGISTERED[stage]].config
+    names = {f.name for f in dataclasses.fields(cls)}
+    wired = {k: v for k, v in values.items() if k in names}
+    return from_dict(cls, {**wired, **user}, f"{where}: {stage}")
+
+
+def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
+    """The steps of a run, wired folder to folder."""
+    load_registry()
+    root, on = cfg.root, set(cfg.stages)
+    steps: list[Step] = []
+    base = {"constitution": cfg.constitution, "seed": cfg.seed}
+
+    def add(key: str, stage: str, values: dict[str, Any], deps: list[str]) -> Step:
+        folder = root / key
+        conf = _build(stage, {**base, **values, "out": str(folder)}, getattr(cfg, stage), where)
+        step = Step(key, stage, conf, [d for d in deps if any(s.key == d for s in steps)], folder)
+        steps.append(step)
+        return step
+
+    if "sl" in on:
+        add("sl", "sl", {"model": cfg.model}, [])
+    sft_model = cfg.model
+    if "sft" in on:
+        add("sft", "sft", {"data": str(root / "sl"), "model": cfg.model}, ["sl"])
+        sft_model = str(root / "sft")
+    policy, pm_key, rl_key = sft_model, None, None
+    for r in range(1, cfg.rounds + 1):
+        pre = "" if r == 1 else f"round-{r}/"
+        label_key = None
+        if "label" in on:
+            label_key = pre + "label"
+            add(label_key, "label", {"prompts": "red_team", "policy": policy,
+                                     "feedback_model": cfg.feedback_model},
+                [rl_key or "sft"])
+        if "pm" in on:
+            pm_key = pre + "pm"
+            inputs = {"preferences": str(root / label_key) if label_key else None,
+                      "pairs": str(root / "sl") if cfg.sl_pairs_in_pm and "sl" in on else None,
+                      "model": cfg.model}
+            add(pm_key, "pm", inputs, [k for k in (label_key, "sl") if k])
+        if "rl" in on:
+            rl_key = pre + "rl"
+            reward = f"pm:{root / pm_key}" if pm_key else f"judge:{cfg.feedback_model}"
+            add(rl_key, "rl", {"model": policy, "reward": reward, "prompts": "red_team"},
+                [k for k in (pm_key, "sft" if r == 1 else f"round-{r - 1}/rl") if k])
+            policy = str(root / rl_key)
+    if "dpo" in on:
+        add("dpo", "dpo", {"preferences": str(root / "label") if "label" in on else None,
+                           "pairs": str(root / "sl") if cfg.sl_pairs_in_pm and "sl" in on else None,
+                           "model": sft_model}, ["label", "sl", "sft"])
+    if "eval" in on:
+        models = [f"base={cfg.model}"]
+        if "sft" in on:
+            models.append(f"sl-cai={root / 'sft'}")
+        if rl_key:
+            models.append(f"rl-cai={root / rl_key}")
+        if "dpo" in on:
+            models.append(f"dpo={root / 'dpo'}")
+        values: dict[str, Any] = {"models": ",".join(models), "feedback_model": cfg.feedback_model}
+        if pm_key:
+            values["reward"] = f"pm:{root / pm_key}"
+            values["pm_eval"] = str(root / pm_key / "eval.json")
+        else:
+            values["best_of_k"] = 0
+        if rl_key:
+            values["rl_log"] = str(root / rl_key / "log.jsonl")
+        add("eval", "eval", values, [s.key for s in steps])
+    return steps
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def _digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _constitution_part(path: str, part: str) -> str:
+    from cai.constitution import load
+
+    c = load(path)
+    return _digest(c.to_json().get(part))
+
+
+def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
+    """Hash of the step's resolved config, its part of the constitution, and the data
+    hashes of the steps it depends on."""
+    cfg = dataclasses.asdict(step.config)
+    parts: dict[str, Any] = {"stage": step.stage, "config": {k: v for k, v in cfg.items()
+                                                              if k != "constitution"}}
+    if step.stage in CONSTITUTION_PART:
+        parts["constitution"] = _constitution_part(step.config.constitution,
+                                                   CONSTITUTION_PART[step.stage])
+    parts["deps"] = {d: done[d]["data"] for d in step.deps}
+    return _digest(parts)
+
+
+def _data_hashes(folder: Path) -> dict[str, Any] | None:
+    m = read_manifest(folder)
+    return (m.get("data") or {}).get("files") if m else None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _say(msg: str) -> None:
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def _clear(folder: Path) -> None:
+    """A training stage whose inputs changed starts over: old checkpoints would resume
+    training on data that no longer exists."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".stale")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | None = None,
+                 force: bool = False, where: str = "pipeline") -> dict[str, Any]:
+    """Run (or resume) every step; returns the run manifest (also `<run>/pipeline.json`)."""
+    for name, value in (("from", start), ("until", until)):
+        if value is not None and value not in cfg.stages:
+            raise CaiError(f"{value!r} is not one of this run's stages: {', '.join(cfg.stages)}",
+                           field=name)
+    steps = plan(cfg, where)
+    root = cfg.root
+    root.mkdir(parents=True, exist_ok=True)
+    state_path = root / "pipeline.json"
+    previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
+    before = previous.get("steps", {})
+    state: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": dict(before),
+                             "started": time.time()}
+    done: dict[str, dict[str, Any]] = {}
+    order = list(ORDER)
+    t_run = time.time()
+    for n, step in enumerate(steps, 1):
+        if start and order.index(step.stage) < order.index(start):
+            data = _data_hashes(step.folder)
+            if data is None:
+                raise CaiError(f"--from {start}: the earlier stage {step.key} has no finished "
+                               f"output in {step.folder}; run it first", field="from")
+            done[step.key] = {"data": data}
+            continue
+        if until and order.index(step.stage) > order.index(until):
+            break
+        key = cache_key(step, done)
+        prev = before.get(step.key, {})
+        data = _data_hashes(step.folder)
+        if not force and prev.get("key") == key and data is not None and data == prev.get("data"):
+            _say(f"{n}/{len(steps)} {step.key}: cached ({step.folder})")
+            done[step.key] = {"data": data}
+            state["steps"][step.key]["status"] = "cached"
+            continue
+        estimate = prev.get("seconds")
+        _say(f"{n}/{len(steps)} {step.key}: running" +
+             (f" (last run took {estimate:.0f} s)" if estimate else "") +
+             f"; {time.time() - t_run:.0f} s elapsed")
+        if step.stage in TRAINING and (prev.get("key") not in (None, key) or force):
+            _clear(step.folder)
+        t0 = time.time()
+        REGISTRY[REGISTERED[step.stage]].run(step.config)
+        seconds = round(time.time() - t0, 2)
+        data = _data_hashes(step.folder) or {}
+        done[step.key] = {"data": data}
+        state["steps"][step.key] = {"stage": step.stage, "key": key, "data": data,
+                                    "seconds": seconds, "status": "ran",
+                                    "folder": str(step.folder)}
+        write_json_atomic(state_path, state)  # a kill after this keeps the finished steps
+        _say(f"{n}/{len(steps)} {step.key}: done in {seconds:.0f} s")
+    state["finished"] = time.time()
+    state["seconds"] = round(time.time() - t_run, 2)
+    write_json_atomic(state_path, state)
+    from cai.report import write_report
+
+    state["report"] = str(write_report(root))
+    write_json_atomic(state_path, state)
+    _say(f"report: {state['report']}")
+    return state
+
+
+__all__ = ["PipelineConfig", "load_pipeline_config", "plan", "run_pipeline", "cache_key"]

@@ -1,0 +1,189 @@
+"""`runs/<name>/report.md`: what a run produced, in tables and PNG plots, instead of jsonl.
+
+Read from the stage folders a pipeline wrote (any subset): SL counts, label statistics
+(how many labels carried signal), what the PM learned from each data source and how well
+calibrated it is, the policies' Elo table with intervals, refusal rates, reward and KL
+curves, time per stage, and a few prompts with every model's answer side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cai.records import write_text_atomic
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return "–" if v is None else str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _clip(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= n else text[:n] + " …"
+
+
+def _latest(root: Path, stage: str) -> Path:
+    """The newest round's folder of a stage (round-R/stage), or the first round's."""
+    rounds = sorted((p for p in root.glob(f"round-*/{stage}") if p.is_dir()),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    return rounds[-1] if rounds else root / stage
+
+
+def _sl(root: Path) -> list[str]:
+    m = _json(root / "sl" / "manifest.json")
+    if not m:
+        return []
+    c = m["counts"]
+    lines = ["## SL-CAI data", "",
+             f"{c.get('records')} records, {c.get('rounds')} critique → revision rounds each; "
+             f"{c.get('kept')} kept after the quality filters, giving {c.get('sft_examples')} "
+             f"SFT examples and {c.get('pairs')} revision ≻ initial pairs.", ""]
+    filt = [[k.split(":", 1)[1], v] for k, v in c.items() if k.startswith(("filter:", "flag:"))]
+    if filt:
+        lines += _table(["filter / flag", "records"], filt)
+    return lines
+
+
+def _labels(root: Path) -> list[str]:
+    lines: list[str] = []
+    for folder in [root / "label", *sorted(root.glob("round-*/label"))]:
+        m = _json(folder / "manifest.json")
+        if not m:
+            continue
+        s = m.get("label_stats") or {}
+        n = s.get("pairs") or 0
+        ties = round((s.get("tie_rate") or 0) * n)
+        lines += [f"## AI labels ({folder.relative_to(root)})", "",
+                  f"{n} pairs labelled by `{m['models'].get('feedback')}` under "
+                  f"{m['config'].get('principles')} principles in {m['config'].get('orders')} "
+                  f"orders. **{n - ties} of {n} labels carried signal** (|p − ½| ≥ "
+                  f"{m['config'].get('tie_threshold')}); {ties} were ties.", ""]
+        lines += _table(["statistic", "value"], [[k, v] for k, v in s.items()])
+    return lines
+
+
+def _pm(root: Path) -> list[str]:
+    folder = _latest(root, "pm")
+    ev = _json(folder / "eval.json")
+    if not ev:
+        return []
+    lines = ["## Preference model", "",
+             f"Held-out accuracy {_fmt(ev.get('accuracy'))} on {ev.get('pairs', ev.get('n'))} pairs, "
+             f"mean margin {_fmt(ev.get('mean_margin'))}, ECE {_fmt(ev.get('ece'))}.", ""]
+    per = ev.get("by_source") or ev.get("per_source") or {}
+    if per:
+        rows = []
+        for src, v in per.items():
+            v = v if isinstance(v, dict) else {"accuracy": v}
+            rows.append([src, v.get("pairs", v.get("n")), v.get("accuracy"), v.get("mean_margin")])
+        lines += ["What the PM learned from each source (held-out pairs):", ""]
+        lines += _table(["source", "pairs", "accuracy", "mean margin"], rows)
+    if (folder / "calibration.png").exists():
+        lines += [f"![PM calibration]({(folder / 'calibration.png').relative_to(root)})", ""]
+    return lines
+
+
+def _policies(root: Path) -> list[str]:
+    rep = _json(root / "eval" / "report.json")
+    if not rep:
+        return []
+    lines = ["## Policies", ""]
+    elo = rep.get("elo") or {}
+    overall = elo.get("overall", elo) if isinstance(elo, dict) else {}
+    rows = []
+    for name, v in overall.items():
+        if isinstance(v, dict):
+            lo, hi = (v.get("interval") or v.get("ci") or [None, None])[:2]
+            rows.append([name, v.get("rating"), lo, hi])
+    if rows:
+        rows.sort(key=lambda r: -(r[1] or 0))
+        lines += ["Elo from pairwise AI-judge comparisons in both orders (95 % bootstrap "
+                  "interval):", ""]
+        lines += _table(["model", "Elo", "low", "high"], rows)
+    refusal = rep.get("refusal") or {}
+    if refusal:
+        lines += ["Refusal rates (over-refusal = refusing a benign but sensitive-sounding "
+                  "request):", ""]
+        lines += _table(["model", "over-refusal (benign)", "refusal (red-team)"],
+                        [[k, v.get("benign"), v.get("red_team")] for k, v in refusal.items()])
+    if (root / "eval" / "elo.png").exists():
+        lines += ["![Elo](eval/elo.png)", ""]
+    return lines
+
+
+def _rl(root: Path) -> list[str]:
+    folder = _latest(root, "rl")
+    log = _jsonl(folder / "log.jsonl")
+    if not log:
+        return []
+    try:
+        from cai.train.plots import plot_run
+
+        pngs = plot_run(folder)
+    except Exception:  # noqa: BLE001 - a missing plot must not lose the report
+        pngs = []
+    first, last = log[0], log[-1]
+    lines = ["## RL", "",
+             f"{len(log)} logged steps: mean reward {_fmt(first.get('reward'))} → "
+             f"{_fmt(last.get('reward'))}, KL {_fmt(first.get('kl'))} → {_fmt(last.get('kl'))}.", ""]
+    lines += [f"![{Path(p).stem}]({Path(p).resolve().relative_to(root.resolve())})" for p in pngs]
+    return lines + [""]
+
+
+def _times(root: Path) -> list[str]:
+    state = _json(root / "pipeline.json")
+    if not state:
+        return []
+    rows = [[k, v.get("status"), v.get("seconds")] for k, v in state.get("steps", {}).items()]
+    return ["## Time per stage", ""] + _table(["stage", "last status", "seconds (last run)"], rows)
+
+
+def _examples(root: Path, n: int = 3) -> list[str]:
+    rows = _jsonl(root / "eval" / "examples.jsonl")[:n]
+    if not rows:
+        return []
+    lines = ["## Examples", ""]
+    for r in rows:
+        answers = r.get("answers") or r.get("responses") or {}
+        lines += [f"**Prompt:** {_clip(r.get('prompt', ''), 400)}", ""]
+        lines += _table(["model", "answer"], [[k, _clip(v)] for k, v in answers.items()])
+    return lines
+
+
+def write_report(root: str | Path) -> Path:
+    """Write `<root>/report.md` from whatever stages the run folder holds."""
+    root = Path(root)
+    state = _json(root / "pipeline.json") or {}
+    name = (state.get("config") or {}).get("name", root.name)
+    body = [f"# Run report: {name}", ""]
+    for part in (_sl, _labels, _pm, _rl, _policies, _examples, _times):
+        body += part(root)
+    path = root / "report.md"
+    write_text_atomic(path, "\n".join(body) + "\n")
+    return path
+
+
+__all__ = ["write_report"]
