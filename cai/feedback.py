@@ -201,6 +201,9 @@ class Judgement(BaseModel):
     reasoning: str | None = None
     prompt_text: str | None = None
     """With --keep-prompts: the exact text scored."""
+    prompt_ids: list[int] | None = None
+    """With --keep-prompts, when the text holds control-token strings from the data: the
+    exact token ids scored (`tokenizer(prompt_text)` would parse those strings)."""
 
 
 class LabelRecord(Record):
@@ -316,11 +319,14 @@ def judge_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
         if cfg.mode == "cot":
             p_first = min(max(p_first, COT_CLAMP[0]), COT_CLAMP[1])
         text = backend.render(q.request.chat, q.request.answer_prefix) if cfg.keep_prompts else None
+        fmt = getattr(backend, "fmt", None)
+        ids = (fmt.encode_chat(q.request.chat, q.request.answer_prefix)
+               if cfg.keep_prompts and fmt is not None and fmt.has_control(q.request.chat) else None)
         per_pair.setdefault(q.pair, []).append(Judgement(
             principle=q.principle, order=q.order, logprob_a=float(la), logprob_b=float(lb),
             mass=float(math.exp(la) + math.exp(lb)), p_first=p_first,
             truncated=bool(truncated is not None and truncated[n].any()), reasoning=q.reasoning,
-            prompt_text=text))
+            prompt_text=text, prompt_ids=ids))
     tokens = result.choice_tokens if cfg.keep_prompts else None
     return [_finish(pair, per_pair[i], None, c, backend, cfg, tokens, policy)
             for i, pair in enumerate(pairs)]

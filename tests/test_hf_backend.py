@@ -27,7 +27,7 @@ def _naive(backend: HFBackend, reqs: list[ScoreRequest]) -> np.ndarray:
     """One full forward per prompt, no cache, no padding: the reference values."""
     out = []
     for r in reqs:
-        ids, tgt = backend.choice_token_ids(backend.render(r.chat, r.answer_prefix), ("A", "B"))
+        ids, tgt = backend.fmt.choice_token_ids(r.chat, r.answer_prefix, ("A", "B"))
         with torch.no_grad():
             logits = backend.model(torch.tensor([ids])).logits[0, -1]
         out.append(torch.log_softmax(logits.float(), -1)[tgt].double().numpy())

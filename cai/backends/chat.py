@@ -27,6 +27,9 @@ class ChatFormat:
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 stops.add(tid)
         self.stop_ids = sorted(s for s in stops if isinstance(s, int))
+        # Strings the tokenizer would turn into control tokens (<|im_end|>, ...).
+        self.control = sorted({t for t in [*tokenizer.added_tokens_encoder,
+                                           *tokenizer.all_special_tokens] if t}, key=len)
 
     def render(self, chat: Chat, answer_prefix: str = "") -> str:
         """The exact text the model sees; the assistant turn is opened by `answer_prefix`."""
@@ -39,16 +42,49 @@ class ChatFormat:
         # A chat template already holds its special tokens; plain text gets the BOS, if any.
         return self.tok(text, add_special_tokens=not self.is_chat)["input_ids"]
 
-    def choice_token_ids(self, text: str, choices: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    def has_control(self, chat: Chat) -> bool:
+        """True when message text holds a string that would tokenize as a control token."""
+        return any(t in m["content"] for m in chat for t in self.control)
+
+    def encode_chat(self, chat: Chat, answer_prefix: str = "") -> list[int]:
+        """Token ids of a chat, with message text always encoded as plain text.
+
+        Text from data (prompts, responses, critiques) may contain strings such as
+        `<|im_end|>`; tokenized with the template they would become real control tokens and
+        could close a turn and forge the judge's answer. Clean chats are encoded whole, as
+        before; a chat with such strings is encoded segment by segment: the template's own
+        text with its control tokens, each message's text with them split into plain pieces.
+        """
+        if not self.is_chat:
+            return self.tok(render_plain(chat, answer_prefix), add_special_tokens=True,
+                            split_special_tokens=True)["input_ids"]
+        if not self.has_control(chat):
+            return self.encode(self.render(chat, answer_prefix))
+        marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
+        skeleton = self.render([{**m, "content": k} for m, k in zip(chat, marks)], answer_prefix)
+        ids: list[int] = []
+        rest = skeleton
+        for m, k in zip(chat, marks):
+            head, found, rest = rest.partition(k)
+            if not found:
+                raise CaiError("the chat template rewrites message text, so text with control-"
+                               "token strings cannot be encoded safely; clean the input")
+            ids += self.encode(head) + self.tok(m["content"], add_special_tokens=False,
+                                                split_special_tokens=True)["input_ids"]
+        return ids + self.encode(rest)
+
+    def choice_token_ids(self, chat: Chat, answer_prefix: str,
+                         choices: tuple[str, ...]) -> tuple[list[int], list[int]]:
         """Token ids of the prompt and of each choice as the model would see it next.
 
         Found by tokenizing prompt + choice whole and requiring exactly one extra token, so
         a tokenizer that merges the choice into the prompt's last token is caught.
         """
-        base = self.encode(text)
+        text = self.render(chat, answer_prefix)
+        base = self.encode_chat(chat, answer_prefix)
         out = []
         for c in choices:
-            full = self.encode(text + c)
+            full = self.encode_chat(chat, answer_prefix + c)
             if len(full) != len(base) + 1 or full[:len(base)] != base:
                 raise CaiError(f"choice {c!r} does not tokenize as one token after the answer "
                                f"prefix ...{text[-20:]!r}; change the template's answer prefix")

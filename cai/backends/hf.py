@@ -128,13 +128,13 @@ class HFBackend:
         self.device = next(self.model.parameters()).device
         self.render = self.fmt.render
         self.encode = self.fmt.encode
-        self.choice_token_ids = self.fmt.choice_token_ids
+        self.encode_chat = self.fmt.encode_chat
 
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
-        ids = [self.encode(self.render(r.chat, r.answer_prefix)) for r in requests]
+        ids = [self.encode_chat(r.chat, r.answer_prefix) for r in requests]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[Generation | None] = [None] * len(ids)
         bs = self.options.batch_size
@@ -182,7 +182,7 @@ class HFBackend:
                         choices: tuple[str, ...] = ("A", "B")) -> ScoreResult:
         seqs, targets = [], []
         for r in requests:
-            ids, tgt = self.choice_token_ids(self.render(r.chat, r.answer_prefix), choices)
+            ids, tgt = self.fmt.choice_token_ids(r.chat, r.answer_prefix, choices)
             seqs.append(ids)
             targets.append(tgt)
         logprobs = self.score_token_ids(seqs, targets)

@@ -105,6 +105,14 @@ class OpenAIBackend:
     def render(self, chat: Chat, answer_prefix: str = "") -> str:
         return self.fmt.render(chat, answer_prefix) if self.fmt else render_plain(chat, answer_prefix)
 
+    def _prompt(self, chat: Chat, answer_prefix: str) -> str | list[int]:
+        """The prompt for /completions: text, or token ids when message text holds control-
+        token strings, so the server cannot parse them into real control tokens."""
+        assert self.fmt is not None
+        if self.fmt.has_control(chat) or not self.fmt.is_chat:
+            return self.fmt.encode_chat(chat, answer_prefix)
+        return self.render(chat, answer_prefix)
+
     # ------------------------------------------------------------------ HTTP
 
     def _run(self, payloads: list[tuple[str, dict]]) -> list[dict]:
@@ -150,7 +158,7 @@ class OpenAIBackend:
                                     "temperature": config.temperature, "top_p": config.top_p,
                                     "seed": derive_seed(config.seed, r.seed) % 2**31}
             if self.fmt:
-                body["prompt"] = self.render(r.chat, r.answer_prefix)
+                body["prompt"] = self._prompt(r.chat, r.answer_prefix)
                 if not self.fmt.is_chat:
                     body["stop"] = ["\nHuman:"]
                 payloads.append(("/completions", body))
@@ -175,7 +183,7 @@ class OpenAIBackend:
         for r in requests:
             base = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
             if self.fmt:
-                payloads.append(("/completions", {**base, "prompt": self.render(r.chat, r.answer_prefix),
+                payloads.append(("/completions", {**base, "prompt": self._prompt(r.chat, r.answer_prefix),
                                                   "logprobs": k}))
             else:
                 msgs = list(r.chat) + [{"role": "user", "content":

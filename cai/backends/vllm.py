@@ -107,8 +107,8 @@ class VLLMBackend:
         self.render = self.fmt.render
         self._token_ids_supported: bool | None = None
 
-    def _prompts(self, texts: list[str]) -> list[dict]:
-        return [{"prompt_token_ids": self.fmt.encode(t)} for t in texts]
+    def _prompts(self, requests: list[GenRequest]) -> list[dict]:
+        return [{"prompt_token_ids": self.fmt.encode_chat(r.chat, r.answer_prefix)} for r in requests]
 
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
         from vllm import SamplingParams
@@ -122,7 +122,7 @@ class VLLMBackend:
             # A base model (plain text) stops where it starts the next user turn, as in hf.
             stop=None if self.fmt.is_chat else ["\nHuman:", "\nUser:"],
             skip_special_tokens=True) for r in requests]
-        outs = self.llm.generate(self._prompts([self.render(r.chat, r.answer_prefix) for r in requests]),
+        outs = self.llm.generate(self._prompts(requests),
                                  params, use_tqdm=len(requests) > 1)
         result = []
         for o in outs:
@@ -137,8 +137,7 @@ class VLLMBackend:
 
         if not requests:
             return ScoreResult(np.zeros((0, len(choices))), list(choices))
-        texts = [self.render(r.chat, r.answer_prefix) for r in requests]
-        ids_targets = [self.fmt.choice_token_ids(t, choices) for t in texts]
+        ids_targets = [self.fmt.choice_token_ids(r.chat, r.answer_prefix, choices) for r in requests]
         prompts = [{"prompt_token_ids": ids} for ids, _ in ids_targets]
         out = np.full((len(requests), len(choices)), np.nan)
         if self._token_ids_supported is not False:
