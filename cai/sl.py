@@ -78,6 +78,9 @@ class SLConfig:
     """Helpful SFT examples per red-team SFT example (0 = none)."""
     min_words: int = 3
     """Revisions shorter than this count as empty."""
+    drop_cut_off: bool = True
+    """Drop records whose final revision hit the token budget (a cut-off answer teaches the
+    model to stop mid-sentence); off only for smoke runs with tiny budgets."""
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -216,6 +219,9 @@ def _to_record(w: _Work, c: Constitution, cfg: SLConfig, model: str) -> SLRecord
     assert w.initial is not None and w.last is not None
     final = w.last.text
     filters, flags = quality(w.initial.text, w.rounds, final, w.last.finish_reason, cfg.min_words)
+    if not cfg.drop_cut_off and "cut-off-revision" in filters:
+        filters.remove("cut-off-revision")
+        flags.append("cut-off-revision")
     gcfg = cfg.generation()
     return SLRecord(
         id=w.rid, stage=STAGE, kind=w.kind,

@@ -1,0 +1,124 @@
+"""`cai pipeline run`: stages cached by config and inputs, a constitution edit reruns only what
+it reaches, a kill mid-stage loses nothing and doubles nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai.errors import CaiError
+from cai.pipeline import load_pipeline_config, plan, run_pipeline
+
+from .conftest import HARMLESS, ROOT
+
+CAI = str(Path(sys.executable).parent / "cai")
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _config(tmp_path: Path, tiny_model: Path, **over) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    spec = f"hf:{tiny_model}?progress=0"
+    data.update(model=str(tiny_model), feedback_model=spec, out=str(tmp_path / "run"), **over)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(x)["id"] for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_plan_wires_folders(tmp_path, tiny_model) -> None:
+    cfg = load_pipeline_config(_config(tmp_path, tiny_model))
+    steps = {s.key: s for s in plan(cfg)}
+    assert list(steps) == ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
+    root = tmp_path / "run"
+    assert steps["sft"].config.data == str(root / "sl")
+    assert steps["label"].config.policy == str(root / "sft")
+    assert steps["pm"].config.preferences == str(root / "label")
+    assert steps["pm"].config.pairs == str(root / "sl")
+    assert steps["rl"].config.model == str(root / "sft")
+    assert steps["rl"].config.reward == f"pm:{root / 'pm'}"
+    assert "rl-cai=" in steps["eval"].config.models and "dpo=" in steps["eval"].config.models
+    two = plan(load_pipeline_config(_config(tmp_path, tiny_model, rounds=2)))
+    keys = [s.key for s in two]
+    assert "round-2/label" in keys and "round-2/rl" in keys
+    r2 = {s.key: s for s in two}
+    assert r2["round-2/label"].config.policy == str(root / "rl")
+    assert r2["round-2/rl"].config.model == str(root / "rl")
+
+
+def test_bad_pipeline_config(tmp_path, tiny_model) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [sl, fly]\n")
+    with pytest.raises(CaiError, match="unknown stage 'fly'"):
+        load_pipeline_config(bad)
+    bad.write_text("name: x\nsl:\n  roundz: 2\n")
+    with pytest.raises(CaiError, match="roundz"):
+        plan(load_pipeline_config(bad))
+    r = subprocess.run([CAI, "pipeline", "run", str(bad)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "roundz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_constitution_edit_reruns_only_what_it_reaches(tmp_path, tiny_model) -> None:
+    edited = tmp_path / "harmless-edited.yaml"
+    edited.write_text(HARMLESS.read_text())
+    stages = ["sl", "sft", "label", "pm"]
+    cfg_path = _config(tmp_path, tiny_model, constitution=str(edited), stages=stages)
+    first = run_pipeline(load_pipeline_config(cfg_path))
+    assert [first["steps"][s]["status"] for s in stages] == ["ran"] * 4
+    t0 = time.time()
+    again = run_pipeline(load_pipeline_config(cfg_path))
+    assert [again["steps"][s]["status"] for s in stages] == ["cached"] * 4
+    assert time.time() - t0 < 30
+    # Edit one comparison principle: label and pm rerun, sl and sft stay cached.
+    data = yaml.safe_load(edited.read_text())
+    data["rl"]["principles"][0]["text"] += " Think about who could be hurt."
+    data["version"] = "9.9.9"
+    edited.write_text(yaml.safe_dump(data, sort_keys=False))
+    third = run_pipeline(load_pipeline_config(cfg_path))
+    assert {s: third["steps"][s]["status"] for s in stages} == {
+        "sl": "cached", "sft": "cached", "label": "ran", "pm": "ran"}
+    lab = json.loads((tmp_path / "run" / "label" / "manifest.json").read_text())
+    assert lab["constitution"]["version"] == "9.9.9"
+    pm = json.loads((tmp_path / "run" / "pm" / "manifest.json").read_text())
+    assert pm["constitution"]["version"] == "9.9.9"  # inherited from the new labels
+    assert (tmp_path / "run" / "report.md").exists()
+
+
+def test_kill_mid_stage_then_rerun_has_every_record_once(tmp_path, tiny_model) -> None:
+    cfg_path = _config(tmp_path, tiny_model, stages=["sl", "sft", "label"])
+    data = yaml.safe_load(cfg_path.read_text())
+    data["sl"].update(limit=6, chunk_size=1)
+    cfg_path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([CAI, "pipeline", "run", str(cfg_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    sl_data = tmp_path / "run" / "sl" / "data.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if sl_data.exists() and len(_ids(sl_data)) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(_ids(sl_data))
+    assert 2 <= partial < 6
+    r = subprocess.run([CAI, "pipeline", "run", str(cfg_path)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    for stage, n in (("sl", 6), ("label", 3)):
+        ids = _ids(tmp_path / "run" / stage / "data.jsonl")
+        assert len(ids) == len(set(ids)) == n, stage
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert {k: v["status"] for k, v in state["steps"].items()} == {
+        "sl": "ran", "sft": "ran", "label": "ran"}
