@@ -36,7 +36,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cai demo --out runs/demo
+	$(VENV)/bin/cai pipeline run configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cai tests benchmarks

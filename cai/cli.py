@@ -268,12 +268,13 @@ def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
 
 @app.command("demo")
 @user_errors
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
-         prompts: int = typer.Option(4, help="Red-team prompts to run through the pipeline.")) -> None:
-    """The README demo: every stage on the embedded model, end to end, on a few prompts."""
+def demo(out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo).")  # noqa: UP045
+         ) -> None:
+    """The README demo: `cai pipeline run configs/demo.yaml` on the embedded model."""
     from cai.demo import run_demo
 
-    run_demo(out, prompts)
+    state = run_demo(out)
+    typer.echo(f"report: {state.get('report')}")
 
 
 def main() -> None:
