@@ -1,0 +1,634 @@
+"""Which of a run's models is more harmless, more helpful, more evasive?
+
+Every model answers the same held-out prompts: red-team prompts (is the answer harmless?),
+helpful prompts (is it helpful?) and benign requests that merely sound sensitive (does it
+refuse them anyway?). The feedback model then compares every pair of models' answers to
+each prompt in both orders, exactly as `cai label` judges a pair, and the comparisons
+become Bradley–Terry Elo ratings with bootstrap intervals, per prompt set and overall.
+Refusals are counted with the same text check the SL stage uses.
+
+Best-of-k (rejection sampling) joins as one more player: the base model samples k more
+answers per prompt (independent of the answer it is judged by) and the reward source (a
+preference model) picks the one it scores highest.
+It shows what the reward model alone buys, with no training at all.
+
+Everything expensive is kept in the output folder and keyed by what determines it
+(responses by model identity, prompt, sampling and seed; rewards by reward identity and
+response; comparisons by the label id), so a rerun does only what is missing, and adding
+a model to `models` generates and judges only that model's answers and pairs.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cai.backends import GenerationConfig, GenRequest, load_backend, release
+from cai.constitution import Constitution, derive_seed, load
+from cai.data import PairItem, PromptItem, load_prompts
+from cai.errors import CaiError
+from cai.evaluate.elo import (
+    Game,
+    bootstrap_intervals,
+    elo_ratings,
+    win_rate_matrix,
+    win_rate_vs_field,
+)
+from cai.feedback import JudgeConfig, judge_pairs, label_id, label_stats
+from cai.models import model_identity
+from cai.records import JsonlStore, file_sha256, record_id, write_json_atomic, write_text_atomic
+from cai.stage import Stage, claim_dir, register, run_chunks, write_card, write_manifest
+from cai.text import is_bare_refusal, is_refusal
+
+STAGE = "eval.policies"
+SETS = ("red_team", "helpful", "benign")
+JUDGED = {"red_team": "harmlessness", "helpful": "helpfulness"}
+"""The sets whose answers are compared, and what a win there means."""
+RESERVED = ("feedback", "reward")
+"""Role names the manifest's `models` map uses beside the policies."""
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+EXAMPLES_PER_SET = 3
+
+
+@dataclass
+class PoliciesEvalConfig:
+    """Configuration of `cai eval policies`."""
+
+    models: str = "base=embedded:smollm2-135m"
+    """Policies to compare, comma-separated name=SPEC: "base=embedded:smollm2-135m,
+    sl-cai=runs/x/sft,rl-cai=runs/x/rl". The first is the Elo anchor (1000)."""
+    red_team: str = "red_team"
+    """Red-team prompts (a shipped set name or a file): answers judged for harmlessness."""
+    helpful: str = "helpful"
+    """Helpful prompts: answers judged for helpfulness."""
+    benign: str = "benign_sensitive"
+    """Benign requests that sound sensitive: refusing them is over-refusal."""
+    limit: int | None = None
+    """Use only the first N prompts of each set."""
+    feedback_model: str = "embedded:smollm2-135m"
+    """Model spec of the judge that compares the answers."""
+    constitution: str = "harmless"
+    """Constitution whose comparison principles the judge is asked (a file or a shipped name)."""
+    principles: int = 4
+    """K: distinct principles sampled per compared pair."""
+    orders: str = "both"
+    """"both" asks each question in both orders (cancels position bias); "one"."""
+    mode: str = "logprob"
+    """Judging mode: "logprob", "cot" or "score", as in labelling."""
+    layout: str = "options-first"
+    """Judge prompt layout: "options-first" or "principle-first"."""
+    reward: str | None = None
+    """Reward for best-of-k: "pm:PATH" (or a folder) of a preference model, or
+    "judge:SPEC". Without it best-of-k is skipped."""
+    best_of_k: int = 16
+    """k answers sampled per prompt for best-of-k (besides the base's own answer); the
+    reward's favourite is kept. 0 = off; 1 = a second independent sample, a sanity check."""
+    best_of_base: str | None = None
+    """Name (from `models`) of the policy best-of-k samples from; default the first."""
+    max_new_tokens: int = 256
+    """Token budget of each answer."""
+    temperature: float = 1.0
+    """Sampling temperature of every answer (1.0: the distribution RL trains and best-of-k
+    picks from; 0 = greedy, which leaves best-of-k nothing to choose between)."""
+    seed: int = 0
+    """Run seed: per-answer sampling seeds, principle draws and the bootstrap derive from it."""
+    n_boot: int = 1000
+    """Bootstrap resamples (of prompts) for the 95 % Elo intervals; 0 = no intervals."""
+    out: str = "runs/eval/policies"
+    """Folder: responses.jsonl, comparisons.jsonl, report.json, elo.png; reruns resume."""
+    rl_log: str | None = None
+    """An RL run's log.jsonl (or its folder): reward against sqrt(KL) goes in the report."""
+    pm_eval: str | None = None
+    """A preference model's eval.json (or its folder): its calibration goes in the report."""
+    chunk_size: int = 16
+    """Answers generated, scored or pairs judged per call; each finished chunk is saved."""
+
+    def __post_init__(self) -> None:
+        self.judge()  # validates the judging fields
+        checks = [
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.best_of_k >= 0, "best_of_k", "must be >= 0 (0 turns best-of-k off)"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.n_boot >= 0, "n_boot", "must be >= 0"),
+            (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
+            (self.reward is None or bool(str(self.reward).strip()), "reward", "is empty"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CaiError(msg, field=name)
+        policies = self.policies()
+        if self.best_of_base is not None and self.best_of_base not in policies:
+            raise CaiError(f"{self.best_of_base!r} is not one of the models "
+                           f"({', '.join(policies)})", field="best_of_base")
+        if self.best_of() and self.best_of_k > 1 and self.temperature == 0:
+            raise CaiError("best-of-k needs temperature > 0: greedy samples are all the same",
+                           field="temperature")
+        if len(policies) + bool(self.best_of()) < 2:
+            raise CaiError("needs at least two players to compare: give two or more "
+                           "name=SPEC models, or a reward for best-of-k", field="models")
+
+    def judge(self) -> JudgeConfig:
+        """The judging part of this config, shared with labelling (and validated there)."""
+        return JudgeConfig(constitution=self.constitution, principles=self.principles,
+                           orders=self.orders, mode=self.mode, layout=self.layout, seed=self.seed)
+
+    def policies(self) -> dict[str, str]:
+        """The `models` field as {name: spec}, in the order given."""
+        return parse_models(self.models)
+
+    def best_of(self) -> str | None:
+        """The pseudo-model name of best-of-k ("best-of-16"), or None when it is off."""
+        return f"best-of-{self.best_of_k}" if self.best_of_k > 0 and self.reward else None
+
+    def base(self) -> str:
+        """The policy best-of-k samples from."""
+        return self.best_of_base or next(iter(self.policies()))
+
+
+def parse_models(text: str) -> dict[str, str]:
+    """"a=SPEC,b=SPEC" → {"a": "SPEC", "b": "SPEC"}; names are short and unique."""
+    out: dict[str, str] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, spec = part.partition("=")
+        name, spec = name.strip(), spec.strip()
+        if not eq or not _NAME.match(name):
+            raise CaiError(f"{part!r} is not name=SPEC (a name of letters, digits, _.+- "
+                           "then = and a model spec)", field="models")
+        if not spec:
+            raise CaiError(f"{name!r} has no model spec", field="models")
+        if name in out:
+            raise CaiError(f"name {name!r} given twice", field="models")
+        if name in RESERVED or name.startswith("best-of-"):
+            raise CaiError(f"name {name!r} is reserved; pick another", field="models")
+        out[name] = spec
+    if not out:
+        raise CaiError("no models; give name=SPEC,name=SPEC", field="models")
+    return out
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def refusal_rate(texts: list[str], bare: bool = False) -> float | None:
+    """Fraction of answers that refuse (`bare`: refuse without explaining or offering
+    anything else); None for no answers, so an empty set never reads as 0 %."""
+    if not texts:
+        return None
+    check = is_bare_refusal if bare else is_refusal
+    return sum(bool(check(t)) for t in texts) / len(texts)
+
+
+def best_of_pick(scores: list[float]) -> int:
+    """Index of the highest reward; the earliest sample wins a tie, so picks are stable."""
+    if not scores:
+        raise ValueError("no samples to pick from")
+    return int(np.argmax(np.asarray(scores, dtype=float)))
+
+
+def rl_points(path: str | Path) -> dict[str, Any]:
+    """(step, sqrt KL, reward) from an RL run's per-step log, and the slope of reward
+    against sqrt(KL) (roughly linear in the CAI and RLHF papers)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "log.jsonl"
+    if not p.is_file():
+        raise CaiError("RL log not found", str(p), "rl_log")
+    points = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            raise CaiError("not valid JSON", f"{p}:{n}", "rl_log") from None
+        reward = e.get("reward_mean", e.get("reward"))
+        sq = e.get("sqrt_kl")
+        if sq is None and isinstance(e.get("kl"), int | float):
+            sq = math.sqrt(max(e["kl"], 0.0))
+        if isinstance(reward, int | float) and isinstance(sq, int | float):
+            points.append({"step": e.get("step"), "sqrt_kl": float(sq), "reward": float(reward)})
+    slope = None
+    xs = np.array([q["sqrt_kl"] for q in points])
+    if len(points) >= 2 and np.ptp(xs) > 0:
+        slope = float(np.polyfit(xs, [q["reward"] for q in points], 1)[0])
+    return {"log": str(p), "points": points, "slope_reward_per_sqrt_kl": slope}
+
+
+PM_KEYS = ("pairs", "accuracy", "ece", "mean_margin", "mean_abs_error", "mean_p_target",
+           "mean_p_model", "reliability")
+
+
+def pm_calibration(path: str | Path) -> dict[str, Any]:
+    """The calibration numbers of a preference model's held-out evaluation (eval.json)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "eval.json"
+    if not p.is_file():
+        raise CaiError("preference-model eval.json not found", str(p), "pm_eval")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CaiError("not valid JSON", str(p), "pm_eval") from None
+    return {"eval": str(p), **{k: data[k] for k in PM_KEYS if k in data}}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int) -> str:
+    """An answer's id: the model's identity, the prompt, the sampling (seed included) and
+    the sample index; never the set or the model's name, so renaming reuses answers."""
+    return record_id("policy-response", identity, prompt, gcfg.as_dict(), sample)
+
+
+def _generate(cfg: PoliciesEvalConfig, store: JsonlStore, prompts: list[PromptItem],
+              gcfg: GenerationConfig) -> dict[str, int]:
+    """Answer every prompt with every policy (k samples for the best-of-k base), one model
+    in memory at a time; returns new answers per model."""
+    new: dict[str, int] = {}
+    k = cfg.best_of_k if cfg.best_of() else 0
+    for name, spec in cfg.policies().items():
+        ident = model_identity(spec)
+        # Sample 0 is the answer a policy is judged by; the best-of-k base also draws
+        # samples 1..k, independent of it, so best-of-k never ties its base by reusing it.
+        samples = range(k + 1) if name == cfg.base() else range(1)
+        planned = {response_id(ident, it.prompt, gcfg, s): (it, s) for it in prompts for s in samples}
+        todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
+        new[name] = 0
+        if not todo:
+            continue
+        backend = load_backend(spec)
+
+        def answer(chunk: list[tuple[str, PromptItem, int]], backend: Any = backend,
+                   ident: str = ident) -> list[dict[str, Any]]:
+            # The model is part of the seed: answers that shared noise across models would
+            # be coupled draws, and a judge's win rate over coupled pairs is not the win rate
+            # of independently sampled answers (two near-identical models would also tie by
+            # giving the very same text).
+            reqs = [GenRequest(_chat(it.prompt), "",
+                               derive_seed(cfg.seed, "policy-response", ident, it.prompt, s) % 2**31)
+                    for _, it, s in chunk]
+            return [{"id": rid, "model": ident, "prompt": it.prompt, "sample": s,
+                     "text": g.text, "finish": g.finish_reason, "sampling": gcfg.as_dict(),
+                     "seed": cfg.seed} for (rid, it, s), g in zip(chunk, backend.generate(reqs, gcfg))]
+
+        new[name] = run_chunks(todo, cfg.chunk_size, answer, store, total=len(planned),
+                               desc=f"answer {name}", unit="answer")
+        spec_key = backend.spec
+        del answer, backend  # the closure holds the model too
+        release(spec_key)  # one model in memory at a time
+    return new
+
+
+def reward_identity(spec: str, constitution_hash: str = "", seed: int = 0) -> str:
+    """What names a reward's scores: a PM folder with its weights hash (a retrained PM in
+    the same folder is scored afresh), or a rating judge with the constitution and seed
+    that draw its principles."""
+    spec = spec.strip()
+    if spec.startswith("judge:"):
+        return f"judge:{model_identity(spec[len('judge:'):])}#{constitution_hash}:{seed}"
+    return "pm:" + model_identity(str(_pm_path(spec)))
+
+
+def _pm_path(spec: str) -> Path:
+    return Path(spec[len("pm:"):] if spec.startswith("pm:") else spec).expanduser()
+
+
+def _best_of_k(cfg: PoliciesEvalConfig, c: Constitution, root: Path, responses: dict[str, dict],
+               prompts: list[PromptItem], gcfg: GenerationConfig) -> tuple[dict[str, dict], int]:
+    """Score the base policy's k samples per prompt with the reward (kept in rewards.jsonl)
+    and keep each prompt's favourite; returns {prompt: pick} and the new scores."""
+    assert cfg.reward
+    ident = model_identity(cfg.policies()[cfg.base()])
+    rid_of = reward_identity(cfg.reward, c.hash, cfg.seed)
+    samples = {it.prompt: [response_id(ident, it.prompt, gcfg, s) for s in range(1, cfg.best_of_k + 1)]
+               for it in prompts}
+    store = JsonlStore(root / "rewards.jsonl")
+    score_id = {r: record_id("reward", rid_of, r) for ids in samples.values() for r in ids}
+    todo = [r for r, sid in score_id.items() if sid not in store]
+    new = 0
+    if todo:
+        from cai.train.rewards import load_reward
+
+        reward = load_reward(cfg.reward, constitution=c.path, seed=cfg.seed)
+
+        def score(chunk: list[str]) -> list[dict[str, Any]]:
+            rs = [responses[r] for r in chunk]
+            values = reward.score([_chat(x["prompt"]) for x in rs], [x["text"] for x in rs])
+            return [{"id": score_id[r], "response_id": r, "reward": rid_of, "score": float(v)}
+                    for r, v in zip(chunk, values)]
+
+        new = run_chunks(todo, cfg.chunk_size, score, store, total=len(score_id),
+                         desc="reward", unit="answer")
+        del reward
+        release()
+        gc.collect()
+    scores = {r["response_id"]: r["score"] for r in store if r["reward"] == rid_of}
+    picks = {}
+    for prompt, ids in samples.items():
+        values = [scores[r] for r in ids]
+        n = best_of_pick(values)
+        picks[prompt] = {"prompt": prompt, "base": cfg.base(), "reward": rid_of,
+                         "samples": [{"response_id": r, "text": responses[r]["text"], "score": v}
+                                     for r, v in zip(ids, values)],
+                         "pick": n, "text": responses[ids[n]]["text"]}
+    return picks, new
+
+
+def _picks_reward(picks: dict[str, dict]) -> str | None:
+    return next((v["reward"] for v in picks.values()), None)
+
+
+# --------------------------------------------------------------------------- judging
+
+
+@dataclass
+class _Planned:
+    set: str
+    prompt_id: str
+    a: str
+    b: str
+    flipped: bool
+    """The stored pair shows b's answer as response_a (pairs are stored in one canonical
+    order so the same two answers are judged once, whoever gave them)."""
+    label: str | None
+    """Id of the comparison record; None when both answers are identical (a tie)."""
+
+
+def _plan_games(sets: dict[str, list[PromptItem]], answers: dict[str, dict[str, str]],
+                players: list[str], c: Constitution, judge_id: str,
+                judge: JudgeConfig) -> tuple[list[_Planned], dict[str, PairItem]]:
+    planned, pairs = [], {}
+    for set_name in JUDGED:
+        for it in sets[set_name]:
+            for a, b in itertools.combinations(players, 2):
+                ra, rb = answers[a][it.prompt], answers[b][it.prompt]
+                if ra == rb:
+                    planned.append(_Planned(set_name, it.id, a, b, False, None))
+                    continue
+                flipped = rb < ra
+                first, second = (rb, ra) if flipped else (ra, rb)
+                pair = PairItem(f"{set_name}:{it.id}", it.prompt, first, second)
+                lid = label_id(pair, c, judge_id, judge)
+                pairs.setdefault(lid, pair)
+                planned.append(_Planned(set_name, it.id, a, b, flipped, lid))
+    return planned, pairs
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _elo_block(games: list[Game], groups: list[tuple[str, str]], players: list[str],
+               n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
+    ratings = elo_ratings(games, players)
+    ci = (bootstrap_intervals(games, n_boot, seed, 0.05, players, groups) if n_boot and games
+          else {})
+    count = {p: sum(p in (a, b) for a, b, _ in games) for p in players}
+    return {p: {"rating": ratings[p], "interval": list(ci[p]) if p in ci else None,
+                "games": count[p]} for p in players}
+
+
+def elo_plot(elo: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """One panel per prompt set: each player's rating with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    titles = {"red_team": "harmlessness (red-team)", "helpful": "helpfulness",
+              "overall": "overall"}
+    panels = [k for k in titles if k in elo]
+    height = max(2.4, 0.8 + 0.45 * max(len(v) for v in elo.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), height), sharey=True,
+                             squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        names = list(elo[key])
+        y = np.arange(len(names))
+        r = np.array([elo[key][n]["rating"] for n in names])
+        iv = [elo[key][n]["interval"] or [elo[key][n]["rating"]] * 2 for n in names]
+        err = np.array([[ri - lo for ri, (lo, _) in zip(r, iv)], [hi - ri for ri, (_, hi) in zip(r, iv)]])
+        ax.errorbar(r, y, xerr=np.maximum(err, 0), fmt="o", capsize=3)
+        ax.axvline(1000, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(y, names)
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.set(title=titles[key], xlabel="Elo (95 % bootstrap interval)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def rl_plot(rl: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot([q["sqrt_kl"] for q in rl["points"]], [q["reward"] for q in rl["points"]], "o-", ms=3)
+    ax.set(xlabel="sqrt(KL to the reference)", ylabel="mean reward", title="RL: reward vs sqrt(KL)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
+    """Run (or resume) the policy evaluation; returns the manifest."""
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    # Bad input fails here, before the folder is claimed or any model loads.
+    sets = {name: load_prompts(getattr(cfg, name), limit=cfg.limit) for name in SETS}
+    c = load(cfg.constitution)
+    judge = cfg.judge()
+    if cfg.principles > len(c.rl_principles):
+        raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
+                       f"{len(c.rl_principles)}", field="principles")
+    rl = rl_points(cfg.rl_log) if cfg.rl_log else None
+    pm = pm_calibration(cfg.pm_eval) if cfg.pm_eval else None
+    if cfg.best_of() and not str(cfg.reward).startswith("judge:") and not _pm_path(
+            str(cfg.reward)).is_dir():
+        raise CaiError("reward folder not found (give pm:PATH of a `cai train pm` folder, or "
+                       "judge:SPEC)", str(_pm_path(str(cfg.reward))), "reward")
+    if cfg.best_of_k > 0 and not cfg.reward:
+        print("[cai] eval policies: no --reward, so best-of-k is skipped", file=sys.stderr)
+    policies = cfg.policies()
+    identities = {n: model_identity(s) for n, s in policies.items()}
+    judge_id = model_identity(cfg.feedback_model)
+    bok = cfg.best_of()
+    players = [*policies, *([bok] if bok else [])]
+
+    root = Path(cfg.out)
+    claim_dir(root, STAGE)
+
+    # 1. answers
+    t = time.time()
+    unique = list({it.prompt: it for name in SETS for it in sets[name]}.values())
+    gcfg = GenerationConfig(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed)
+    store = JsonlStore(root / "responses.jsonl")
+    new_answers = _generate(cfg, store, unique, gcfg)
+    responses = {r["id"]: r for r in store}
+    answers = {n: {it.prompt: responses[response_id(identities[n], it.prompt, gcfg, 0)]["text"]
+                   for it in unique} for n in policies}
+    timings["generate"] = round(time.time() - t, 2)
+
+    # 2. best-of-k
+    picks: dict[str, dict] = {}
+    new_scores = 0
+    if bok:
+        t = time.time()
+        picks, new_scores = _best_of_k(cfg, c, root, responses, unique, gcfg)
+        answers[bok] = {p: v["text"] for p, v in picks.items()}
+        rows = [{"set": s, "prompt_id": it.id, **picks[it.prompt]} for s in SETS for it in sets[s]]
+        write_text_atomic(root / "best_of_k.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        timings["best_of_k"] = round(time.time() - t, 2)
+
+    # 3. pairwise comparisons
+    t = time.time()
+    planned, pairs = _plan_games(sets, answers, players, c, judge_id, judge)
+    comparisons = JsonlStore(root / "comparisons.jsonl")
+    todo = [p for lid, p in pairs.items() if lid not in comparisons]
+    new_comparisons = 0
+    if todo:
+        backend = load_backend(cfg.feedback_model)
+        new_comparisons = run_chunks(todo, cfg.chunk_size,
+                                     lambda ch: judge_pairs(ch, c, backend, judge), comparisons,
+                                     total=len(pairs), desc="judge", unit="pair")
+    labels = {r["id"]: r for r in comparisons if r["id"] in pairs}
+    timings["judge"] = round(time.time() - t, 2)
+
+    # 4. numbers
+    games: dict[str, list[Game]] = {s: [] for s in JUDGED}
+    groups: dict[str, list[tuple[str, str]]] = {s: [] for s in JUDGED}
+    game_rows = []
+    for g in planned:
+        if g.label is None:
+            p_a = 0.5
+        else:
+            p = labels[g.label]["p_a"]
+            p_a = 1.0 - p if g.flipped else p
+        games[g.set].append((g.a, g.b, p_a))
+        groups[g.set].append((g.set, g.prompt_id))
+        game_rows.append({"set": g.set, "prompt_id": g.prompt_id, "model_a": g.a, "model_b": g.b,
+                          "p_a": p_a, "comparison": g.label})
+    write_text_atomic(root / "games.jsonl", "".join(json.dumps(r) + "\n" for r in game_rows))
+    all_games = games["red_team"] + games["helpful"]
+    elo = {s: _elo_block(games[s], groups[s], players, cfg.n_boot, cfg.seed) for s in JUDGED}
+    elo["overall"] = _elo_block(all_games, groups["red_team"] + groups["helpful"], players,
+                                cfg.n_boot, cfg.seed)
+    texts = {n: {s: [answers[n][it.prompt] for it in sets[s]] for s in SETS} for n in players}
+    refusal = {n: {"benign": refusal_rate(texts[n]["benign"]),
+                   "red_team": refusal_rate(texts[n]["red_team"]),
+                   "red_team_bare": refusal_rate(texts[n]["red_team"], bare=True),
+                   "helpful": refusal_rate(texts[n]["helpful"])} for n in players}
+    report: dict[str, Any] = {
+        "players": players,
+        "models": identities,
+        "feedback_model": judge_id,
+        "judge": judge.method(),
+        "constitution": c.stamp.as_dict(),
+        "sampling": gcfg.as_dict(),
+        "prompts": {s: {"source": getattr(cfg, s), "n": len(sets[s])} for s in SETS},
+        "best_of_k": ({"name": bok, "k": cfg.best_of_k, "base": cfg.base(),
+                       "reward": _picks_reward(picks),
+                       "mean_picked_score": float(np.mean([v["samples"][v["pick"]]["score"]
+                                                           for v in picks.values()])),
+                       "mean_sample_score": float(np.mean([x["score"] for v in picks.values()
+                                                           for x in v["samples"]]))}
+                      if bok else None),
+        "elo": elo,
+        "win_rate": {JUDGED[s]: win_rate_matrix(games[s], players) for s in JUDGED},
+        "win_rate_hard": {JUDGED[s]: win_rate_matrix(games[s], players, hard=True) for s in JUDGED},
+        "win_rate_vs_field": {JUDGED[s]: win_rate_vs_field(games[s], players) for s in JUDGED},
+        "refusal": refusal,
+        "over_refusal": {n: refusal[n]["benign"] for n in players},
+        "games": {s: len(games[s]) for s in JUDGED},
+        "identical_answers": sum(g.label is None for g in planned),
+        "judge_stats": label_stats(list(labels.values())),
+        "bootstrap": {"n": cfg.n_boot, "unit": "prompt", "alpha": 0.05},
+    }
+    if rl is not None:
+        report["rl"] = rl
+    if pm is not None:
+        report["pm"] = pm
+    write_json_atomic(root / "report.json", report)
+    elo_plot(elo, root / "elo.png")
+    if rl and rl["points"]:
+        rl_plot(rl, root / "reward_vs_sqrt_kl.png")
+    examples = [{"set": s, "prompt_id": it.id, "prompt": it.prompt,
+                 "responses": {n: answers[n][it.prompt] for n in players}}
+                for s in SETS for it in sets[s][:EXAMPLES_PER_SET]]
+    write_text_atomic(root / "examples.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))
+
+    metrics = {"elo": {n: v["rating"] for n, v in elo["overall"].items()},
+               "elo_harmlessness": {n: v["rating"] for n, v in elo["red_team"].items()},
+               "elo_helpfulness": {n: v["rating"] for n, v in elo["helpful"].items()},
+               "over_refusal": report["over_refusal"],
+               "red_team_refusal": {n: refusal[n]["red_team"] for n in players}}
+    if pm is not None:
+        metrics["pm_ece"] = pm.get("ece")
+    roles = {**identities, "feedback": judge_id,
+             **({"reward": _picks_reward(picks)} if bok else {})}
+    counts = {**{f"prompts_{s}": len(sets[s]) for s in SETS},
+              "prompts_unique": len(unique),
+              "new_answers": sum(new_answers.values()), "new_reward_scores": new_scores,
+              "games": len(planned), "comparisons": len(pairs),
+              "new_comparisons": new_comparisons, "identical_answers": report["identical_answers"]}
+    manifest = write_manifest(
+        root, STAGE, config=cfg, inputs=("red_team", "helpful", "benign", "rl_log", "pm_eval"),
+        constitution=c.stamp.as_dict(), models=roles, counts=counts, started=t0,
+        timings=timings, data=("report.json", "comparisons.jsonl", "responses.jsonl"),
+        extra={"metrics": metrics,
+               "inputs_resolved": {s: _source(getattr(cfg, s)) for s in SETS}})
+    ranked = sorted(players, key=lambda n: -elo["overall"][n]["rating"])
+    write_card(root, "Policy evaluation",
+               f"{len(players)} players ({', '.join(players)}) answered {len(unique)} prompts; "
+               f"`{judge_id}` compared every pair in {cfg.orders} orders under {cfg.principles} "
+               f"principle(s). Overall Elo order: {' > '.join(ranked)}. Numbers in report.json, "
+               "ratings in elo.png, side-by-side answers in examples.jsonl.", manifest)
+    return manifest
+
+
+def _source(value: str) -> dict[str, Any]:
+    """The file a prompt-set name resolved to, with its hash (the manifest's `upstream`
+    only hashes paths that exist as given)."""
+    from cai.resources import resolve
+
+    p = resolve(value, "prompts", announce=False)
+    return {"path": str(p), "sha256": file_sha256(p) if p.is_file() else None}
+
+
+register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
+               "Compare policies: AI-judge Elo (harmless, helpful), best-of-k, over-refusal.",
+               inputs=("red_team", "helpful", "benign", "rl_log", "pm_eval"),
+               outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
+                        "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
+               positional=("models",)))
+
+__all__ = ["PoliciesEvalConfig", "run_policies_eval", "parse_models", "refusal_rate",
+           "best_of_pick", "rl_points", "pm_calibration", "reward_identity", "response_id",
+           "elo_plot"]
