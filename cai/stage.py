@@ -67,6 +67,8 @@ STAGE_MODULES = (
     "cai.sl",
     "cai.feedback",
     "cai.train.sft",
+    "cai.train.pm",
+    "cai.train.dpo",
     "cai.evaluate.labeler",
     "cai.evaluate.constitutions",
     "cai.evaluate.policies",
@@ -158,16 +160,48 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where a stage's chunks run: in this process, or on a Ray actor pool."""
+
+    name: str = "local"
+    """"local" or "ray"."""
+    workers: int = 2
+    """Ray actors (one backend replica each)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per actor (vLLM tensor parallelism inside one replica needs that many)."""
+    address: str | None = None
+    """Ray cluster to join (default $RAY_ADDRESS, else a local cluster)."""
+
+    @classmethod
+    def of(cls, cfg: Any) -> Engine:
+        """The engine fields of a stage config (`engine`, `workers`, ...), if it has them."""
+        eng = cls(getattr(cfg, "engine", "local"), getattr(cfg, "workers", 2),
+                  getattr(cfg, "gpus_per_worker", 0.0), getattr(cfg, "ray_address", None))
+        if eng.name not in ("local", "ray"):
+            raise CaiError("use local or ray", field="engine")
+        if eng.workers < 1:
+            raise CaiError("must be at least 1", field="workers")
+        return eng
+
+
 def run_chunks(todo: Sequence[T], chunk_size: int, process: Callable[[list[T]], Iterable[Any]],
                store: JsonlStore, *, total: int | None = None, desc: str = "",
-               unit: str = "record") -> int:
+               unit: str = "record", engine: Engine | None = None) -> int:
     """Process work not yet stored in chunks; each chunk is appended (and fsynced) at once.
 
-    A kill loses at most the chunk in flight; the caller's rerun skips stored ids. Returns
-    how many records were written.
+    A kill loses at most the chunks in flight; the caller's rerun skips stored ids. With a
+    Ray engine `process` must be picklable (a `cai.distributed.ChunkTask`). Returns how many
+    records were written.
     """
     if chunk_size < 1:
         raise CaiError("must be at least 1", field="chunk_size")
+    if engine is not None and engine.name == "ray":
+        from cai.distributed import run_ray
+
+        return run_ray(todo, chunk_size, process, store, workers=engine.workers,
+                       gpus_per_worker=engine.gpus_per_worker, address=engine.address,
+                       total=total, desc=desc, unit=unit)
     total = len(todo) if total is None else total
     written = 0
     with tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit) as bar:
@@ -288,5 +322,5 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
     write_text_atomic(root / "README.md", "\n".join(lines))
 
 
-__all__ = ["Stage", "StageDir", "REGISTRY", "register", "load_registry", "run_chunks",
+__all__ = ["Stage", "StageDir", "Engine", "REGISTRY", "register", "load_registry", "run_chunks",
            "write_manifest", "write_card", "read_manifest", "upstream", "claim_dir"]

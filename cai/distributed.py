@@ -1,0 +1,107 @@
+"""Ray Data engine: the same chunks a local run processes, spread over an actor pool.
+
+A stage hands its work as a `ChunkTask`: a picklable callable that loads what it needs
+(constitution, backend replica) once per actor and turns a chunk of work items into record
+dicts. The local engine calls it in-process; the Ray engine runs one copy per actor (one
+backend replica each, `gpus_per_worker` GPUs each) through `map_batches`, and the driver
+appends the records to the stage's store as batches arrive. Because every sampled text
+depends only on its own request's seed and inputs, both engines write the same records;
+because the driver's store skips ids it already holds, a retried task or a restarted
+actor never writes a record twice, and a rerun skips what is done.
+
+`RAY_ADDRESS` (or `--ray-address`) joins an existing cluster; otherwise a local one starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from cai.errors import CaiError
+from cai.records import JsonlStore
+
+ENGINES = ("local", "ray")
+
+
+class ChunkTask(Protocol):
+    """Turns a chunk of work items into records; picklable, loads its models lazily."""
+
+    def __call__(self, chunk: list[Any]) -> list[dict[str, Any]]: ...
+
+
+class _RayWorker:
+    """One actor: holds one copy of the task (and so one backend replica)."""
+
+    def __init__(self, blob: bytes):
+        self.task = pickle.loads(blob)
+        marker = os.environ.get("CAI_RAY_WORKER_PIDS")
+        if marker:  # tests find the workers' pids here to kill one mid-run
+            with open(marker, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        items = [pickle.loads(b) for b in batch["item"]]
+        records = [r.model_dump(mode="json") if hasattr(r, "model_dump") else r
+                   for r in self.task(items)]
+        return {"record": np.array([json.dumps(r, ensure_ascii=False) for r in records],
+                                   dtype=object)}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS) when given, else start a local cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise CaiError("--engine ray needs Ray: pip install 'ray[data]' (make installs it)") from None
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "ignore_reinit_error": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+    ray.init(**kwargs)
+
+
+def run_ray(todo: Sequence[Any], chunk_size: int, task: ChunkTask, store: JsonlStore, *,
+            workers: int = 2, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+            address: str | None = None, total: int | None = None, desc: str = "",
+            unit: str = "record") -> int:
+    """Process `todo` on a Ray actor pool; append each finished batch on the driver."""
+    if workers < 1:
+        raise CaiError("must be at least 1", field="workers")
+    if not todo:
+        return 0
+    init_ray(address, num_cpus=max(workers, int(workers * cpus_per_worker)))
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    ds = ray.data.from_items([{"item": pickle.dumps(x)} for x in todo],
+                             override_num_blocks=max(1, min(len(todo), workers * 4)))
+    out = ds.map_batches(
+        _RayWorker, fn_constructor_args=(pickle.dumps(task),), batch_size=chunk_size,
+        batch_format="numpy", concurrency=workers, num_gpus=gpus_per_worker or None,
+        num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=-1)
+    total = len(todo) if total is None else total
+    written = 0
+    with tqdm(total=total, initial=total - len(todo), desc=f"{desc} (ray x{workers})",
+              unit=unit) as bar:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            records = [json.loads(r) for r in batch["record"]]
+            written += store.append(records)
+            bar.update(len(records))
+    return written
+
+
+__all__ = ["ENGINES", "ChunkTask", "init_ray", "run_ray"]

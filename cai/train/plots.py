@@ -1,0 +1,112 @@
+"""Pictures of a training run: curves from its per-step log, and a reliability diagram.
+
+They are drawn from files on disk (log.jsonl, eval.json), not from a live trainer, so a
+run can be plotted while it trains, after a crash, or on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from cai.errors import CaiError
+
+LOG_NAMES = ("log.jsonl", "training_log.jsonl")
+SKIP = {"step", "epoch", "total_flos", "num_tokens"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The per-step entries of a run folder's log (or of a log file given directly)."""
+    p = Path(run)
+    if p.is_dir():
+        found = next((p / n for n in LOG_NAMES if (p / n).is_file()), None)
+        if found is None:
+            raise CaiError(f"no {' or '.join(LOG_NAMES)} in this folder (is it a training run?)", str(p))
+        p = found
+    if not p.is_file():
+        raise CaiError("not found", str(p))
+    entries = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise CaiError("not valid JSON", f"{p}:{n}") from None
+            if isinstance(obj, dict):
+                entries.append(obj)
+    return p, entries
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """One PNG per logged quantity (loss, learning rate, accuracy, …) against the step.
+
+    Written to `<run>/plots/` unless `out` is given; returns the files written.
+    """
+    path, entries = read_log(run_dir)
+    entries = [e for e in entries if isinstance(e.get("step"), int | float)]
+    keys = sorted({k for e in entries for k, v in e.items()
+                   if k not in SKIP and isinstance(v, int | float) and not isinstance(v, bool)})
+    if not keys:
+        raise CaiError("the log has no numeric per-step values to plot", str(path))
+    folder = Path(out) if out is not None else path.parent / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    written = []
+    for key in keys:
+        pts = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if len(pts) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} — {path.parent.name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        target = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".png")
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def reliability_png(table: list[dict[str, Any]], path: str | Path, title: str = "calibration") -> Path:
+    """A reliability diagram from `expected_calibration_error`'s per-bin table.
+
+    x: the model's probability for the response it prefers; y: the (soft) target's
+    probability for that same response. Points on the diagonal are calibrated.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="calibrated")
+    if table:
+        n = max(b["n"] for b in table)
+        ax.scatter([b["confidence"] for b in table], [b["accuracy"] for b in table],
+                   s=[20 + 200 * b["n"] / n for b in table], zorder=3, label="bins (size = pairs)")
+        ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], alpha=0.5)
+    ax.set_xlim(0.5, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted preference")
+    ax.set_ylabel("target preference")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_run", "reliability_png", "read_log"]
