@@ -2,8 +2,9 @@
 
 The public API (imported lazily, so `import cai` stays fast):
 
-    load_constitution, SLConfig, run_sl, LabelConfig, run_label, judge_pairs,
-    SFTConfig, run_sft, load_backend, GenerationConfig, load_prompts, load_pairs
+    load_constitution, SLConfig, run_sl, LabelConfig, JudgeConfig, run_label, judge_pairs,
+    SFTConfig, run_sft, PMConfig, run_pm, DPOTrainConfig, run_dpo, RLConfig, run_rl,
+    PipelineConfig, run_pipeline, load_backend, GenerationConfig, load_prompts, load_pairs
 """
 
 from __future__ import annotations
