@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_sl.py
 	$(PY) benchmarks/bench_label.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -69,6 +69,7 @@ STAGE_MODULES = (
     "cai.train.sft",
     "cai.train.pm",
     "cai.train.dpo",
+    "cai.train.rl",
     "cai.evaluate.labeler",
     "cai.evaluate.constitutions",
     "cai.evaluate.policies",

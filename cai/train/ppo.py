@@ -1,0 +1,485 @@
+"""PPO for language models with a per-token KL penalty to a frozen reference, in one file.
+
+TRL 1.x no longer ships PPO, and the method of the paper (RL from AI feedback with a
+preference model) is PPO, so here it is, small enough to read top to bottom:
+
+1. roll out: sample a response to each prompt from the policy (seeded per step);
+2. score: the policy's log-probs and values, the reference's log-probs, the reward of each
+   whole response; per-token reward r_t = −β·KL_t, plus the sequence reward at the last
+   response token;
+3. advantages by GAE(γ, λ), whitened over the batch;
+4. a few epochs of minibatch updates of the clipped policy loss plus the clipped value loss;
+5. optionally adapt β towards a target KL (Ziegler et al. 2019).
+
+The maths lives in small pure functions (`kl_per_token`, `gae`, `policy_loss`,
+`value_loss`, `AdaptiveKLController`) that the tests check on hand-computed tensors. Every
+random choice (prompt order, sampling, minibatch order) is a pure function of the seed and
+the step, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+
+Shapes: B = sequences in a batch, P = prompt width (left-padded), T = response width
+(right-padded), V = vocabulary, H = hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cai.constitution import derive_seed
+from cai.train.common import Chat
+
+if TYPE_CHECKING:
+    from cai.train.rewards import RewardSource
+    from cai.train.rl import RLConfig
+
+VF_COEF = 0.1
+"""Weight of the value loss against the policy loss (they share the LM's trunk)."""
+MAX_GRAD_NORM = 1.0
+
+# --------------------------------------------------------------------------- the maths
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is 1 (response tokens, not padding)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale to unit variance over the masked positions; optionally subtract the mean too."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of tokens sampled from π.
+
+    k1 = log π − log π_ref: unbiased, and its sum over a response is exactly the log-ratio
+    of the whole sequence, so it is the penalty PPO-RLHF puts in the reward; a single token
+    can be negative. k3 = (r − 1) − log r with r = π_ref/π: also unbiased, never negative,
+    lower variance; logged as a cross-check.
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """r_t = −β·KL_t on every response token, plus the sequence score at the last one. [B, T]"""
+    rewards = -beta * kl * mask
+    last = mask.sum(dim=1).long().clamp(min=1) - 1  # [B]
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; returns (advantages, returns).
+
+    δ_t = r_t + γ·V_{t+1} − V_t and A_t = δ_t + γλ·A_{t+1}, where V and A are 0 after the last
+    response token (padding never leaks into a real token's estimate). Returns = A + V is the
+    value target. All [B, T].
+    """
+    values = values * mask
+    rewards = rewards * mask
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t]
+        adv[:, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate, as a loss to minimise; returns (loss, clip fraction).
+
+    The pessimistic max of −A·ρ and −A·clip(ρ, 1 ± ε) keeps one batch from moving the policy
+    far from the one that sampled it. Clip fraction = share of tokens where the clipped term
+    was the one used.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """½·max((V − R)², (V_clipped − R)²), V_clipped within ±cliprange_value of the old value.
+
+    Returns (loss, clip fraction). Clipping the value like the policy keeps a noisy return
+    from yanking the shared trunk.
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    err = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    clipfrac = masked_mean((err_clipped > err).float(), mask)
+    return loss, clipfrac
+
+
+class AdaptiveKLController:
+    """β moves towards the value that keeps the per-response KL near `target`.
+
+    β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) after n samples: a proportional
+    controller, clipped so one noisy batch cannot swing β.
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int = 10_000):
+        self.value = beta
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], int(state["horizon"])
+
+
+class FixedKLController(AdaptiveKLController):
+    """A constant β (the default)."""
+
+    def __init__(self, beta: float):
+        super().__init__(beta, target=1.0)
+
+    def update(self, kl: float, n_steps: int) -> float:
+        return self.value
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class ValueHead(nn.Module):
+    """V(s_t): a linear map of the LM's last hidden state (after the final norm). Zero-init
+    so the first advantages are the rewards themselves, not random noise."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T]
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     n_response: int, temperature: float, value_head: ValueHead | None = None,
+                     with_entropy: bool = False) -> dict[str, torch.Tensor]:
+    """Log-probs of the response tokens (and values, entropy) from one forward.
+
+    input_ids = [prompt (left-padded, P) | response (right-padded, T)], [B, P+T]. The logits
+    at positions P−1 … P+T−2 predict the response; only those are computed
+    (`logits_to_keep`), which matters with a 50k–150k vocabulary. Logits are divided by the
+    sampling temperature so the log-probs are those of the distribution sampled from.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_response + 1, output_hidden_states=value_head is not None,
+                use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature  # [B, T, V]
+    targets = input_ids[:, -n_response:]  # [B, T]
+    logsm = torch.log_softmax(logits, dim=-1)
+    res = {"logp": logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}  # [B, T]
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, -n_response - 1:-1]  # [B, T, H]
+        res["values"] = value_head(hidden)
+    if with_entropy:
+        res["entropy"] = -(logsm.exp() * logsm).sum(-1)  # [B, T]
+    return res
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    """One step's experience, all tensors [B, T] unless noted."""
+
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    mask: torch.Tensor  # response tokens (up to and including the stop token)
+    logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    stats: dict[str, float]
+
+
+class PPOTrainer:
+    """Owns the policy, value head, frozen reference, reward, optimizer and KL controller.
+
+    `policy` may be a peft model (LoRA); `reference` is a separate frozen copy of the model
+    the run started from (the SL-CAI folder). `cfg` is an `RLConfig`.
+    """
+
+    def __init__(self, policy: nn.Module, reference: nn.Module, tokenizer: Any,
+                 reward: RewardSource, prompts: list[Chat], cfg: RLConfig, out: str | Path):
+        from cai.backends.chat import ChatFormat
+
+        self.cfg = cfg
+        self.out = Path(out)
+        self.policy = policy
+        self.reference = reference.eval().requires_grad_(False)
+        self.reward = reward
+        self.prompts = prompts
+        self.fmt = ChatFormat(tokenizer)
+        self.tok = tokenizer
+        self.device = next(policy.parameters()).device
+        self.reference.to(self.device)
+        self.prompt_ids = [self.fmt.encode(self.fmt.render(p)) for p in prompts]
+        hidden = policy.get_input_embeddings().weight.shape[1]
+        self.value_head = ValueHead(hidden).to(self.device)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params + list(self.value_head.parameters()),
+                                           lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
+        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl) if cfg.adaptive_kl
+                       else FixedKLController(cfg.beta))
+        self.step = 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+
+    # ---------------------------------------------------------------- one step
+
+    def batch_prompts(self, step: int) -> list[int]:
+        """Prompt indices of a step: epochs of seeded permutations, cut into batches."""
+        n, b = len(self.prompts), self.cfg.batch_size
+        out = []
+        for k in range((step - 1) * b, step * b):
+            epoch, pos = divmod(k, n)
+            order = list(range(n))
+            random.Random(derive_seed(self.cfg.seed, "prompts", epoch)).shuffle(order)
+            out.append(order[pos])
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sample one response per prompt; returns (input_ids, attention_mask, prompt width)."""
+        from transformers import GenerationConfig
+
+        pad = self.tok.pad_token_id
+        width = max(len(self.prompt_ids[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(self.prompt_ids[i])) + self.prompt_ids[i]
+                            for i in idx], device=self.device)
+        amask = (torch.arange(width, device=self.device)[None, :]
+                 >= torch.tensor([width - len(self.prompt_ids[i]) for i in idx],
+                                 device=self.device)[:, None]).long()
+        # Pure temperature sampling: PPO's ratios assume the tokens came from softmax(z / T).
+        # Every knob that reshapes the distribution is set to its neutral value, or a
+        # model's saved generation_config would fill it in (transformers fills unset ones).
+        gcfg = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=True,
+                                temperature=self.cfg.temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                                repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                eos_token_id=self.fmt.stop_ids, pad_token_id=pad)
+        torch.manual_seed(derive_seed(self.cfg.seed, "rollout", step) % 2**63)
+        self.policy.eval()
+        with self.autocast:
+            seqs = self.policy.generate(input_ids=ids, attention_mask=amask, generation_config=gcfg)
+        return seqs, amask, width
+
+    def rollout(self, step: int) -> Rollout:
+        """Generate, score with policy, reference and reward; rewards → GAE advantages."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        idx = self.batch_prompts(step)
+        seqs, prompt_mask, width = self.generate(idx, step)
+        response = seqs[:, width:]  # [B, T]
+        is_stop = torch.isin(response, torch.tensor(self.fmt.stop_ids, device=self.device))
+        # Real tokens: everything up to and including the first stop token.
+        after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+        mask = (~after_stop).float()  # [B, T]
+        lengths = mask.sum(1).long()
+        t_len = int(lengths.max())
+        response, mask = response[:, :t_len], mask[:, :t_len]
+        texts = []
+        for row, n in zip(response.tolist(), lengths.tolist()):
+            body = [t for t in row[:n] if t not in self.fmt.stop_ids]
+            texts.append(self.tok.decode(body, skip_special_tokens=True).strip())
+        input_ids = torch.cat([seqs[:, :width], response], dim=1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+        t1 = time.perf_counter()
+
+        with torch.no_grad(), self.autocast:
+            pol = response_forward(self.policy, input_ids, attention_mask, t_len,
+                                   cfg.temperature, self.value_head, with_entropy=True)
+            ref = response_forward(self.reference, input_ids, attention_mask, t_len,
+                                   cfg.temperature)
+        raw = torch.tensor(self.reward.score([self.prompts[i] for i in idx], texts),
+                           dtype=torch.float32, device=self.device)  # [B]
+        scores = raw
+        if cfg.whiten_rewards:
+            # β then weighs KL against reward standard deviations, whatever the PM's scale.
+            scores = (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8)
+        kl = kl_per_token(pol["logp"], ref["logp"], "k1") * mask
+        kl3 = kl_per_token(pol["logp"], ref["logp"], "k3") * mask
+        beta = self.kl_ctl.value
+        rewards = token_rewards(kl, scores, mask, beta)
+        adv, returns = gae(rewards, pol["values"], mask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mask)
+        t2 = time.perf_counter()
+        seq_kl = kl.sum(1).mean().item()
+        stats = {
+            "reward": raw.mean().item(),  # the name cai.report and cai.evaluate read
+            "reward_mean": raw.mean().item(),
+            "reward_std": raw.std(unbiased=False).item(),
+            "kl": seq_kl,
+            "sqrt_kl": math.sqrt(max(seq_kl, 0.0)),
+            "kl_k3": kl3.sum(1).mean().item(),
+            "entropy": masked_mean(pol["entropy"], mask).item(),
+            "response_length": lengths.float().mean().item(),
+            "beta": beta,
+            "time_generation_s": t1 - t0,
+            "time_reference_reward_s": t2 - t1,
+        }
+        return Rollout(input_ids, attention_mask, mask, pol["logp"], pol["values"] * mask,
+                       adv, returns, stats)
+
+    def update(self, r: Rollout, step: int) -> dict[str, float]:
+        """`ppo_epochs` passes of shuffled minibatch updates over one rollout."""
+        cfg = self.cfg
+        n, t_len = r.input_ids.shape[0], r.mask.shape[1]
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step) % 2**63)
+        acc: dict[str, list[float]] = {"clip_fraction": [], "value_clip_fraction": [],
+                                       "policy_loss": [], "value_loss": []}
+        # The policy stays in eval mode: dropout would make the new log-probs disagree with the
+        # rollout's even before any update.
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=gen).tolist()
+            for s in range(0, n, cfg.minibatch_size):
+                mb = torch.tensor(perm[s:s + cfg.minibatch_size], device=self.device)
+                with self.autocast:
+                    new = response_forward(self.policy, r.input_ids[mb], r.attention_mask[mb], t_len,
+                                           cfg.temperature, self.value_head)
+                m = r.mask[mb]
+                pl, cf = policy_loss(new["logp"], r.logp[mb], r.advantages[mb], m, cfg.cliprange)
+                vl, vcf = value_loss(new["values"], r.values[mb], r.returns[mb], m, cfg.cliprange_value)
+                loss = pl + VF_COEF * vl
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params + list(self.value_head.parameters()),
+                                               MAX_GRAD_NORM)
+                self.optimizer.step()
+                for k, v in zip(acc, (cf, vcf, pl, vl)):
+                    acc[k].append(v.detach().item())
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        r = self.rollout(step)
+        t = time.perf_counter()
+        upd = self.update(r, step)
+        stats = {"step": step, **r.stats, **upd, "time_update_s": time.perf_counter() - t}
+        total = stats["time_generation_s"] + stats["time_reference_reward_s"] + stats["time_update_s"]
+        stats["samples_per_s"] = self.cfg.batch_size / total
+        self.kl_ctl.update(stats["kl"], self.cfg.batch_size)
+        self.step = step
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
+
+    # ---------------------------------------------------------------- the loop
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def train(self, steps: int) -> list[dict[str, Any]]:
+        """Run (or continue) to `steps`, logging every step and checkpointing on schedule."""
+        start = self.load_checkpoint()
+        self._trim_log(start)
+        history = []
+        for step in range(start + 1, steps + 1):
+            stats = self.train_step(step)
+            history.append(stats)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
+            every = self.cfg.save_every
+            if step == steps or (every > 0 and step % every == 0):
+                self.save_checkpoint()
+        return history
+
+    def _trim_log(self, step: int) -> None:
+        """Drop log lines past the checkpoint: those steps are about to be redone."""
+        if not self.log_path.exists():
+            return
+        lines = [ln for ln in self.log_path.read_text(encoding="utf-8").splitlines()
+                 if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line from a kill
+        self.log_path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint" / "state.pt"
+
+    def save_checkpoint(self) -> None:
+        """Trainable weights (LoRA or full), value head, optimizer, KL β, step, RNG."""
+        state = {
+            "step": self.step,
+            "trainable": {n: p.detach().cpu() for n, p in self.policy.named_parameters()
+                          if p.requires_grad},
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def load_checkpoint(self) -> int:
+        """Restore a checkpoint if there is one; returns the step it was taken after."""
+        if not self.ckpt_path.exists():
+            return 0
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        missing = set(state["trainable"]) - {n for n, _ in self.policy.named_parameters()}
+        if missing:
+            raise RuntimeError(f"checkpoint does not fit this model: {sorted(missing)[:3]} ...")
+        self.policy.load_state_dict(state["trainable"], strict=False)
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        self.step = int(state["step"])
+        return self.step
+
+
+__all__ = ["kl_per_token", "gae", "policy_loss", "value_loss", "token_rewards", "masked_mean",
+           "masked_whiten", "AdaptiveKLController", "FixedKLController", "ValueHead",
+           "response_forward", "PPOTrainer", "Rollout"]

@@ -1,0 +1,122 @@
+"""Where RL rewards come from, behind one protocol.
+
+PPO, RLOO and GRPO only ever ask "how good is this response to this prompt?". Keeping the
+answer behind `RewardSource` lets a run swap the preference model for a judge that rates
+responses directly (d-RLAIF) without touching the trainers, and lets tests use a toy reward.
+
+Specs: `pm:PATH` (or a bare folder) is a preference model saved by `cai train pm`;
+`judge:MODELSPEC` asks that model for a 1–10 rating under sampled RL principles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from cai.errors import CaiError
+from cai.train.common import Chat, as_chat
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Scores (prompt, response) pairs; a higher score is a better response."""
+
+    spec: str
+    """The reward spec, recorded in the manifest."""
+
+    def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
+        """One float per pair; prompts are chats ending in the user's turn."""
+        ...
+
+
+class PMReward:
+    """A preference-model folder (`cai train pm`: sequence classification, one logit).
+
+    Loading and scoring go through `cai.train.pm` (`load_reward_model`, `pm_scores`), so a
+    response is tokenized, truncated and read exactly as the PM saw it in training: the
+    `pm_text` of the conversation, the logit at the last real token, in fp32.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 8, device: str | None = None):
+        import torch
+
+        from cai.train.pm import load_reward_model
+
+        self.path = Path(path)
+        self.spec = f"pm:{self.path}"
+        if not (self.path / "config.json").is_file():
+            raise CaiError("not a preference-model folder (no config.json); train one with "
+                           "`cai train pm`", str(self.path), "reward")
+        self.batch_size = batch_size
+        self.model, self.tok = load_reward_model(self.path)
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
+        from cai.train.pm import pm_scores
+
+        return pm_scores(self.model, self.tok, prompts, responses, self.batch_size)
+
+
+class JudgeReward:
+    """Direct-score judge (d-RLAIF): the expected 1–10 rating, averaged over principles.
+
+    Each (prompt, response) gets `principles` RL principles drawn as a pure function of the
+    seed and the pair's text, so a response is always judged under the same questions.
+    """
+
+    def __init__(self, spec: str, constitution: str | Path = "constitutions/harmless.yaml",
+                 principles: int = 1, seed: int = 0, backend: Any = None):
+        from cai.backends import load_backend
+        from cai.constitution import load
+
+        if principles < 1:
+            raise CaiError("must be at least 1", field="judge_principles")
+        self.spec = f"judge:{spec}"
+        self.constitution = load(constitution)
+        self.k = principles
+        self.seed = seed
+        self.backend = backend or load_backend(spec)
+
+    def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
+        import numpy as np
+
+        from cai.backends import ScoreRequest
+        from cai.constitution import sample_rl_principles
+        from cai.feedback import expected_ratings
+        from cai.templates import RATING_PREFIX, rating_chat
+
+        reqs = []
+        for p, r in zip(prompts, responses):
+            text = _prompt_text(p)
+            for pr in sample_rl_principles(self.constitution, self.k, "reward", self.seed, text, r):
+                reqs.append(ScoreRequest(rating_chat(text, r, pr), RATING_PREFIX))
+        if not reqs:
+            return []
+        ratings = np.asarray(expected_ratings(self.backend, reqs)).reshape(len(responses), self.k)
+        return [float(x) for x in ratings.mean(axis=1)]
+
+
+def _prompt_text(prompt: Chat | str) -> str:
+    """The user's side of a prompt as text, for templates that quote the human turn."""
+    turns = [m["content"] for m in as_chat(prompt) if m.get("role") == "user"]
+    return "\n\n".join(turns)
+
+
+def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless.yaml",
+                principles: int = 1, seed: int = 0, batch_size: int = 8) -> RewardSource:
+    """Build the reward a spec names: "pm:PATH" or a bare folder, or "judge:MODELSPEC"."""
+    spec = spec.strip()
+    if spec.startswith("judge:"):
+        model = spec[len("judge:"):]
+        if not model:
+            raise CaiError("judge: needs a model spec, e.g. judge:embedded:smollm2-135m",
+                           field="reward")
+        return JudgeReward(model, constitution, principles, seed)
+    path = spec[len("pm:"):] if spec.startswith("pm:") else spec
+    if not path or not Path(path).expanduser().is_dir():
+        raise CaiError(f"reward folder not found: {path!r} (give pm:PATH to a `cai train pm` "
+                       "folder, or judge:MODELSPEC)", field="reward")
+    return PMReward(Path(path).expanduser(), batch_size)
+
+
+__all__ = ["RewardSource", "PMReward", "JudgeReward", "load_reward"]

@@ -1,0 +1,327 @@
+"""RL-CAI: optimise the SL-CAI model against an AI-feedback reward, with a KL leash.
+
+`cai train rl` runs one of three algorithms on the same prompts and reward source:
+- `ppo` (the method of the paper): our own compact PPO in `cai/train/ppo.py` — value head,
+  GAE, clipped losses, per-token KL to the frozen SL-CAI model, optional adaptive β;
+- `rloo` and `grpo`: TRL's trainers, the reward source wrapped as a reward function.
+
+The reference is always the SL-CAI folder itself (TRL rebuilds its reference from the
+model's saved path, so the policy is loaded from that path, never from memory). The output
+folder is a loadable model spec (LoRA merged), with `log.jsonl` (reward, KL, sqrt KL per
+step), `manifest.json` and a card. A rerun continues from the last checkpoint; a finished
+run with the same config returns its manifest at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.config import to_dict
+from cai.errors import CaiError
+from cai.records import write_json_atomic
+from cai.stage import Stage, claim_dir, read_manifest, register, write_card, write_manifest
+from cai.train.rewards import RewardSource, load_reward
+
+STAGE = "train.rl"
+ALGOS = ("ppo", "rloo", "grpo")
+# Fields a checkpoint may be continued under with a different value.
+RESUMABLE = ("steps", "save_every", "out")
+
+
+@dataclass
+class RLConfig:
+    """Configuration of `cai train rl`; saved in the manifest so a run can be repeated."""
+
+    algo: str = "ppo"
+    """"ppo" (own implementation, value head + GAE), "rloo" or "grpo" (TRL)."""
+    model: str = "runs/sft"
+    """Model spec of the SL-CAI model: the policy starts from it and it is the frozen
+    KL reference."""
+    reward: str = "runs/pm"
+    """Reward: "pm:PATH" (or a bare folder) of a preference model, or "judge:MODELSPEC"
+    for direct 1–10 ratings under sampled RL principles."""
+    prompts: str = "prompts/red_team.jsonl"
+    """Prompts to answer: jsonl with `prompt` (or a `datasets` folder)."""
+    limit: int | None = None
+    """Use only the first N prompts."""
+    out: str = "runs/rl"
+    """Output folder: the trained model, log.jsonl, manifest.json; reruns resume."""
+    constitution: str = "constitutions/harmless.yaml"
+    """Constitution whose RL principles a judge: reward asks about (unused with a PM)."""
+    judge_principles: int = 1
+    """Principles sampled per response for a judge: reward (ratings are averaged)."""
+    beta: float = 0.05
+    """KL coefficient β: per-token reward −β·KL to the reference (initial β when adaptive)."""
+    adaptive_kl: bool = False
+    """PPO: adapt β so the per-response KL approaches target_kl."""
+    target_kl: float = 6.0
+    """PPO: target per-response KL (nats) of the adaptive controller."""
+    steps: int = 100
+    """Optimizer steps (PPO: rollout + update rounds); raising it on a rerun continues."""
+    batch_size: int = 8
+    """Responses sampled per step (GRPO/RLOO: prompts × num_generations)."""
+    minibatch_size: int = 4
+    """PPO: responses per gradient step within a rollout."""
+    ppo_epochs: int = 4
+    """PPO: passes over each rollout."""
+    cliprange: float = 0.2
+    """Clip ε of the policy ratio (PPO, and epsilon of RLOO/GRPO)."""
+    cliprange_value: float = 0.2
+    """PPO: how far a value prediction may move from its rollout value per update."""
+    gamma: float = 1.0
+    """PPO: discount γ over response tokens."""
+    lam: float = 0.95
+    """PPO: GAE λ (bias–variance trade-off of the advantages)."""
+    whiten_rewards: bool = False
+    """PPO: standardise each batch's rewards before adding the KL penalty."""
+    max_new_tokens: int = 64
+    """Tokens per sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs are taken at the same temperature)."""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (LoRA tolerates ~1e-4; full fine-tuning wants ~1e-6–1e-5)."""
+    lora: bool = True
+    """Train LoRA adapters (peft) instead of all weights; merged before saving."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    num_generations: int = 4
+    """RLOO/GRPO: responses per prompt in a group; must divide batch_size."""
+    seed: int = 0
+    """Run seed: prompt order, sampling and minibatch order derive from it and the step."""
+    bf16: bool = False
+    """bf16 autocast on a GPU that supports it (ignored on CPU)."""
+    save_every: int = 25
+    """Checkpoint every N steps (0: only at the end); a rerun continues from the last."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.algo in ALGOS, "algo", f"must be one of {ALGOS}"),
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.judge_principles >= 1, "judge_principles", "must be at least 1"),
+            (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
+            (self.target_kl > 0, "target_kl", "must be > 0"),
+            (self.steps >= 1, "steps", "must be at least 1"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (1 <= self.minibatch_size <= self.batch_size, "minibatch_size",
+             "must be between 1 and batch_size"),
+            (self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
+            (self.cliprange > 0, "cliprange", "must be > 0"),
+            (self.cliprange_value > 0, "cliprange_value", "must be > 0"),
+            (0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
+            (0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.temperature > 0, "temperature", "must be > 0 (RL samples; log-probs use it)"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (self.lora_r >= 1, "lora_r", "must be at least 1"),
+            (self.lora_alpha >= 1, "lora_alpha", "must be at least 1"),
+            (self.save_every >= 0, "save_every", "must be ≥ 0"),
+            (self.algo == "ppo" or self.num_generations >= 2, "num_generations",
+             "must be at least 2 (RLOO/GRPO compare responses within a group)"),
+            (self.algo == "ppo" or self.batch_size % self.num_generations == 0, "num_generations",
+             f"must divide batch_size ({self.batch_size})"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CaiError(msg, field=name)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
+    """Train (or continue training) the policy, save it with its log, manifest and card.
+
+    `reward` overrides `cfg.reward` (a test's toy reward, or a source already loaded).
+    """
+    from cai.data import load_prompts
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    claim_dir(out, STAGE)
+    done = read_manifest(out)
+    if done and done.get("config") == to_dict(cfg) and list(out.glob("*.safetensors")):
+        return done
+    _check_resumable(cfg, out)
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit)
+    chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    if reward is None:
+        reward = load_reward(cfg.reward, constitution=cfg.constitution,
+                             principles=cfg.judge_principles, seed=cfg.seed,
+                             batch_size=cfg.batch_size)
+    if cfg.algo == "ppo":
+        model, tok = _train_ppo(cfg, out, chats, reward)
+    else:
+        model, tok = _train_trl(cfg, out, chats, reward)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()
+           if x.strip()]
+    metrics = summarize(log)
+    reward_spec = getattr(reward, "spec", cfg.reward)
+    manifest = write_manifest(
+        out, STAGE, config=cfg, inputs=("prompts",),
+        models={"policy": cfg.model, "reference": cfg.model, "reward": reward_spec},
+        counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
+        started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
+        extra={"metrics": metrics})
+    write_card(out, "RL-CAI policy",
+               f"The SL-CAI model `{cfg.model}` trained with {cfg.algo.upper()} against "
+               f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "
+               f"{len(log)} steps on `{cfg.prompts}`. Load this folder as a model spec "
+               f"(`hf:{out}`); the per-step reward and KL are in `log.jsonl`.", manifest)
+    return manifest
+
+
+def summarize(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reward and KL at the start and the end of a run (means over up to 5 steps)."""
+    if not log:
+        return {}
+    k = max(1, min(5, len(log) // 2))
+
+    def mean(rows: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        return round(sum(vals) / len(vals), 6) if vals else None
+
+    return {"steps": len(log), "reward_first": mean(log[:k], "reward_mean"),
+            "reward_last": mean(log[-k:], "reward_mean"), "kl_last": mean(log[-k:], "kl"),
+            "sqrt_kl_last": mean(log[-k:], "sqrt_kl"), "entropy_last": mean(log[-k:], "entropy")}
+
+
+def _lora_config(cfg: RLConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      task_type="CAUSAL_LM", target_modules="all-linear")
+
+
+def _check_resumable(cfg: RLConfig, out: Path) -> None:
+    """A folder holding a checkpoint or a model continues only under the config that made
+    it (steps and save_every aside), so two runs are never mixed into one."""
+    stamp = out / "run_config.json"
+    mine = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
+    has_state = ((out / "checkpoint").is_dir() or (out / "checkpoints").is_dir()
+                 or any(out.glob("*.safetensors")))
+    if stamp.exists() and has_state:
+        theirs = {k: v for k, v in json.loads(stamp.read_text(encoding="utf-8")).items()
+                  if k not in RESUMABLE}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise CaiError(f"holds a run with a different config ({', '.join(diff)}); change it "
+                           "back or use another --out", str(out))
+    write_json_atomic(stamp, mine)
+
+
+def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.models import local_path
+    from cai.train.ppo import PPOTrainer
+
+    path = str(local_path(cfg.model))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if cfg.lora:
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.seed)
+        policy = get_peft_model(policy, _lora_config(cfg))
+    trainer = PPOTrainer(policy, reference, tok, reward, chats, cfg, out)
+    trainer.train(cfg.steps)
+    if trainer.step > cfg.steps:
+        raise CaiError(f"the checkpoint is already at step {trainer.step}, past --steps "
+                       f"{cfg.steps}", str(out), "steps")
+    model = policy.merge_and_unload() if cfg.lora else policy
+    return model, tok
+
+
+def _completion_text(c: Any) -> str:
+    """TRL hands conversational completions as [{"role": "assistant", "content": ...}]."""
+    if isinstance(c, list):
+        return c[-1]["content"] if c else ""
+    return str(c)
+
+
+def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
+    import datasets
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from cai.models import local_path
+
+    if cfg.algo == "grpo":
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as TRLConfig
+        from trl import RLOOTrainer as Trainer
+
+    path = str(local_path(cfg.model))
+    cuda = torch.cuda.is_available()
+
+    def reward_fn(prompts: list, completions: list, **_: Any) -> list[float]:
+        return reward.score([list(p) for p in prompts], [_completion_text(c) for c in completions])
+
+    reward_fn.__name__ = "reward"
+    ckpts = out / "checkpoints"
+    args = TRLConfig(
+        output_dir=str(ckpts), learning_rate=cfg.learning_rate, max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.cliprange,
+        num_iterations=1, logging_steps=1, seed=cfg.seed, report_to=[],
+        save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
+        bf16=cfg.bf16 and cuda, use_cpu=not cuda, gradient_checkpointing=False,
+        model_init_kwargs={"dtype": "float32"}, disable_dropout=True, lr_scheduler_type="constant",
+    )
+    ds = datasets.Dataset.from_list([{"prompt": c} for c in chats])
+    # The model goes in as its saved path: TRL builds the KL reference from that same path.
+    trainer = Trainer(model=path, reward_funcs=reward_fn, args=args, train_dataset=ds,
+                      peft_config=_lora_config(cfg) if cfg.lora else None)
+    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    _write_trl_log(trainer.state.log_history, out / "log.jsonl")
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _write_trl_log(history: list[dict[str, Any]], path: Path) -> None:
+    """TRL's per-step log in the PPO log's vocabulary (TRL's own keys kept under "trl").
+
+    TRL logs the KL as a mean per token (RLOO: k1, GRPO: k3); times the mean completion
+    length that is the mean per-response KL, the scale PPO logs and sqrt(KL) plots use.
+    """
+    rows = []
+    for e in history:
+        if "reward" not in e or "step" not in e:
+            continue
+        kl_tok, length = e.get("kl"), e.get("completions/mean_length")
+        kl = kl_tok * length if isinstance(kl_tok, int | float) and isinstance(length, int | float) \
+            else None
+        rows.append({"step": e["step"], "reward": e.get("reward"), "reward_mean": e.get("reward"),
+                     "reward_std": e.get("reward_std"), "kl": kl, "kl_per_token": kl_tok,
+                     "sqrt_kl": math.sqrt(max(kl, 0.0)) if kl is not None else None,
+                     "entropy": e.get("entropy"), "response_length": length,
+                     "clip_fraction": e.get("clip_ratio/region_mean"), "trl": e})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+register(Stage(name=STAGE, config=RLConfig, run=run_rl,
+               help="RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward",
+               inputs=("prompts",),
+               outputs=("model.safetensors", "config.json", "log.jsonl", "manifest.json",
+                        "README.md")))
+
+__all__ = ["RLConfig", "run_rl", "summarize", "ALGOS"]
