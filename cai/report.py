@@ -96,14 +96,24 @@ def _pm(root: Path) -> list[str]:
     per = ev.get("by_source") or ev.get("per_source") or {}
     if per:
         rows = []
+        names = {"labels": "AI labels (chosen ≻ rejected)", "sl-pairs": "SL pairs (revision ≻ initial)"}
         for src, v in per.items():
             v = v if isinstance(v, dict) else {"accuracy": v}
-            rows.append([src, v.get("pairs", v.get("n")), v.get("accuracy"), v.get("mean_margin")])
-        lines += ["What the PM learned from each source (held-out pairs):", ""]
-        lines += _table(["source", "pairs", "accuracy", "mean margin"], rows)
+            rows.append([names.get(src, src), v.get("pairs", v.get("n")), v.get("accuracy")])
+        lines += ["What the PM learned from each source (held-out pairs; 0.5 is chance):", ""]
+        lines += _table(["source", "pairs", "accuracy"], rows)
     if (folder / "calibration.png").exists():
         lines += [f"![PM calibration]({(folder / 'calibration.png').relative_to(root)})", ""]
     return lines
+
+
+def _elo_rows(table: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
+    out = {}
+    for name, v in (table or {}).items():
+        if isinstance(v, dict):
+            lo, hi = (v.get("interval") or [None, None])[:2]
+            out[name] = (v.get("rating"), lo, hi)
+    return out
 
 
 def _policies(root: Path) -> list[str]:
@@ -112,25 +122,31 @@ def _policies(root: Path) -> list[str]:
         return []
     lines = ["## Policies", ""]
     elo = rep.get("elo") or {}
-    overall = elo.get("overall", elo) if isinstance(elo, dict) else {}
-    rows = []
-    for name, v in overall.items():
-        if isinstance(v, dict):
-            lo, hi = (v.get("interval") or v.get("ci") or [None, None])[:2]
-            rows.append([name, v.get("rating"), lo, hi])
-    if rows:
-        rows.sort(key=lambda r: -(r[1] or 0))
-        lines += ["Elo from pairwise AI-judge comparisons in both orders (95 % bootstrap "
-                  "interval):", ""]
-        lines += _table(["model", "Elo", "low", "high"], rows)
+    sets = {k: _elo_rows(elo.get(k)) for k in ("overall", "red_team", "helpful")}
+    if sets["overall"]:
+        wins = rep.get("win_rate_vs_field") or {}
+        rows = []
+        for name, (r, lo, hi) in sorted(sets["overall"].items(), key=lambda kv: -(kv[1][0] or 0)):
+            rows.append([name, round(r, 1) if r is not None else None,
+                         f"[{_fmt(lo, 0)}, {_fmt(hi, 0)}]",
+                         (sets["red_team"].get(name) or (None,))[0],
+                         (sets["helpful"].get(name) or (None,))[0],
+                         (wins.get("harmlessness") or {}).get(name),
+                         (wins.get("helpfulness") or {}).get(name)])
+        lines += ["Elo from pairwise AI-judge comparisons in both orders (95 % bootstrap interval "
+                  "over prompts); win rates are against all other models (red-team prompts for "
+                  "harmlessness, helpful prompts for helpfulness):", ""]
+        lines += _table(["model", "Elo", "95 % interval", "Elo red-team", "Elo helpful",
+                         "harmless win rate", "helpful win rate"], rows)
     refusal = rep.get("refusal") or {}
     if refusal:
-        lines += ["Refusal rates (over-refusal = refusing a benign but sensitive-sounding "
-                  "request):", ""]
+        lines += ["Refusal rates (over-refusal = refusing a benign request that merely sounds "
+                  "sensitive):", ""]
         lines += _table(["model", "over-refusal (benign)", "refusal (red-team)"],
                         [[k, v.get("benign"), v.get("red_team")] for k, v in refusal.items()])
-    if (root / "eval" / "elo.png").exists():
-        lines += ["![Elo](eval/elo.png)", ""]
+    for png, title in (("elo.png", "Elo"), ("reward_vs_sqrt_kl.png", "reward vs sqrt(KL)")):
+        if (root / "eval" / png).exists():
+            lines += [f"![{title}](eval/{png})", ""]
     return lines
 
 
@@ -149,7 +165,10 @@ def _rl(root: Path) -> list[str]:
     lines = ["## RL", "",
              f"{len(log)} logged steps: mean reward {_fmt(first.get('reward'))} → "
              f"{_fmt(last.get('reward'))}, KL {_fmt(first.get('kl'))} → {_fmt(last.get('kl'))}.", ""]
-    lines += [f"![{Path(p).stem}]({Path(p).resolve().relative_to(root.resolve())})" for p in pngs]
+    keep = ("reward", "kl", "sqrt_kl", "entropy", "response_length", "clip_fraction",
+            "value_loss")
+    lines += [f"![{Path(p).stem}]({Path(p).resolve().relative_to(root.resolve())})"
+              for p in pngs if Path(p).stem in keep]
     return lines + [""]
 
 
@@ -158,7 +177,21 @@ def _times(root: Path) -> list[str]:
     if not state:
         return []
     rows = [[k, v.get("status"), v.get("seconds")] for k, v in state.get("steps", {}).items()]
-    return ["## Time per stage", ""] + _table(["stage", "last status", "seconds (last run)"], rows)
+    lines = ["## Time per stage", ""] + _table(["stage", "last status", "seconds (last run)"], rows)
+    if rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1))
+        ax.barh([r[0] for r in rows][::-1], [r[2] or 0 for r in rows][::-1], color="#4c72b0")
+        ax.set(xlabel="seconds", title="time per stage (last run of each)")
+        fig.tight_layout()
+        fig.savefig(root / "time_per_stage.png", dpi=100)
+        plt.close(fig)
+        lines += ["![time per stage](time_per_stage.png)", ""]
+    return lines
 
 
 def _examples(root: Path, n: int = 3) -> list[str]:
