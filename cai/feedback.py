@@ -21,6 +21,7 @@ response 1–10, read as an expected value from the digit probabilities; usable 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -41,12 +42,13 @@ from cai.backends import (
     load_backend,
     release,
 )
+from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, derive_seed, load, sample_rl_principles
 from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
 from cai.models import model_identity
 from cai.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
-from cai.stage import Stage, StageDir, register, run_chunks, write_card, write_manifest
+from cai.stage import Engine, Stage, StageDir, register, run_chunks, write_card, write_manifest
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
@@ -91,7 +93,9 @@ class JudgeConfig:
     """Seed of the principle and order draws."""
 
     def __post_init__(self) -> None:
-        checks = [(self.mode in MODES, "mode", f"must be one of {MODES}"),
+        finite = all(math.isfinite(x) for x in (self.tie_threshold, self.low_mass_threshold))
+        checks = [(finite, "tie_threshold", "thresholds must be finite numbers"),
+                  (self.mode in MODES, "mode", f"must be one of {MODES}"),
                   (self.orders in ORDERS, "orders", f"must be one of {ORDERS}"),
                   (self.layout in LAYOUTS, "layout", f"must be one of {LAYOUTS}"),
                   (self.principles >= 1, "principles", "must be at least 1"),
@@ -159,11 +163,28 @@ class LabelConfig:
     """Run seed: principle draws, order draws and policy samples derive from it."""
     chunk_size: int = 32
     """Pairs scored in one backend call; each finished chunk is written and fsynced."""
+    engine: str = "local"
+    """"local", or "ray": chunks run on a Ray actor pool, one judge replica per actor (same
+    records as local; joins $RAY_ADDRESS or starts a local cluster)."""
+    workers: int = 2
+    """Ray actors (judge replicas) with --engine ray."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
+    ray_address: str | None = None
+    """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
+    overlong: str = "skip"
+    """A pair (or prompt) too long for the model's context: "skip" leaves it out, "truncate"
+    cuts the longest texts to fit (with a warning and a `truncated-input` flag). Both are
+    counted in the manifest (overlong_skipped, overlong_truncated)."""
 
     def __post_init__(self) -> None:
         self.judge()  # validates the judging fields
         checks = [(self.responses_per_prompt >= 2, "responses_per_prompt", "must be at least 2"),
-                  (self.policy_temperature >= 0, "policy_temperature", "must be >= 0"),
+                  (self.responses_per_prompt <= 64, "responses_per_prompt",
+                   "must be at most 64 (all pairs of them are labelled)"),
+                  (math.isfinite(self.policy_temperature) and 0 <= self.policy_temperature <= 100,
+                   "policy_temperature", "must be from 0 to 100"),
+                  (self.overlong in OVERLONG_MODES, "overlong", f"must be one of {OVERLONG_MODES}"),
                   (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
                   (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
                   ((self.pairs is None) != (self.prompts is None), "pairs",
@@ -375,6 +396,8 @@ def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None
             rating_prompts: list[str] | None = None) -> LabelRecord:
     p_a = p_response_a(js) if scores is None else 1 / (1 + math.exp(scores["b"] - scores["a"]))
     flags = label_flags(js, p_a, cfg, rating_mass)
+    if pair.truncated:
+        flags.append("truncated-input")
     a_wins = p_a >= 0.5
     return LabelRecord(
         id=label_id(pair, c, backend.identity, cfg), stage=STAGE,
@@ -439,6 +462,45 @@ def _score_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
 # --------------------------------------------------------------------------- the stage
 
 
+def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
+              cfg: JudgeConfig | LabelConfig, state: Overlong) -> list[PairItem]:
+    """The pairs whose every judge request fits the model's context, skipped or truncated
+    per `state.mode` (and counted there); all of them when the backend cannot count tokens.
+
+    Truncation cuts the prompt and both responses to one common character cap (the longest
+    texts first), as large as still fits; the pair keeps its id and is flagged
+    `truncated-input`. Use it before `judge_pairs` wherever pairs come from users' data.
+    """
+    cfg = _as_judge(cfg)
+    limit, count = context_of(backend)
+    if limit is None or count is None:
+        return pairs
+    state.limit = limit
+
+    def n(chat, prefix: str) -> int:
+        return count(chat, prefix) or 0
+
+    def needed(texts: tuple[str, ...]) -> int:
+        pair = PairItem("", *texts)
+        if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
+            ps = sample_rl_principles(c, cfg.principles, cfg.seed, *pair_key(pair))
+            return max(n(rating_chat(pair.prompt, r, p), RATING_PREFIX + "1")
+                       for p in ps for r in texts[1:]) + 1
+        qs = _plan([pair], c, cfg)
+        if cfg.mode == "cot":  # reasoning of up to max_new_tokens, then the answer prefix
+            return max(n(q.request.chat, f"{COT_PREFIX} {COT_ANSWER}") for q in qs) + \
+                cfg.max_new_tokens + 3
+        return max(n(q.request.chat, q.request.answer_prefix) for q in qs) + 1
+
+    out = []
+    for pair in pairs:
+        texts = (pair.prompt, pair.response_a, pair.response_b)
+        fitted = fit_texts(texts, needed, limit, state)
+        if fitted is not None:
+            out.append(pair if fitted == texts else PairItem(pair.id, *fitted, truncated=True))
+    return out
+
+
 def label_stats(records: list[dict]) -> dict[str, float]:
     """Label statistics kept in the manifest."""
     if not records:
@@ -460,7 +522,8 @@ def _mean_mass(records: list[dict]) -> float | None:
     return round(float(np.mean(masses)), 4) if masses else None
 
 
-def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem]) -> list[PairItem]:
+def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
+                 overlong: Overlong | None = None) -> list[PairItem]:
     """Policy answers each prompt `responses_per_prompt` times; all unordered pairs follow.
 
     Responses are kept in responses.jsonl so a rerun does not sample them again. Only this
@@ -479,13 +542,15 @@ def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem]) -> lis
     todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
     if todo:
         policy = load_backend(cfg.policy)
+        todo = _fit_policy_prompts(todo, policy, gcfg, overlong or Overlong(cfg.overlong))
 
         def generate(chunk: list[tuple[str, PromptItem, int]]) -> list[dict]:
             reqs = [GenRequest([{"role": "user", "content": it.prompt}], "",
                                derive_seed(cfg.seed, it.id, s) % 2**31) for _, it, s in chunk]
             return [{"id": rid, "prompt_id": it.id, "prompt": it.prompt, "sample": s,
                      "text": g.text, "finish": g.finish_reason, "model": policy_id,
-                     "sampling": gcfg.as_dict(), "seed": cfg.seed}
+                     "sampling": gcfg.as_dict(), "seed": cfg.seed,
+                     **({"truncated": True} if it.truncated else {})}
                     for (rid, it, s), g in zip(chunk, policy.generate(reqs, gcfg))]
 
         run_chunks(todo, cfg.chunk_size, generate, store, total=len(planned), desc="sample",
@@ -500,9 +565,52 @@ def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem]) -> lis
     for item in prompts:
         rs = sorted(by_prompt.get(item.id, []), key=lambda r: r["sample"])
         for x, y in itertools.combinations(rs, 2):
-            pairs.append(PairItem(f"{item.id}:{x['sample']}-{y['sample']}", item.prompt,
-                                  x["text"], y["text"]))
+            # The prompt the policy saw: cut to its context when it was truncated.
+            pairs.append(PairItem(f"{item.id}:{x['sample']}-{y['sample']}", x["prompt"],
+                                  x["text"], y["text"],
+                                  truncated=bool(x.get("truncated") or y.get("truncated"))))
     return pairs
+
+
+def _fit_policy_prompts(todo: list[tuple[str, PromptItem, int]], policy: Backend,
+                        gcfg: GenerationConfig, state: Overlong) -> list[tuple[str, PromptItem, int]]:
+    """Prompts the policy can answer within its context (prompt + max_new_tokens): the rest
+    are skipped or truncated per `state.mode`. A truncated prompt keeps its response ids."""
+    limit, count = context_of(policy)
+    if limit is None or count is None:
+        return todo
+    state.limit = limit
+
+    def needed(texts: tuple[str, ...]) -> int:
+        return (count([{"role": "user", "content": texts[0]}], "") or 0) + gcfg.max_new_tokens + 2
+
+    fitted: dict[str, PromptItem | None] = {}
+    for _, it, _ in todo:
+        if it.id not in fitted:
+            cut = fit_texts((it.prompt,), needed, limit, state)
+            fitted[it.id] = (None if cut is None else it if cut[0] == it.prompt
+                             else dataclasses.replace(it, prompt=cut[0], truncated=True))
+    return [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
+
+
+@dataclass
+class LabelTask:
+    """A chunk of pairs to judge as a picklable callable: run here, or on a Ray actor that
+    loads its own judge replica once."""
+
+    judge: JudgeConfig
+    c: Constitution
+    feedback_model: str
+    policy: str | None = None
+    backend: Backend | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+
+    def __call__(self, chunk: list[PairItem]) -> list[LabelRecord]:
+        if self.backend is None:
+            self.backend = load_backend(self.feedback_model)
+        return judge_pairs(chunk, self.c, self.backend, self.judge, self.policy)
 
 
 def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any]:
@@ -514,6 +622,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
                        f"{len(c.rl_principles)}", field="principles")
     # Bad input fails here, before anything is written.
+    prompt_overlong = Overlong(cfg.overlong)
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
@@ -521,17 +630,28 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         assert cfg.prompts is not None
         prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
-        pairs = sample_pairs(cfg, stage.root, prompts)
+        pairs = sample_pairs(cfg, stage.root, prompts, prompt_overlong)
+        prompt_overlong.warn("prompts (policy)")
     assert stage.store is not None
     backend = backend or load_backend(cfg.feedback_model)
+    overlong = Overlong(cfg.overlong)
+    pairs = fit_pairs(pairs, c, backend, judge, overlong)
+    overlong.warn("pairs")
+    if not pairs and overlong.skipped:
+        raise CaiError(f"every pair is too long for the judge's context of {overlong.limit} "
+                       "tokens; use --overlong truncate, or a judge with a longer context",
+                       field="overlong")
     policy = model_identity(cfg.policy) if cfg.policy else None
     ids: dict[str, PairItem] = {}
     for pair in pairs:
         # The id is known before judging, so finished pairs are skipped without a model call.
         ids.setdefault(label_id(pair, c, backend.identity, judge), pair)
     todo = [p for rid, p in ids.items() if rid not in stage.store]
-    new = run_chunks(todo, cfg.chunk_size, lambda ch: judge_pairs(ch, c, backend, judge, policy),
-                     stage.store, total=len(ids), desc="label", unit="pair")
+    engine = Engine.of(cfg)
+    task = LabelTask(judge, c, cfg.feedback_model, policy,
+                     backend if engine.name == "local" else None)
+    new = run_chunks(todo, cfg.chunk_size, task, stage.store, total=len(ids), desc="label",
+                     unit="pair", engine=engine)
     records = [r for r in stage.store if r["id"] in ids]
     prefs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
@@ -544,7 +664,9 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         stage.root, STAGE, config=cfg, inputs=("pairs", "prompts"),
         constitution=c.stamp.as_dict(),
         models={"feedback": backend.identity, **({"policy": policy} if policy else {})},
-        counts={"records": len(records), "new": new}, started=t0,
+        counts={"records": len(records), "new": new, **overlong.counts(),
+                **prompt_overlong.counts("overlong_prompts")},
+        started=t0,
         data=("data.jsonl", "preferences.jsonl", "responses.jsonl"),
         extra={"label_stats": stats})
     write_card(stage.root, "AI preference labels",

@@ -17,7 +17,9 @@ Outputs in the stage folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,11 +29,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load_backend
+from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
 from cai.data import PromptItem, load_prompts
 from cai.errors import CaiError
 from cai.records import Provenance, Record, record_id, write_text_atomic
-from cai.stage import Stage, StageDir, register, run_chunks, write_card, write_manifest
+from cai.stage import Engine, Stage, StageDir, register, run_chunks, write_card, write_manifest
 from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
 from cai.text import is_bare_refusal, normalise
 
@@ -82,21 +85,40 @@ class SLConfig:
     """Drop records whose final revision hit the token budget (a cut-off answer teaches the
     model to stop mid-sentence); off only for smoke runs with tiny budgets."""
 
+    engine: str = "local"
+    """"local", or "ray": chunks run on a Ray actor pool, one model replica per actor (same
+    records as local; joins $RAY_ADDRESS or starts a local cluster)."""
+    workers: int = 2
+    """Ray actors (model replicas) with --engine ray."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
+    ray_address: str | None = None
+    """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
+    overlong: str = "skip"
+    """A prompt whose conversation could outgrow the model's context (worked examples,
+    prompt, and every round's response, critique and revision at full max_new_tokens):
+    "skip" leaves it out, "truncate" cuts the prompt text to fit (with a warning). Both are
+    counted in the manifest (overlong_skipped, overlong_truncated)."""
+
     def __post_init__(self) -> None:
-        if self.rounds is not None and self.rounds < 1:
-            raise CaiError("must be at least 1", field="rounds")
-        if self.samples_per_prompt < 1:
-            raise CaiError("must be at least 1", field="samples_per_prompt")
-        if self.helpful_ratio < 0:
-            raise CaiError("must be >= 0", field="helpful_ratio")
-        if self.chunk_size < 1:
-            raise CaiError("must be at least 1", field="chunk_size")
-        if self.limit is not None and self.limit < 1:
-            raise CaiError("must be at least 1", field="limit")
-        if self.max_new_tokens < 1:
-            raise CaiError("must be at least 1", field="max_new_tokens")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise CaiError("temperature must be >= 0 and top_p in (0, 1]", field="temperature")
+        finite = all(math.isfinite(x) for x in (self.temperature, self.top_p, self.helpful_ratio))
+        checks = [
+            (finite, "temperature", "temperature, top_p and helpful_ratio must be finite"),
+            (self.rounds is None or 1 <= self.rounds <= 64, "rounds", "must be from 1 to 64"),
+            (self.samples_per_prompt >= 1, "samples_per_prompt", "must be at least 1"),
+            (self.helpful_ratio >= 0, "helpful_ratio", "must be >= 0"),
+            (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.few_shot is None or self.few_shot >= 0, "few_shot", "must be >= 0"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.min_words >= 0, "min_words", "must be >= 0"),
+            (0 <= self.temperature <= 100, "temperature", "must be from 0 to 100"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.overlong in OVERLONG_MODES, "overlong", f"must be one of {OVERLONG_MODES}"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CaiError(msg, field=name)
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
@@ -219,9 +241,8 @@ def _to_record(w: _Work, c: Constitution, cfg: SLConfig, model: str) -> SLRecord
     assert w.initial is not None and w.last is not None
     final = w.last.text
     filters, flags = quality(w.initial.text, w.rounds, final, w.last.finish_reason, cfg.min_words)
-    if not cfg.drop_cut_off and "cut-off-revision" in filters:
-        filters.remove("cut-off-revision")
-        flags.append("cut-off-revision")
+    if w.item.truncated:
+        flags.append("truncated-prompt")
     gcfg = cfg.generation()
     return SLRecord(
         id=w.rid, stage=STAGE, kind=w.kind,
@@ -231,6 +252,51 @@ def _to_record(w: _Work, c: Constitution, cfg: SLConfig, model: str) -> SLRecord
         prompt_id=w.item.id, prompt=w.item.prompt, category=w.item.category, sample=w.sample,
         initial=w.initial.text, initial_finish=w.initial.finish_reason, rounds=w.rounds,
         final=final, filters=filters, flags=flags, keep=not filters)
+
+
+def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds: int,
+                backend: Backend, state: Overlong, kind: str = "red-team") -> list[PromptItem]:
+    """The prompts whose whole conversation fits the model's context, skipped or truncated
+    per `state.mode` (and counted there); all of them when the backend cannot count tokens.
+
+    The bound is the last request of the last round — worked examples, the prompt, the
+    longest critique and revision requests of the constitution — plus every text the model
+    generates on the way (response, critiques and revisions) at full `max_new_tokens`.
+    """
+    limit, count = context_of(backend)
+    if limit is None or count is None:
+        return items
+    state.limit = limit
+    n_rounds = rounds if kind == "red-team" else 0
+    gen = cfg.max_new_tokens + 2  # a decoded text can re-encode a token or two longer
+
+    def longest(texts: list[str]) -> str:
+        return max(texts, key=lambda t: count([{"role": "user", "content": t}], "") or 0)
+
+    crit = longest([p.critique for p in c.sl_principles]) if n_rounds else ""
+    rev = longest([p.revision for p in c.sl_principles]) if n_rounds else ""
+
+    def needed(texts: tuple[str, ...]) -> int:
+        convo = (SLConversation.start(c, texts[0], cfg.few_shot) if kind == "red-team"
+                 else SLConversation([{"role": "user", "content": texts[0]}]))
+        if not n_rounds:
+            return (count(convo.history, "") or 0) + gen
+        convo.respond("")
+        for r in range(n_rounds):
+            convo.history.append({"role": "user", "content": crit})
+            convo.history.append({"role": "assistant", "content": CRITIQUE_PREFIX + " "})
+            convo.history.append({"role": "user", "content": rev})
+            if r < n_rounds - 1:
+                convo.history.append({"role": "assistant", "content": REVISION_PREFIX + " "})
+        return (count(convo.history, REVISION_PREFIX + " ") or 0) + (2 * n_rounds + 1) * gen
+
+    out = []
+    for item in items:
+        fitted = fit_texts((item.prompt,), needed, limit, state)
+        if fitted is not None:
+            out.append(item if fitted[0] == item.prompt
+                       else dataclasses.replace(item, prompt=fitted[0], truncated=True))
+    return out
 
 
 def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, rounds: int,
@@ -251,6 +317,26 @@ def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, ro
     return work
 
 
+@dataclass
+class SLTask:
+    """A chunk of SL work as a picklable callable: run here, or on a Ray actor that loads
+    its own backend replica once."""
+
+    cfg: SLConfig
+    c: Constitution
+    rounds: int
+    backend: Backend | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+
+    def __call__(self, chunk: list[_Work]) -> list[SLRecord]:
+        if self.backend is None:
+            self.backend = load_backend(self.cfg.model)
+        run_chunk(chunk, self.c, self.backend, self.cfg, self.rounds)
+        return [_to_record(w, self.c, self.cfg, self.backend.identity) for w in chunk]
+
+
 def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Run (or resume) the SL stage; returns the manifest."""
     t0 = time.time()
@@ -261,32 +347,45 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     stage = StageDir(cfg.out, STAGE)  # claimed and test-written before any model loads
     assert stage.store is not None
     backend = backend or load_backend(cfg.model)
+    overlong = Overlong(cfg.overlong)
+    items = fit_prompts(items, c, cfg, rounds, backend, overlong)
     work = plan(items, c, cfg, backend.identity, rounds)
     if helpful and cfg.helpful_ratio > 0:
         n_help = min(len(helpful), round(cfg.helpful_ratio * len(work)))
-        work += plan(helpful[:n_help], c, cfg, backend.identity, rounds, kind="helpful")
+        helpful = fit_prompts(helpful[:n_help], c, cfg, rounds, backend, overlong, "helpful")
+        work += plan(helpful, c, cfg, backend.identity, rounds, kind="helpful")
+    overlong.warn("prompts")
+    if not work and overlong.skipped:
+        raise CaiError(f"every prompt is too long for the model's context of {overlong.limit} "
+                       f"tokens with {rounds} rounds of up to {cfg.max_new_tokens} new tokens; "
+                       "lower --max-new-tokens, --rounds or --few-shot, or use --overlong "
+                       "truncate", field="overlong")
     todo = [w for w in work if w.rid not in stage.store]
 
-    def process(chunk: list[_Work]) -> list[SLRecord]:
-        run_chunk(chunk, c, backend, cfg, rounds)
-        return [_to_record(w, c, cfg, backend.identity) for w in chunk]
-
-    new = run_chunks(todo, cfg.chunk_size, process, stage.store, total=len(work), desc="sl")
+    engine = Engine.of(cfg)
+    task = SLTask(cfg, c, rounds, backend if engine.name == "local" else None)
+    new = run_chunks(todo, cfg.chunk_size, task, stage.store, total=len(work), desc="sl",
+                     engine=engine)
     wanted = {w.rid for w in work}
     records = [r for r in stage.store if r["id"] in wanted]
-    counts = write_outputs(stage.root, records, cfg.seed)
+    counts = write_outputs(stage.root, records, cfg.seed, cfg.drop_cut_off)
     manifest = write_manifest(
         stage.root, STAGE, config=cfg, inputs=("prompts", "helpful_prompts"),
         constitution=c.stamp.as_dict(), models={"policy": backend.identity},
-        counts={"records": len(records), "new": new, "rounds": rounds, **counts}, started=t0,
+        counts={"records": len(records), "new": new, "rounds": rounds, **counts,
+                **overlong.counts()}, started=t0,
         data=("data.jsonl", "sft.jsonl", "pairs.jsonl"))
     write_card(stage.root, "SL-CAI data", "Red-team prompts answered, critiqued and revised "
                f"under {rounds} sampled principles each (constitution `{c.name}`).", manifest)
     return manifest
 
 
-def write_outputs(root: Path, records: list[dict], seed: int) -> dict[str, int]:
-    """Derive sft.jsonl and pairs.jsonl from the records; count every filter and flag."""
+def write_outputs(root: Path, records: list[dict], seed: int,
+                  drop_cut_off: bool = True) -> dict[str, int]:
+    """Derive sft.jsonl and pairs.jsonl from the records; count every filter and flag.
+
+    Records keep every filter they failed; which filters drop a record is decided here, so
+    changing `drop_cut_off` on a finished run needs no new generation."""
     red = [r for r in records if r["kind"] == "red-team"]
     helpful = [r for r in records if r["kind"] == "helpful" and len(r["final"].split()) > 0
                and r["initial_finish"] == "stop"]
@@ -296,7 +395,8 @@ def write_outputs(root: Path, records: list[dict], seed: int) -> dict[str, int]:
             counts[f"filter:{f}"] = counts.get(f"filter:{f}", 0) + 1
         for f in r["flags"]:
             counts[f"flag:{f}"] = counts.get(f"flag:{f}", 0) + 1
-    kept = [r for r in red if r["keep"]]
+    ignored = set() if drop_cut_off else {"cut-off-revision"}
+    kept = [r for r in red if not set(r["filters"]) - ignored]
     counts["kept"] = len(kept)
 
     def chat(r: dict, text: str) -> list[dict[str, str]]:
