@@ -44,12 +44,19 @@ app.add_typer(pipeline_app, name="pipeline")
 
 
 def fail(err: Exception) -> typing.NoReturn:
-    typer.echo(f"error: {err}" if "\n" not in str(err) else f"error:\n{err}", err=True)
+    """One `error:` line (exit code 2); further errors of the same file follow it, indented."""
+    first, *rest = str(err).splitlines() or [type(err).__name__]
+    typer.echo("\n".join([f"error: {first}", *(f"  {line}" for line in rest)]), err=True)
     raise typer.Exit(2)
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn user errors into one message and exit code 2 (no traceback)."""
+    """Turn user errors into one message and exit code 2 (no traceback).
+
+    Besides `CaiError`, what the environment does to a run — a file that is not UTF-8, a
+    path that is a folder, a disk that is full or read-only — is one line too; set
+    CAI_DEBUG=1 to get the traceback of those instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -57,8 +64,16 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except CaiError as err:
             fail(err)
-        except FileNotFoundError as err:
-            fail(CaiError(f"file not found: {err.filename}"))
+        except (UnicodeDecodeError, OSError) as err:
+            if os.environ.get("CAI_DEBUG"):
+                raise
+            if isinstance(err, UnicodeDecodeError):
+                fail(CaiError(f"not UTF-8 text (byte {err.start}: {err.reason}); save the file "
+                              "as UTF-8"))
+            if isinstance(err, FileNotFoundError):
+                fail(CaiError(f"file not found: {err.filename}"))
+            where = err.filename if isinstance(err.filename, str) else None
+            fail(CaiError(err.strerror or str(err) or type(err).__name__, where))
 
     return wrapper
 

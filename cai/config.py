@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from cai.errors import CaiError
+from cai.errors import CaiError, read_text
 
 
 @cache
@@ -69,8 +70,16 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
                 raise ValueError(value)
             if tp in (int, float) and isinstance(value, bool):
                 raise ValueError(value)
-            return tp(value)
-    except (TypeError, ValueError):
+            if tp is str and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+                raise ValueError(value)  # a YAML list or mapping is not silently str()-ed
+            if tp is bool and not (isinstance(value, bool) or value in (0, 1)):
+                raise ValueError(value)
+            out = tp(value)
+            # NaN and infinities pass every `x < lo` check and then poison a run silently.
+            if tp is float and not math.isfinite(out):
+                raise CaiError(f"expected a finite number, got {value!r}", where or None, name)
+            return out
+    except (TypeError, ValueError, OverflowError):
         raise CaiError(f"expected {tp.__name__}, got {value!r}", where or None, name) from None
     return value
 
@@ -80,26 +89,49 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     kwargs = {k: coerce(cls, k, v, where) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except CaiError as err:
+        if where and not err.where:
+            err.where = where
+        raise
+    except (TypeError, ValueError) as exc:
         raise CaiError(str(exc), where or None) from None
+
+
+def yaml_error(exc: yaml.YAMLError, path: str) -> CaiError:
+    """A YAML syntax error as one `file:line` error, at the line a user would edit.
+
+    Something left open (a quote, a bracket) is only noticed at the end of the file, so
+    such an error points at where it was opened instead."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None) or ""
+    opened = getattr(exc, "context_mark", None)
+    if opened is not None and ("scanning" in context or "<stream end>" in problem
+                               or "end of stream" in problem):
+        mark = opened
+    if context:
+        problem = f"{problem} ({context})"
+    return CaiError(f"YAML syntax error: {problem}", f"{path}:{mark.line + 1 if mark else 1}")
 
 
 def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
                      overrides: dict[str, Any] | None = None) -> Any:
     """Read a YAML config (optionally one section of it), apply overrides, validate."""
     p = Path(path)
+    text = read_text(p, "config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise CaiError(f"cannot read config: {exc.strerror}", str(p)) from None
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise CaiError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
-                       f"{p}:{mark.line + 1 if mark else 1}") from None
-    if section is not None:
+        raise yaml_error(exc, str(p)) from None
+    except RecursionError:
+        raise CaiError("YAML nested too deeply", str(p)) from None
+    if section is not None and isinstance(data, dict):
         data = data.get(section) or {}
     if not isinstance(data, dict):
-        raise CaiError("expected a mapping", str(p), section)
+        raise CaiError("expected a mapping of option: value", str(p), section)
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise CaiError(f"option names must be text, got {bad[0]!r}", str(p), section)
     data = {**data, **(overrides or {})}
     return from_dict(cls, data, str(p))
 

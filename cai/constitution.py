@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cai.errors import CaiError, ValidationErrors
+from cai.config import yaml_error
+from cai.errors import CaiError, ValidationErrors, read_text
 
 SCHEMA = "cai.constitution/v1"
 
@@ -35,6 +36,18 @@ def _nonblank(value: str) -> str:
     return value
 
 
+WEIGHT_RANGE = (1e-6, 1e6)
+"""Sampling weights must lie in this range: `.inf`, NaN or a weight so small that every key
+underflows (1e-320) would make the sampler draw the first principle every time."""
+
+
+def _weight(value: float) -> float:
+    lo, hi = WEIGHT_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
 class SLPrinciple(_Strict):
     """One critique → revision principle of the supervised stage."""
 
@@ -44,10 +57,11 @@ class SLPrinciple(_Strict):
     """Asks the model to find what is wrong with its last answer under this principle."""
     revision: str
     """Asks the model to rewrite its answer to fix what the critique found."""
-    weight: float = Field(default=1.0, gt=0)
-    """Relative sampling weight."""
+    weight: float = 1.0
+    """Relative sampling weight, from 1e-6 to 1e6."""
 
     _check = field_validator("id", "critique", "revision")(_nonblank)
+    _check_weight = field_validator("weight")(_weight)
 
 
 class RLPrinciple(_Strict):
@@ -57,10 +71,11 @@ class RLPrinciple(_Strict):
     """Unique, stable id; labels cite it."""
     text: str
     """A question whose answer is one of the options (A) and (B) that follow it."""
-    weight: float = Field(default=1.0, gt=0)
-    """Relative sampling weight."""
+    weight: float = 1.0
+    """Relative sampling weight, from 1e-6 to 1e6."""
 
     _check = field_validator("id", "text")(_nonblank)
+    _check_weight = field_validator("weight")(_weight)
 
 
 class FewShot(_Strict):
@@ -173,28 +188,40 @@ def content_hash(data: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict:
+MAX_NODES = 100_000
+"""More YAML values than this (say, aliases nested to expand exponentially) is refused."""
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None,
+              active: frozenset = frozenset()) -> dict:
     """Map each key path (tuple of keys / indexes) to its 1-based line in the file.
 
     A key maps to the line of the key itself, so "unknown key" and "wrong type" errors
     point at the line a user would edit. Duplicate mapping keys are collected under
-    the special entry `("__dupes__",)`.
+    the special entry `("__dupes__",)`. A node that contains itself (through an alias) or
+    a file that expands to more than `MAX_NODES` values is a `ValueError`.
     """
-    out = {} if out is None else out
+    out = {"__count__": 0} if out is None else out
+    out["__count__"] += 1
+    if out["__count__"] > MAX_NODES:
+        raise ValueError(f"expands to more than {MAX_NODES} values (aliases?)")
+    if id(node) in active:
+        raise ValueError("a value contains itself (a recursive alias)")
+    active = active | {id(node)}
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: set = set()
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
             if key in seen:
                 out.setdefault(("__dupes__",), []).append((path + (key,), key_node.start_mark.line + 1))
             seen.add(key)
             out[path + (key,)] = key_node.start_mark.line + 1
-            _line_map(value_node, path + (key,), out)
+            _line_map(value_node, path + (key,), out, active)
             out[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
+            _line_map(item, path + (i,), out, active)
     return out
 
 
@@ -218,21 +245,23 @@ def _nearest_line(lines: dict, loc: tuple) -> int:
 def parse(text: str, path: str = "<memory>") -> Constitution:
     """Parse and validate constitution text; raise `ValidationErrors` naming file:line:field."""
     try:
+        return _parse(text, path)
+    except RecursionError:
+        raise ValidationErrors([CaiError("YAML nested too deeply", f"{path}:1")]) from None
+
+
+def _parse(text: str, path: str) -> Constitution:
+    try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        # An unclosed quote is only noticed at the end of the file; point at where it opened.
-        if "scanning" in (getattr(exc, "context", None) or "") and getattr(exc, "context_mark", None):
-            mark = exc.context_mark
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        if getattr(exc, "context", None):
-            problem = f"{problem} ({exc.context})"
-        raise ValidationErrors([CaiError(f"YAML syntax error: {problem}", f"{path}:{line}")]) from None
+        raise ValidationErrors([yaml_error(exc, path)]) from None
     if node is None or not isinstance(data, dict):
         raise ValidationErrors([CaiError("expected a mapping at the top level", f"{path}:1")])
-    lines = _line_map(node)
+    try:
+        lines = _line_map(node)
+    except ValueError as exc:
+        raise ValidationErrors([CaiError(f"YAML structure refused: {exc}", f"{path}:1")]) from None
     errors: list[CaiError] = []
     for loc, line in lines.get(("__dupes__",), []):
         errors.append(CaiError("duplicate key", f"{path}:{line}", _dotted(loc)))
@@ -245,7 +274,7 @@ def parse(text: str, path: str = "<memory>") -> Constitution:
         for err in exc.errors():
             loc = tuple(err["loc"])
             # pydantic reports the alias for `schema`; keep user-facing names.
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "missing":
@@ -277,12 +306,12 @@ def load(path: str | Path) -> Constitution:
     """Load and validate a constitution file, or a shipped one by name (`harmless`)."""
     from cai.resources import resolve
 
-    p = resolve(path, "constitutions")
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CaiError(f"cannot read constitution: {exc.strerror}", str(p)) from None
-    return parse(text, str(p))
+        p = resolve(path, "constitutions")
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise CaiError(f"cannot read constitution: {getattr(exc, 'strerror', None) or exc}",
+                       str(path)) from None
+    return parse(read_text(p, "constitution"), str(p))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -301,6 +330,11 @@ def weighted_sample(items: Sequence, weights: Sequence[float], k: int, rng: rand
     """
     if k > len(items):
         raise CaiError(f"asked for {k} distinct principles but the constitution has {len(items)}")
+    if k < 1:
+        raise CaiError(f"asked for {k} principles; at least 1 is needed", field="principles")
+    lo, hi = WEIGHT_RANGE
+    if len(weights) != len(items) or not all(math.isfinite(w) and lo <= w <= hi for w in weights):
+        raise CaiError(f"sampling weights must be numbers from {lo:g} to {hi:g}")
     keys = [math.log(max(rng.random(), 1e-300)) / w for w in weights]
     order = sorted(range(len(items)), key=lambda i: keys[i], reverse=True)
     return [items[i] for i in order[:k]]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError, ValidationErrors
+from cai.errors import CaiError, ValidationErrors, read_text
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class PromptItem:
     id: str
     prompt: str
     category: str = ""
+    truncated: bool = False
+    """The prompt text was cut to fit a model's context (a stage's `overlong: truncate`)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class PairItem:
     prompt: str
     response_a: str
     response_b: str
+    truncated: bool = False
+    """Texts were cut to fit a model's context (a stage's `overlong: truncate`)."""
 
 
 def _text_id(*parts: str) -> str:
@@ -54,24 +58,42 @@ def _rows(source: str | Path) -> list[tuple[str, dict[str, Any]]]:
         return [(f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)]
     if not path.exists():
         raise CaiError("file not found", str(path))
+    return parse_jsonl(read_text(path, "jsonl file"), str(path))
+
+
+def parse_jsonl(text: str, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where:line, object) for each non-blank line of jsonl text; bad lines are reported
+    together (up to 20), each as `file:line`. A UTF-8 byte-order mark is accepted, as in YAML."""
     rows, errors = [], []
-    # utf-8-sig: a byte-order mark some editors write is accepted, as in YAML.
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(CaiError(f"invalid JSON: {exc.msg}", f"{path}:{n}"))
-                continue
-            if not isinstance(obj, dict):
-                errors.append(CaiError("expected a JSON object", f"{path}:{n}"))
-                continue
-            rows.append((f"{path}:{n}", obj))
+    for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(CaiError(f"invalid JSON: {exc.msg}", f"{where}:{n}"))
+            continue
+        except RecursionError:
+            errors.append(CaiError("invalid JSON: nested too deeply", f"{where}:{n}"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append(CaiError("expected a JSON object", f"{where}:{n}"))
+            continue
+        rows.append((f"{where}:{n}", obj))
     if errors:
         raise ValidationErrors(errors[:20])
     return rows
+
+
+def _check_limit(limit: int | None) -> None:
+    # `items[:0]` would be everything and `items[:-1]` all but the last: refuse both.
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CaiError(f"must be at least 1, got {limit!r}", field="limit")
+
+
+def _row_id(row: dict, fallback: str) -> str:
+    value = row.get("id")
+    return fallback if value is None or value == "" else str(value)
 
 
 def _text(row: dict, key: str, where: str, errors: list[CaiError]) -> str:
@@ -89,10 +111,11 @@ def load_prompts(source: str | Path, text_field: str = "prompt",
     a bare name (`red_team`) picks a shipped prompt set."""
     from cai.resources import resolve
 
+    _check_limit(limit)
     items, errors, seen = [], [], set()
     for where, row in _rows(resolve(source, "prompts")):
         text = _text(row, text_field, where, errors)
-        pid = str(row.get("id") or _text_id(text))
+        pid = _row_id(row, _text_id(text))
         if pid in seen:
             errors.append(CaiError(f"duplicate id {pid!r}", where, "id"))
         seen.add(pid)
@@ -106,10 +129,11 @@ def load_prompts(source: str | Path, text_field: str = "prompt",
 
 def load_pairs(source: str | Path, limit: int | None = None) -> list[PairItem]:
     """Pairs from jsonl with `prompt`, `response_a`, `response_b` (optional `id`)."""
+    _check_limit(limit)
     items, errors = [], []
     for where, row in _rows(source):
         p, a, b = (_text(row, k, where, errors) for k in ("prompt", "response_a", "response_b"))
-        items.append(PairItem(str(row.get("id") or _text_id(p, *sorted((a, b)))), p, a, b))
+        items.append(PairItem(_row_id(row, _text_id(p, *sorted((a, b)))), p, a, b))
     if errors:
         raise ValidationErrors(errors[:20])
     if not items:

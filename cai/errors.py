@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class CaiError(Exception):
     """A user-facing error: bad input, a missing model, a server that cannot score.
@@ -34,3 +36,29 @@ class ValidationErrors(CaiError):
 
     def __str__(self) -> str:
         return "\n".join(str(e) for e in self.errors)
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """Bytes of a text file as str (a leading UTF-8 byte-order mark is dropped).
+
+    A file that is not UTF-8 is a `CaiError` naming `file:line` and the offending byte, not
+    a `UnicodeDecodeError` traceback.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CaiError(f"not UTF-8 text (byte 0x{data[exc.start]:02x}: {exc.reason}); save the "
+                       "file as UTF-8", f"{where}:{line}") from None
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; every way of failing to read it is one `CaiError`."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise CaiError(f"cannot read {what}: is a folder, not a file", str(p)) from None
+    except OSError as exc:
+        raise CaiError(f"cannot read {what}: {exc.strerror or exc}", str(p)) from None
+    return decode_utf8(data, str(p))

@@ -43,7 +43,7 @@ from cai.backends import (
     release,
 )
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
-from cai.constitution import Constitution, derive_seed, load, sample_rl_principles
+from cai.constitution import Constitution, RLPrinciple, derive_seed, load, sample_rl_principles
 from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
 from cai.models import model_identity
@@ -480,22 +480,27 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
     def n(chat, prefix: str) -> int:
         return count(chat, prefix) or 0
 
-    def needed(texts: tuple[str, ...]) -> int:
-        pair = PairItem("", *texts)
+    def longest(texts: tuple[str, ...], ps: list[RLPrinciple]) -> int:
+        """Tokens the longest request for these texts needs under principles `ps`."""
+        prompt, a, b = texts
         if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
-            ps = sample_rl_principles(c, cfg.principles, cfg.seed, *pair_key(pair))
-            return max(n(rating_chat(pair.prompt, r, p), RATING_PREFIX + "1")
-                       for p in ps for r in texts[1:]) + 1
-        qs = _plan([pair], c, cfg)
+            return max(n(rating_chat(prompt, r, p), RATING_PREFIX + "1")
+                       for p in ps for r in (a, b)) + 1
+        chats = [judge_chat(prompt, x, y, p, cfg.layout) for p in ps for x, y in ((a, b), (b, a))]
         if cfg.mode == "cot":  # reasoning of up to max_new_tokens, then the answer prefix
-            return max(n(q.request.chat, f"{COT_PREFIX} {COT_ANSWER}") for q in qs) + \
+            return max(n(ch, f"{COT_PREFIX} {COT_ANSWER}") for ch in chats) + \
                 cfg.max_new_tokens + 3
-        return max(n(q.request.chat, q.request.answer_prefix) for q in qs) + 1
+        return max(n(ch, JUDGE_PREFIX) for ch in chats) + 1
 
+    def needed(texts: tuple[str, ...]) -> int:
+        key = pair_key(PairItem("", *texts))
+        return longest(texts, sample_rl_principles(c, cfg.principles, cfg.seed, *key))
+
+    base = longest(("", "", ""), c.rl_principles)  # any principle, empty texts
     out = []
     for pair in pairs:
         texts = (pair.prompt, pair.response_a, pair.response_b)
-        fitted = fit_texts(texts, needed, limit, state)
+        fitted = fit_texts(texts, needed, limit, state, base)
         if fitted is not None:
             out.append(pair if fitted == texts else PairItem(pair.id, *fitted, truncated=True))
     return out
@@ -584,10 +589,11 @@ def _fit_policy_prompts(todo: list[tuple[str, PromptItem, int]], policy: Backend
     def needed(texts: tuple[str, ...]) -> int:
         return (count([{"role": "user", "content": texts[0]}], "") or 0) + gcfg.max_new_tokens + 2
 
+    base = needed(("",))
     fitted: dict[str, PromptItem | None] = {}
     for _, it, _ in todo:
         if it.id not in fitted:
-            cut = fit_texts((it.prompt,), needed, limit, state)
+            cut = fit_texts((it.prompt,), needed, limit, state, base)
             fitted[it.id] = (None if cut is None else it if cut[0] == it.prompt
                              else dataclasses.replace(it, prompt=cut[0], truncated=True))
     return [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
@@ -682,4 +688,4 @@ register(Stage("label", LabelConfig, run_label,
 
 __all__ = ["JudgeConfig", "split_reasoning", "rating_distribution", "label_flags",
            "LabelConfig", "LabelRecord", "Judgement", "judge_pairs", "run_label", "label_stats",
-           "p_response_a", "pair_key", "expected_ratings"]
+           "p_response_a", "pair_key", "expected_ratings", "fit_pairs"]

@@ -82,9 +82,22 @@ class JsonlStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
-        self._repair_and_index()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and not self.path.is_file():
+                raise CaiError("exists and is not a file; remove it or pick another --out",
+                               str(self.path))
+            existed = self.path.exists()
+            self._repair_and_index()
+            # Test-write now: an unwritable store must fail before any work, not after it.
+            # A store that did not exist is not left behind (an empty file is not output).
+            with open(self.path, "ab"):
+                pass
+            if not existed:
+                self.path.unlink()
+        except OSError as exc:
+            raise CaiError(f"cannot write: {exc.strerror or exc}", str(self.path)) from None
 
     def _repair_and_index(self) -> None:
         if not self.path.exists():
@@ -102,17 +115,18 @@ class JsonlStore:
             line = data[pos:nl]
             if line.strip():
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
+                    obj = json.loads(line.decode("utf-8"))
+                except (ValueError, RecursionError):  # bad JSON or not UTF-8
                     torn = nl + 1 >= len(data)
                     if not torn:
                         lineno = data.count(b"\n", 0, pos) + 1
                         raise CaiError(f"corrupt line {lineno} in the middle of the store; fix or "
                                        "remove it", f"{self.path}:{lineno}") from None
                     break
-                if not isinstance(obj, dict) or "id" not in obj:
+                if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
                     lineno = data.count(b"\n", 0, pos) + 1
-                    raise CaiError("a stored record without `id`; fix or remove the line",
+                    raise CaiError("a stored record without a text `id`; this is not a cai "
+                                   "store, or the line was edited: fix or remove it",
                                    f"{self.path}:{lineno}", "id")
                 self.ids.add(obj["id"])
             pos = nl + 1
@@ -149,10 +163,10 @@ class JsonlStore:
     def __iter__(self) -> Iterator[dict]:
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, "rb") as f:  # lines end at b"\n" only, as when indexing
             for line in f:
                 if line.strip():
-                    yield json.loads(line)
+                    yield json.loads(line.decode("utf-8"))
 
     def read(self) -> list[dict]:
         return list(self)
@@ -245,7 +259,12 @@ def to_dataset(path: str | Path, columns: list[str] | None = None):
         raise CaiError("no records to export", str(path))
     if columns:
         rows = [{k: r.get(k) for k in columns} for r in rows]
-    return datasets.Dataset.from_list(rows)
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (ValueError, TypeError, OverflowError) as exc:  # pyarrow's errors subclass these
+        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CaiError(f"records do not form one table (a field changes type?): {msg}",
+                       str(path)) from None
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "disk") -> Path:
@@ -254,9 +273,16 @@ def export(path: str | Path, out: str | Path, fmt: str = "disk") -> Path:
         raise CaiError(f"unknown export format {fmt!r}; use 'disk' or 'parquet'")
     ds = to_dataset(path)
     out = Path(out)
-    if fmt == "disk":
-        ds.save_to_disk(str(out))
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(out))
+    if fmt == "disk" and out.exists() and not out.is_dir():
+        raise CaiError("exists and is not a folder; pick another --out", str(out))
+    if fmt == "parquet" and out.is_dir():
+        raise CaiError("is a folder; give a file name for the parquet file", str(out))
+    try:
+        if fmt == "disk":
+            ds.save_to_disk(str(out))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(out))
+    except OSError as exc:
+        raise CaiError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     return out

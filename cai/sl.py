@@ -290,9 +290,10 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
                 convo.history.append({"role": "assistant", "content": REVISION_PREFIX + " "})
         return (count(convo.history, REVISION_PREFIX + " ") or 0) + (2 * n_rounds + 1) * gen
 
+    base = needed(("",))
     out = []
     for item in items:
-        fitted = fit_texts((item.prompt,), needed, limit, state)
+        fitted = fit_texts((item.prompt,), needed, limit, state, base)
         if fitted is not None:
             out.append(item if fitted[0] == item.prompt
                        else dataclasses.replace(item, prompt=fitted[0], truncated=True))
@@ -421,4 +422,4 @@ register(Stage("sl", SLConfig, run_sl, "SL-CAI: respond, critique and revise in 
                inputs=("prompts", "helpful_prompts"),
                outputs=("data.jsonl", "sft.jsonl", "pairs.jsonl")))
 
-__all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl"]
+__all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl", "fit_prompts"]

@@ -183,6 +183,8 @@ class Engine:
             raise CaiError("use local or ray", field="engine")
         if eng.workers < 1:
             raise CaiError("must be at least 1", field="workers")
+        if not 0 <= eng.gpus_per_worker <= 64:
+            raise CaiError("must be from 0 to 64", field="gpus_per_worker")
         return eng
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cai.backends.base import Chat
 from cai.constitution import Constitution, FewShot, RLPrinciple, SLPrinciple
+from cai.errors import CaiError
 
 CRITIQUE_PREFIX = "Critique:"
 REVISION_PREFIX = "Revision:"
@@ -97,7 +98,7 @@ def judge_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
     elif layout == "principle-first":
         body = f"{conversation}\n\n{principle.text}\n\n{options}\nAnswer with (A) or (B)."
     else:
-        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+        raise CaiError(f"unknown layout {layout!r}; use one of {LAYOUTS}", field="layout")
     return [_user(body)]
 
 

@@ -12,6 +12,7 @@ gets plain text (`render_plain`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -106,6 +107,95 @@ class Backend(Protocol):
     def render(self, chat: Chat, answer_prefix: str = "") -> str:
         """The exact text the model sees for this chat (kept with `--keep-prompts`)."""
         ...
+
+    def context_length(self) -> int | None:
+        """The longest prompt + generation the model takes, in tokens; None when unknown
+        (an OpenAI-compatible server without a local tokenizer): then nothing is checked."""
+        ...
+
+    def count_tokens(self, chat: Chat, answer_prefix: str = "") -> int | None:
+        """How many tokens the model reads for this chat; None when unknown."""
+        ...
+
+
+# --------------------------------------------------------------------------- context
+
+OVERLONG_MODES = ("skip", "truncate")
+
+
+@dataclass
+class Overlong:
+    """What a stage did with inputs too long for the model's context; the manifest counts it."""
+
+    mode: str = "skip"
+    """"skip" leaves such an input out; "truncate" cuts its text until it fits."""
+    skipped: int = 0
+    truncated: int = 0
+    limit: int | None = None
+    """The model's context length, once known."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in OVERLONG_MODES:
+            raise CaiError(f"must be one of {OVERLONG_MODES}", field="overlong")
+
+    def counts(self, prefix: str = "overlong") -> dict[str, int]:
+        """`{prefix}_skipped` and `{prefix}_truncated`, each only when it is not zero."""
+        out = {f"{prefix}_skipped": self.skipped, f"{prefix}_truncated": self.truncated}
+        return {k: v for k, v in out.items() if v}
+
+    def warn(self, what: str) -> None:
+        """One line on stderr when anything was skipped or cut: never a silent change."""
+        import sys
+
+        if self.skipped:
+            print(f"[cai] warning: skipped {self.skipped} {what} too long for the model's context "
+                  f"of {self.limit} tokens (overlong=skip; `--overlong truncate` cuts them "
+                  "instead)", file=sys.stderr)
+        if self.truncated:
+            print(f"[cai] warning: truncated {self.truncated} {what} to fit the model's context "
+                  f"of {self.limit} tokens (overlong=truncate; their records carry the cut text)",
+                  file=sys.stderr)
+
+
+def context_of(backend: Any) -> tuple[int | None, Callable[[Chat, str], int | None] | None]:
+    """(context length, token counter) of a backend, or (None, None) when it cannot say."""
+    get, count = getattr(backend, "context_length", None), getattr(backend, "count_tokens", None)
+    limit = get() if callable(get) else None
+    return (limit, count) if limit is not None and callable(count) else (None, None)
+
+
+def fit_texts(texts: tuple[str, ...], needed: Callable[[tuple[str, ...]], int], limit: int,
+              state: Overlong, base: int | None = None) -> tuple[str, ...] | None:
+    """Texts whose request(s) fit in `limit` tokens: as given when they fit; else None (skip)
+    or, in truncate mode, each text cut to one common character cap — the longest texts are
+    cut first — chosen as large as still fits. Counts what it did in `state`.
+
+    `base`, when given, is what the requests need with every text empty; texts that clearly
+    fit (no tokenizer makes more than 3 tokens of a byte, plus a few at each seam) are then
+    passed without tokenizing them, so a resumed run over many short inputs stays cheap. The
+    backends' own length check still guards every request.
+    """
+    if base is not None and base + sum(3 * len(t.encode("utf-8", "replace")) + 8
+                                       for t in texts) <= limit:
+        return texts
+    if needed(texts) <= limit:
+        return texts
+    if state.mode == "truncate":
+        def cut(n: int) -> tuple[str, ...]:
+            return tuple(t[:n] for t in texts)
+
+        lo, hi = 1, max(len(t) for t in texts) - 1
+        if hi >= lo and needed(cut(lo)) <= limit:
+            while lo < hi:  # the largest cap that fits
+                mid = (lo + hi + 1) // 2
+                if needed(cut(mid)) <= limit:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            state.truncated += 1
+            return cut(lo)
+    state.skipped += 1
+    return None
 
 
 def render_plain(chat: Chat, answer_prefix: str = "") -> str:

@@ -11,6 +11,55 @@ from cai.backends.base import Chat, render_plain
 from cai.errors import CaiError
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+_NO_LIMIT = 10**8
+"""A tokenizer without a known limit reports a huge `model_max_length` (int(1e30))."""
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length",
+                    "seq_length", "n_ctx")
+
+
+def context_length(config=None, tokenizer=None) -> int | None:
+    """The longest sequence (prompt + generation) a model takes, in tokens.
+
+    Read from the model config's position limit (`max_position_embeddings` and its other
+    names); the tokenizer's `model_max_length` is used only when the config does not say.
+    None when neither knows: then nothing can be checked.
+    """
+    if config is not None:
+        text_config = getattr(config, "get_text_config", None)
+        cfg = text_config() if callable(text_config) else config
+        for name in _POSITION_FIELDS:
+            value = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _NO_LIMIT:
+                return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _NO_LIMIT:
+        return value
+    return None
+
+
+def load_tokenizer(path):
+    """A tokenizer from a local folder, never running code from it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise CaiError(f"cannot load the tokenizer: {msg}", str(path), "model") from None
+
+
+def check_fits(lengths: list[int], extra: int, limit: int | None, what: str) -> None:
+    """Refuse a request that would run past the model's context (it would read garbage).
+
+    The stages skip or truncate over-long inputs before they reach a backend; this is the
+    last guard, so an over-context run is never silent."""
+    if limit is None or not lengths:
+        return
+    longest = max(lengths)
+    if longest + extra > limit:
+        raise CaiError(f"a {what} prompt of {longest} tokens + {extra} more exceeds the model's "
+                       f"context of {limit} tokens; shorten the input (the stages' `overlong` "
+                       "option skips or truncates such inputs) or lower max_new_tokens")
 
 
 class ChatFormat:
@@ -72,6 +121,10 @@ class ChatFormat:
             ids += self.encode(head) + self.tok(m["content"], add_special_tokens=False,
                                                 split_special_tokens=True)["input_ids"]
         return ids + self.encode(rest)
+
+    def count_tokens(self, chat: Chat, answer_prefix: str = "") -> int:
+        """How many tokens the model reads for this chat (exactly what is encoded)."""
+        return len(self.encode_chat(chat, answer_prefix))
 
     def choice_token_ids(self, chat: Chat, answer_prefix: str,
                          choices: tuple[str, ...]) -> tuple[list[int], list[int]]:

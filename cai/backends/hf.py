@@ -30,7 +30,7 @@ from cai.backends.base import (
     parse_options,
     trim_at_stop,
 )
-from cai.backends.chat import ChatFormat
+from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -68,6 +68,26 @@ class HFOptions:
             raise CaiError("hf option chat: use auto, 0 or 1", field="model")
 
 
+def load_causal_lm(path: str | Path, dtype: torch.dtype):
+    """A causal LM from a local folder, safely: safetensors weights only (a pickled
+    `pytorch_model.bin` can run code when loaded) and never code from the folder."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False)
+    except OSError as exc:
+        if not any(Path(path).glob("*.safetensors")):
+            raise CaiError("no safetensors weights in the model folder (pickled .bin weights are "
+                           "not loaded: they can run code); convert them with `save_pretrained("
+                           "..., safe_serialization=True)`", str(path), "model") from None
+        raise CaiError(f"cannot load the model: {str(exc).splitlines()[0][:300]}", str(path),
+                       "model") from None
+    except ValueError as exc:  # an unknown architecture or a folder without a config
+        raise CaiError(f"cannot load the model: {str(exc).splitlines()[0][:300]}", str(path),
+                       "model") from None
+
+
 class _PerRequestSampler(LogitsProcessor):
     """Sampling with one random stream per request, inside greedy decoding.
 
@@ -103,8 +123,6 @@ class HFBackend:
 
     def __init__(self, spec: str | ModelSpec, path: str | Path | None = None,
                  options: HFOptions | None = None, model=None, tokenizer=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from cai.models import local_path, model_identity, parse_spec
 
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
@@ -114,10 +132,10 @@ class HFBackend:
         device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None:
             path = path or local_path(parsed)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[self.options.dtype])
+            model = load_causal_lm(path, DTYPES[self.options.dtype])
             model.to(device)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(path or model.config._name_or_path))
+            tokenizer = load_tokenizer(path or model.config._name_or_path)
         self.model = model.eval()
         self.tok = tokenizer
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -129,12 +147,19 @@ class HFBackend:
         self.render = self.fmt.render
         self.encode = self.fmt.encode
         self.encode_chat = self.fmt.encode_chat
+        self.count_tokens = self.fmt.count_tokens
+        self.max_context = context_length(self.model.config, tokenizer)
+
+    def context_length(self) -> int | None:
+        """The model's position limit (config), else its tokenizer's `model_max_length`."""
+        return self.max_context
 
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
         ids = [self.encode_chat(r.chat, r.answer_prefix) for r in requests]
+        check_fits([len(x) for x in ids], config.max_new_tokens, self.max_context, "generation")
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[Generation | None] = [None] * len(ids)
         bs = self.options.batch_size
@@ -194,6 +219,7 @@ class HFBackend:
         out = np.zeros((len(seqs), len(targets[0]) if targets else 0), dtype=np.float64)
         if not seqs:
             return out
+        check_fits([len(x) for x in seqs], 0, self.max_context, "scoring")
         bar = tqdm(total=len(seqs), desc="score", unit="prompt", leave=False,
                    disable=not self.options.progress or len(seqs) < 2)
         order = sorted(range(len(seqs)), key=lambda i: seqs[i])

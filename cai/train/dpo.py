@@ -285,10 +285,11 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     path = local_path(cfg.model)
     tok = load_tokenizer(path)
     set_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     ref_model = None
     if not cfg.lora:  # under LoRA the reference is the same weights with the adapter off
-        ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                         use_safetensors=True)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig

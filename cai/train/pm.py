@@ -476,7 +476,8 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     base = local_path(cfg.model)
     tok = load_tokenizer(base)
     set_seed(cfg.seed)  # the score head is initialised at load time
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=1, dtype=torch.float32, use_safetensors=True)
     model.config.pad_token_id = tok.pad_token_id
 
     truncated = 0
@@ -530,7 +531,8 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any]:
 
     p = local_path(str(path))
     tok = load_tokenizer(p)
-    model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch.float32,
+                                                               use_safetensors=True)
     if model.config.num_labels != 1:
         raise CaiError(f"expected a reward model with one output, found {model.config.num_labels}",
                        str(p))

@@ -466,7 +466,7 @@ class PPOTrainer:
         """Restore a checkpoint if there is one; returns the step it was taken after."""
         if not self.ckpt_path.exists():
             return 0
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         missing = set(state["trainable"]) - {n for n, _ in self.policy.named_parameters()}
         if missing:
             raise RuntimeError(f"checkpoint does not fit this model: {sorted(missing)[:3]} ...")

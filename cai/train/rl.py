@@ -228,8 +228,8 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     path = str(local_path(cfg.model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(path)
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     if cfg.lora:
         from peft import get_peft_model
 

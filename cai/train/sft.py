@@ -120,7 +120,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         return done
     base = local_path(cfg.model)
     tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
     cuda = torch.cuda.is_available()
     ckpt_dir = out / "checkpoints"
     args = TRLSFTConfig(
