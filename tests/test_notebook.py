@@ -20,3 +20,5 @@ def test_quickstart_notebook_executes(tmp_path: Path) -> None:
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
     assert "p(revision better)" in outputs and "sha256:" in outputs
+    assert "# Run report: tiny" in outputs and "## Preference model" in outputs
+    assert outputs.count("per-principle") == 4  # K = 2 principles x 2 orders
