@@ -48,7 +48,16 @@ from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
 from cai.models import model_identity
 from cai.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
-from cai.stage import Engine, Stage, StageDir, register, run_chunks, write_card, write_manifest
+from cai.stage import (
+    Engine,
+    EngineFields,
+    Stage,
+    StageDir,
+    register,
+    run_chunks,
+    write_card,
+    write_manifest,
+)
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
@@ -117,7 +126,7 @@ class JudgeConfig:
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(EngineFields):
     """Configuration of `cai label`; saved in the manifest so a run can be repeated."""
 
     constitution: str = "harmless"
@@ -163,15 +172,6 @@ class LabelConfig:
     """Run seed: principle draws, order draws and policy samples derive from it."""
     chunk_size: int = 32
     """Pairs scored in one backend call; each finished chunk is written and fsynced."""
-    engine: str = "local"
-    """"local", or "ray": chunks run on a Ray actor pool, one judge replica per actor (same
-    records as local; joins $RAY_ADDRESS or starts a local cluster)."""
-    workers: int = 2
-    """Ray actors (judge replicas) with --engine ray."""
-    gpus_per_worker: float = 0.0
-    """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
-    ray_address: str | None = None
-    """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
     overlong: str = "skip"
     """A pair (or prompt) too long for the model's context: "skip" leaves it out, "truncate"
     cuts the longest texts to fit (with a warning and a `truncated-input` flag). Both are

@@ -34,7 +34,16 @@ from cai.constitution import Constitution, derive_seed, load, sample_sl_principl
 from cai.data import PromptItem, load_prompts
 from cai.errors import CaiError
 from cai.records import Provenance, Record, record_id, write_text_atomic
-from cai.stage import Engine, Stage, StageDir, register, run_chunks, write_card, write_manifest
+from cai.stage import (
+    Engine,
+    EngineFields,
+    Stage,
+    StageDir,
+    register,
+    run_chunks,
+    write_card,
+    write_manifest,
+)
 from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
 from cai.text import is_bare_refusal, normalise
 
@@ -42,7 +51,7 @@ STAGE = "sl"
 
 
 @dataclass
-class SLConfig:
+class SLConfig(EngineFields):
     """Configuration of `cai sl`; saved in the manifest so a run can be repeated."""
 
     prompts: str = "red_team"
@@ -85,15 +94,6 @@ class SLConfig:
     """Drop records whose final revision hit the token budget (a cut-off answer teaches the
     model to stop mid-sentence); off only for smoke runs with tiny budgets."""
 
-    engine: str = "local"
-    """"local", or "ray": chunks run on a Ray actor pool, one model replica per actor (same
-    records as local; joins $RAY_ADDRESS or starts a local cluster)."""
-    workers: int = 2
-    """Ray actors (model replicas) with --engine ray."""
-    gpus_per_worker: float = 0.0
-    """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
-    ray_address: str | None = None
-    """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
     overlong: str = "skip"
     """A prompt whose conversation could outgrow the model's context (worked examples,
     prompt, and every round's response, critique and revision at full max_new_tokens):

@@ -161,6 +161,22 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 T = TypeVar("T")
 
 
+@dataclass
+class EngineFields:
+    """Config fields of the stages that can run on Ray (sl, label): speed knobs only, never
+    part of a record's id."""
+
+    engine: str = "local"
+    """"local", or "ray": chunks run on a Ray actor pool, one model replica per actor (same
+    records as local; joins $RAY_ADDRESS or starts a local cluster)."""
+    workers: int = 2
+    """Ray actors (model replicas) with --engine ray."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
+    ray_address: str | None = None
+    """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
+
+
 @dataclass(frozen=True)
 class Engine:
     """Where a stage's chunks run: in this process, or on a Ray actor pool."""
@@ -325,5 +341,5 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
     write_text_atomic(root / "README.md", "\n".join(lines))
 
 
-__all__ = ["Stage", "StageDir", "Engine", "REGISTRY", "register", "load_registry", "run_chunks",
-           "write_manifest", "write_card", "read_manifest", "upstream", "claim_dir"]
+__all__ = ["Stage", "StageDir", "Engine", "EngineFields", "REGISTRY", "register", "load_registry",
+           "run_chunks", "write_manifest", "write_card", "read_manifest", "upstream", "claim_dir"]

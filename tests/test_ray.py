@@ -58,43 +58,34 @@ def _run(args: list[str], env: dict, kill_after: int | None = None, pids: Path |
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def test_label_ray_equals_local_and_survives_a_killed_worker(tmp_path, tiny_model) -> None:
-    pairs = _pairs(tmp_path, 12)
-    spec = f"hf:{tiny_model}?progress=0"
-    base = [CAI, "label", "--pairs", str(pairs), "--constitution", str(MINIMAL), "--principles", "2",
-            "--feedback-model", spec, "--chunk-size", "2"]
+def _local_and_ray(tmp_path: Path, base: list[str], kill_after: int, n: int):
+    """Run `base` locally, then on Ray with a worker killed; records of both, by id."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     local = _run([*base, "--out", str(tmp_path / "local")], env)
     assert local.returncode == 0, local.stderr[-2000:]
     pids = tmp_path / "pids"
     ray_dir = tmp_path / "ray"
     r = _run([*base, "--out", str(ray_dir), "--engine", "ray", "--workers", "2"],
-             {**env, "CAI_RAY_WORKER_PIDS": str(pids)}, kill_after=2, pids=pids,
+             {**env, "CAI_RAY_WORKER_PIDS": str(pids)}, kill_after=kill_after, pids=pids,
              data=ray_dir / "data.jsonl")
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = (ray_dir / "data.jsonl").read_text().splitlines()
     a, b = _records(tmp_path / "local" / "data.jsonl"), _records(ray_dir / "data.jsonl")
-    assert len(lines) == len(b) == 12  # every record exactly once
+    assert len((ray_dir / "data.jsonl").read_text().splitlines()) == len(b) == n  # each once
     assert a.keys() == b.keys()
+    return a, b
+
+
+def test_label_ray_equals_local_and_survives_a_killed_worker(tmp_path, tiny_model) -> None:
+    base = [CAI, "label", "--pairs", str(_pairs(tmp_path, 12)), "--constitution", str(MINIMAL),
+            "--principles", "2", "--feedback-model", f"hf:{tiny_model}?progress=0", "--chunk-size", "2"]
+    a, b = _local_and_ray(tmp_path, base, kill_after=2, n=12)
     for rid in a:
         assert abs(a[rid]["p_a"] - b[rid]["p_a"]) < 1e-6
 
 
-def test_sl_ray_equals_local(tmp_path, tiny_model) -> None:
-    spec = f"hf:{tiny_model}?progress=0"
-    base = [CAI, "sl", "--constitution", str(MINIMAL), "--model", spec, "--limit", "6", "--rounds", "1",
-            "--max-new-tokens", "6", "--chunk-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    local = _run([*base, "--out", str(tmp_path / "local")], env)
-    assert local.returncode == 0, local.stderr[-2000:]
-    pids = tmp_path / "pids"
-    ray_dir = tmp_path / "ray"
-    r = _run([*base, "--out", str(ray_dir), "--engine", "ray", "--workers", "2"],
-             {**env, "CAI_RAY_WORKER_PIDS": str(pids)}, kill_after=1, pids=pids,
-             data=ray_dir / "data.jsonl")
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _records(tmp_path / "local" / "data.jsonl"), _records(ray_dir / "data.jsonl")
-    assert len((ray_dir / "data.jsonl").read_text().splitlines()) == len(b) == 6
-    assert a.keys() == b.keys()
+def test_sl_ray_equals_local_and_survives_a_killed_worker(tmp_path, tiny_model) -> None:
+    base = [CAI, "sl", "--constitution", str(MINIMAL), "--model", f"hf:{tiny_model}?progress=0",
+            "--limit", "6", "--rounds", "1", "--max-new-tokens", "6", "--chunk-size", "2"]
+    a, b = _local_and_ray(tmp_path, base, kill_after=1, n=6)
     for rid in a:
         assert a[rid]["final"] == b[rid]["final"] and a[rid]["rounds"] == b[rid]["rounds"]

@@ -33,6 +33,7 @@ from cai.errors import CaiError
 from cai.records import write_json_atomic
 from cai.stage import Stage, claim_dir, register, write_card, write_manifest
 from cai.train.pm import (
+    PreferenceTrainConfig,
     TrainResult,
     check_common,
     finish_training,
@@ -54,57 +55,27 @@ STAGE = "train.dpo"
 
 
 @dataclass
-class DPOTrainConfig:
+class DPOTrainConfig(PreferenceTrainConfig):
     """Configuration of `cai train dpo`."""
 
-    preferences: str | None = None
-    """Soft AI labels: the label stage's preferences.jsonl or its folder."""
-    pairs: str | None = None
-    """SL-CAI pairs (revision ≻ initial, p = 1): the SL stage's pairs.jsonl or its folder."""
     model: str = "embedded:smollm2-135m"
     """Model spec of the SFT / SL-CAI policy to start from; also the frozen reference."""
     out: str = "runs/dpo"
     """Folder for the trained policy, eval.json, log.jsonl and manifest."""
     beta: float = 0.1
     """KL strength β: the implied preference is σ(β·Δ) (smaller β lets the policy move further)."""
-    ties: str = "keep"
-    """Ties (|p − ½| < tie_threshold, or flagged "tie"): "keep", "drop" or "weight" (loss × |2p − 1|)."""
-    tie_threshold: float = 0.05
-    """How close to ½ a label must be to count as a tie."""
-    pairs_weight: float = 1.0
-    """Loss weight of each SL pair relative to a labelled pair (0 ignores them in the loss)."""
     eval_fraction: float = 0.1
     """Fraction of pairs held out (seeded) to report the implied preference after training."""
-    lora: bool = True
-    """Train LoRA adapters instead of all weights; merged before saving."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA path."""
     learning_rate: float = 5e-6
     """Peak learning rate (linear decay); LoRA tolerates ~10× more."""
-    epochs: float = 1.0
-    """Passes over the training pairs (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1 = use epochs)."""
     batch_size: int = 4
     """Pairs per device per step (each pair is two sequences, run through policy and reference)."""
-    grad_accum: int = 1
-    """Gradient accumulation steps."""
     max_length: int = 1024
     """Longest prompt + response in tokens; longer ones lose their end (TRL's keep_start)."""
-    save_steps: int = 100
-    """Write a resumable checkpoint every N steps (only the latest is kept)."""
-    logging_steps: int = 1
-    """Append a line to log.jsonl every N steps."""
     bins: int = 10
     """Bins of the held-out calibration of σ(β·Δ) against the labels."""
     seed: int = 0
     """Seed of the split, data order and LoRA init."""
-    bf16: bool = False
-    """bf16 mixed precision (only on a GPU that supports it; ignored on CPU)."""
 
     def __post_init__(self) -> None:
         if not self.beta > 0:

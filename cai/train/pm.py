@@ -43,55 +43,62 @@ SOURCES = ("labels", "sl-pairs")
 
 
 @dataclass
-class PMConfig:
-    """Configuration of `cai train pm`."""
+class PreferenceTrainConfig:
+    """What the preference-trained stages (PM and DPO) share: their data, ties, LoRA and
+    schedule fields."""
 
     preferences: str | None = None
     """Soft AI labels: the label stage's preferences.jsonl or its folder."""
     pairs: str | None = None
     """SL-CAI pairs (revision ≻ initial, p = 1): the SL stage's pairs.jsonl or its folder."""
-    model: str = "embedded:smollm2-135m"
-    """Model spec of the base model; a scalar score head is added on top of it."""
-    out: str = "runs/pm"
-    """Folder for the trained model, eval.json, log.jsonl, calibration.png and manifest."""
     ties: str = "keep"
     """Ties (|p − ½| < tie_threshold, or flagged "tie"): "keep", "drop" or "weight" (loss × |2p − 1|)."""
     tie_threshold: float = 0.05
     """How close to ½ a label must be to count as a tie."""
     pairs_weight: float = 1.0
     """Loss weight of each SL pair relative to a labelled pair (0 ignores them in the loss)."""
-    eval_fraction: float = 0.1
-    """Fraction of pairs held out (seeded) for accuracy and calibration after training."""
     lora: bool = True
-    """Train LoRA adapters plus the score head instead of all weights; merged before saving."""
+    """Train LoRA adapters (plus the PM's score head) instead of all weights; merged on save."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA path."""
-    learning_rate: float = 1e-4
-    """Peak learning rate (linear decay)."""
     epochs: float = 1.0
     """Passes over the training pairs (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1 = use epochs)."""
-    batch_size: int = 4
-    """Pairs per device per step (each pair is two sequences)."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
-    max_length: int = 1024
-    """Longest sequence in tokens; longer texts keep their end, where the score is read."""
     save_steps: int = 100
     """Write a resumable checkpoint every N steps (only the latest is kept)."""
     logging_steps: int = 1
     """Append a line to log.jsonl every N steps."""
+    bf16: bool = False
+    """bf16 mixed precision (only on a GPU that supports it; ignored on CPU)."""
+
+
+@dataclass
+class PMConfig(PreferenceTrainConfig):
+    """Configuration of `cai train pm`."""
+
+    model: str = "embedded:smollm2-135m"
+    """Model spec of the base model; a scalar score head is added on top of it."""
+    out: str = "runs/pm"
+    """Folder for the trained model, eval.json, log.jsonl, calibration.png and manifest."""
+    eval_fraction: float = 0.1
+    """Fraction of pairs held out (seeded) for accuracy and calibration after training."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (linear decay)."""
+    batch_size: int = 4
+    """Pairs per device per step (each pair is two sequences)."""
+    max_length: int = 1024
+    """Longest sequence in tokens; longer texts keep their end, where the score is read."""
     bins: int = 10
     """Bins of the held-out calibration (ECE) estimate and plot."""
     seed: int = 0
     """Seed of the split, data order, score-head and LoRA init."""
-    bf16: bool = False
-    """bf16 mixed precision (only on a GPU that supports it; ignored on CPU)."""
 
     def __post_init__(self) -> None:
         check_common(self)
