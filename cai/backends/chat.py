@@ -77,6 +77,7 @@ class ChatFormat:
                 stops.add(tid)
         self.stop_ids = sorted(s for s in stops if isinstance(s, int))
         # Strings the tokenizer would turn into control tokens (<|im_end|>, ...).
+        self.protect_data = True  # False only to measure the attack (benchmarks/bench_injection.py)
         self.control = sorted({t for t in [*tokenizer.added_tokens_encoder,
                                            *tokenizer.all_special_tokens] if t}, key=len)
 
@@ -107,7 +108,7 @@ class ChatFormat:
         if not self.is_chat:
             return self.tok(render_plain(chat, answer_prefix), add_special_tokens=True,
                             split_special_tokens=True)["input_ids"]
-        if not self.has_control(chat):
+        if not self.has_control(chat) or not self.protect_data:
             return self.encode(self.render(chat, answer_prefix))
         marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
         skeleton = self.render([{**m, "content": k} for m, k in zip(chat, marks)], answer_prefix)
