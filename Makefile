@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sl.py
 	$(PY) benchmarks/bench_label.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_ray.py
+	$(PY) benchmarks/bench_injection.py
 
 clean:
 	rm -rf $(VENV) runs
