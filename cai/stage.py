@@ -156,6 +156,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         raise CaiError("not a valid manifest", str(path)) from None
 
 
+def finished_run(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
+    """The manifest of a finished training run of `stage` with exactly this config (its
+    saved model folder present), so a rerun returns it instead of training again."""
+    m = read_manifest(out) if (out / MANIFEST).is_file() else None
+    if not m or m.get("stage") != stage:
+        return None
+    want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    if m.get("config") != want or not (out / "config.json").is_file() \
+            or not any(out.glob("*.safetensors")):
+        return None
+    return m
+
+
 # --------------------------------------------------------------------------- the loop
 
 T = TypeVar("T")
@@ -342,4 +355,5 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
 
 
 __all__ = ["Stage", "StageDir", "Engine", "EngineFields", "REGISTRY", "register", "load_registry",
-           "run_chunks", "write_manifest", "write_card", "read_manifest", "upstream", "claim_dir"]
+           "run_chunks", "finished_run", "write_manifest", "write_card", "read_manifest", "upstream",
+           "claim_dir"]

@@ -31,7 +31,7 @@ from typing import Any
 
 from cai.errors import CaiError
 from cai.records import write_json_atomic
-from cai.stage import Stage, claim_dir, register, write_card, write_manifest
+from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 from cai.train.pm import (
     PreferenceTrainConfig,
     TrainResult,
@@ -43,7 +43,6 @@ from cai.train.pm import (
     log_entries,
     preference_report,
     prepare_checkpoints,
-    same_config,
     soft_preference_loss,
     split_rows,
     summary_metrics,
@@ -318,7 +317,7 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
     out = Path(cfg.out)
     rows, counts = load_training_rows(cfg)
     claim_dir(out, STAGE)
-    done = same_config(out, cfg, STAGE)
+    done = finished_run(out, cfg, STAGE)
     if done is not None:
         return done
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)

@@ -35,7 +35,7 @@ from typing import Any
 
 from cai.errors import CaiError
 from cai.records import write_json_atomic, write_text_atomic
-from cai.stage import Stage, claim_dir, read_manifest, register, write_card, write_manifest
+from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 
 STAGE = "train.pm"
 TIES = ("keep", "drop", "weight")
@@ -288,17 +288,6 @@ def soft_preference_loss(margin: Any, p: Any, weight: Any = None) -> Any:
 
 
 # --------------------------------------------------------------------------- training helpers
-
-
-def same_config(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
-    """The finished manifest in `out` when it was written by this stage with this config."""
-    m = read_manifest(out) if (out / "manifest.json").is_file() else None
-    if not m or m.get("stage") != stage:
-        return None
-    want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    if m.get("config") != want or not (out / "config.json").is_file():
-        return None
-    return m
 
 
 def prepare_checkpoints(out: Path, cfg: Any) -> str | None:
@@ -656,7 +645,7 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     out = Path(cfg.out)
     rows, counts = load_training_rows(cfg)
     claim_dir(out, STAGE)
-    done = same_config(out, cfg, STAGE)
+    done = finished_run(out, cfg, STAGE)
     if done is not None:
         return done
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)

@@ -24,7 +24,7 @@ from typing import Any
 from cai.config import to_dict
 from cai.errors import CaiError
 from cai.records import write_json_atomic
-from cai.stage import Stage, claim_dir, read_manifest, register, write_card, write_manifest
+from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
@@ -145,8 +145,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.out)
     claim_dir(out, STAGE)
-    done = read_manifest(out)
-    if done and done.get("config") == to_dict(cfg) and list(out.glob("*.safetensors")):
+    done = finished_run(out, cfg, STAGE)
+    if done is not None:
         return done
     _check_resumable(cfg, out)
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)

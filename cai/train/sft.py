@@ -9,7 +9,6 @@ and as the frozen reference of RL and DPO.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from cai.errors import CaiError
 from cai.models import model_identity
-from cai.stage import Stage, claim_dir, read_manifest, register, write_card, write_manifest
+from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 
 STAGE = "train.sft"
 
@@ -115,7 +114,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     rows = load_sft_rows(cfg.data)
     out = Path(cfg.out)
     claim_dir(out, STAGE)
-    done = finished(out, cfg)
+    done = finished_run(out, cfg, STAGE)
     if done is not None:
         return done
     base = local_path(cfg.model)
@@ -164,15 +163,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                f"({'LoRA, merged' if cfg.lora else 'full'}); load it as the model spec "
                f"`{out}`.", manifest)
     return manifest
-
-
-def finished(out: Path, cfg: Any) -> dict[str, Any] | None:
-    """The manifest of a finished training run with this exact config, if there is one."""
-    m = read_manifest(out)
-    if m and m.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg), default=str)) \
-            and (out / "model.safetensors").exists():
-        return m
-    return None
 
 
 register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
