@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import CaiError
-from cai.records import write_json_atomic
-from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.stage import Stage, claim_dir, finished_run, register, write_card
 from cai.train.pm import (
     PreferenceTrainConfig,
     TrainResult,
@@ -43,11 +42,10 @@ from cai.train.pm import (
     log_entries,
     preference_report,
     prepare_checkpoints,
+    save_preference_run,
     soft_preference_loss,
     split_rows,
-    summary_metrics,
     trainer_args,
-    write_log,
 )
 
 STAGE = "train.dpo"
@@ -311,8 +309,6 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
 
     A run killed mid-way resumes from out/checkpoints when rerun with the same config.
     """
-    from cai.train.plots import reliability_png
-
     t0 = time.time()
     out = Path(cfg.out)
     rows, counts = load_training_rows(cfg)
@@ -324,22 +320,11 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
     resume = prepare_checkpoints(out, cfg)
     result, deltas = train_dpo(train_rows, cfg, out=out, resume_from=resume, eval_rows=eval_rows,
                                callbacks=callbacks)
-    result.model.save_pretrained(str(out), safe_serialization=True)
-    result.tokenizer.save_pretrained(str(out))
-    log = write_log(out / "log.jsonl", result.log)
     report = evaluate_dpo(deltas, eval_rows, cfg)
-    write_json_atomic(out / "eval.json", report)
-    if report.get("reliability") is not None:
-        reliability_png(report["reliability"], out / "calibration.png",
-                        title=f"DPO implied preference ({report['pairs']} held-out pairs)")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    manifest = write_manifest(
-        out, STAGE, config=cfg, inputs=("preferences", "pairs"),
-        models={"base": cfg.model, "reference": cfg.model},
-        counts={**counts, **result.counts, "eval": len(eval_rows), "steps": result.steps,
-                "resumed": bool(resume)},
-        started=t0, timings={"train": result.seconds}, data=("model.safetensors",),
-        extra={"metrics": summary_metrics(log, report)})
+    manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
+                                   n_eval=len(eval_rows), resumed=bool(resume),
+                                   models={"base": cfg.model, "reference": cfg.model},
+                                   title="DPO implied preference")
     write_card(out, "DPO policy",
                f"`{cfg.model}` trained with soft-label DPO (β = {cfg.beta}, "
                f"{'LoRA, merged' if cfg.lora else 'full'}); the folder is a model spec. Held-out "

@@ -634,13 +634,34 @@ def summary_metrics(log: list[dict[str, Any]], report: dict[str, Any]) -> dict[s
                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}}
 
 
+def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, report: dict[str, Any],
+                        *, t0: float, counts: dict[str, Any], n_eval: int, resumed: bool,
+                        models: dict[str, str], title: str) -> dict[str, Any]:
+    """What a finished PM or DPO run leaves: the model folder, log.jsonl, eval.json, the
+    calibration plot and the manifest; its checkpoints are no longer needed."""
+    from cai.train.plots import reliability_png
+
+    result.model.save_pretrained(str(out), safe_serialization=True)
+    result.tokenizer.save_pretrained(str(out))
+    log = write_log(out / "log.jsonl", result.log)
+    write_json_atomic(out / "eval.json", report)
+    if report.get("reliability") is not None:
+        reliability_png(report["reliability"], out / "calibration.png",
+                        title=f"{title} ({report['pairs']} held-out pairs)")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return write_manifest(
+        out, stage, config=cfg, inputs=("preferences", "pairs"), models=models,
+        counts={**counts, **result.counts, "eval": n_eval, "steps": result.steps,
+                "resumed": resumed},
+        started=t0, timings={"train": result.seconds}, data=("model.safetensors",),
+        extra={"metrics": summary_metrics(log, report)})
+
+
 def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already done) the preference model; returns the manifest.
 
     A run killed mid-way resumes from out/checkpoints when rerun with the same config.
     """
-    from cai.train.plots import reliability_png
-
     t0 = time.time()
     out = Path(cfg.out)
     rows, counts = load_training_rows(cfg)
@@ -652,21 +673,10 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     resume = prepare_checkpoints(out, cfg)
     result = train_pm(train_rows, cfg, out=out, resume_from=resume, callbacks=callbacks)
     result.tokenizer.model_max_length = cfg.max_length  # pm_scores truncates as training did
-    result.model.save_pretrained(str(out), safe_serialization=True)
-    result.tokenizer.save_pretrained(str(out))
-    log = write_log(out / "log.jsonl", result.log)
     report = evaluate_pm(result.model, result.tokenizer, eval_rows, cfg)
-    write_json_atomic(out / "eval.json", report)
-    if report.get("reliability") is not None:
-        reliability_png(report["reliability"], out / "calibration.png",
-                        title=f"PM calibration ({report['pairs']} held-out pairs)")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    manifest = write_manifest(
-        out, STAGE, config=cfg, inputs=("preferences", "pairs"), models={"base": cfg.model},
-        counts={**counts, **result.counts, "eval": len(eval_rows), "steps": result.steps,
-                "resumed": bool(resume)},
-        started=t0, timings={"train": result.seconds}, data=("model.safetensors",),
-        extra={"metrics": summary_metrics(log, report)})
+    manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
+                                   n_eval=len(eval_rows), resumed=bool(resume),
+                                   models={"base": cfg.model}, title="PM calibration")
     write_card(out, "Preference model",
                f"A soft-label preference model on `{cfg.model}` ({'LoRA, merged' if cfg.lora else 'full'}): "
                "load it with `cai.train.pm.load_reward_model` and score with `pm_scores`. Held-out "
