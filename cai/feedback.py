@@ -560,7 +560,7 @@ def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
 
         run_chunks(todo, cfg.chunk_size, generate, store, total=len(planned), desc="sample",
                    unit="response")
-        if model_identity(cfg.policy) != model_identity(cfg.feedback_model):
+        if policy_id != model_identity(cfg.feedback_model):
             release(policy.spec)  # the judge comes next; do not keep both in memory
     by_prompt: dict[str, list[dict]] = {}
     for r in store:

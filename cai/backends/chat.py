@@ -134,13 +134,21 @@ class ChatFormat:
         Found by tokenizing prompt + choice whole and requiring exactly one extra token, so
         a tokenizer that merges the choice into the prompt's last token is caught.
         """
-        text = self.render(chat, answer_prefix)
-        base = self.encode_chat(chat, answer_prefix)
+        if self.is_chat and not (self.protect_data and self.has_control(chat)):
+            text = self.render(chat, answer_prefix)  # the common case: render once
+
+            def ids(extra: str) -> list[int]:
+                return self.encode(text + extra)
+        else:
+            def ids(extra: str) -> list[int]:
+                return self.encode_chat(chat, answer_prefix + extra)
+        base = ids("")
         out = []
         for c in choices:
-            full = self.encode_chat(chat, answer_prefix + c)
+            full = ids(c)
             if len(full) != len(base) + 1 or full[:len(base)] != base:
                 raise CaiError(f"choice {c!r} does not tokenize as one token after the answer "
-                               f"prefix ...{text[-20:]!r}; change the template's answer prefix")
+                               f"prefix ...{answer_prefix[-20:]!r}; change the template's answer "
+                               "prefix")
             out.append(full[-1])
         return base, out
