@@ -31,6 +31,7 @@ from cai.backends.base import (
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
+from cai.backends.prefix import PrefixCache, cache_from, cache_layers
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -47,8 +48,17 @@ class HFOptions:
     """Weights dtype; fp32 is the default because bf16 is too coarse for log-prob labels."""
     batch_size: int = 16
     """Requests per forward, for generation and for the suffixes of one shared prefix."""
+    scoring: str = "packed"
+    """"packed": the token trie of all prompts in long single-row forwards (see
+    `cai.backends.prefix`); "trie": one shared prefix at a time with its suffixes batched
+    (the older schedule, used for attention kernels that take no custom mask)."""
+    pack_tokens: int = 512
+    """Tokens fed per packed scoring forward; larger uses more memory for the mask."""
     min_shared_tokens: int = 16
-    """A shared prefix is computed once when it saves at least this many token positions."""
+    """Trie schedule: a shared prefix is computed once when it saves this many positions."""
+    prefix_cache_mb: int = 2048
+    """KV of finished generations kept for reuse by later requests with the same start
+    (few-shot turns, earlier SL steps); 0 turns generation prefix reuse off."""
     device: str = ""
     """"cuda", "cpu", ...; empty picks cuda when available."""
     chat: str = "auto"
@@ -149,6 +159,17 @@ class HFBackend:
         self.encode_chat = self.fmt.encode_chat
         self.count_tokens = self.fmt.count_tokens
         self.max_context = context_length(self.model.config, tokenizer)
+        self.prefix_cache = None
+        if self.options.prefix_cache_mb > 0 and self._reuse_ok():
+            self.prefix_cache = PrefixCache(self.options.prefix_cache_mb * 2**20)
+
+    def _reuse_ok(self) -> bool:
+        """KV reuse needs an attention kernel that takes any padding mask, and full
+        attention in every layer (a sliding-window cache keeps only its window)."""
+        cfg = self.model.config
+        return (getattr(cfg, "_attn_implementation", "eager") in ("sdpa", "eager")
+                and not getattr(cfg, "sliding_window", None)
+                and "sliding_attention" not in (getattr(cfg, "layer_types", None) or ()))
 
     def context_length(self) -> int | None:
         """The model's position limit (config), else its tokenizer's `model_max_length`."""
@@ -167,29 +188,21 @@ class HFBackend:
                    disable=not self.options.progress or len(ids) < 2)
         for start in range(0, len(order), bs):
             chunk = order[start:start + bs]
-            width = max(len(ids[i]) for i in chunk)
-            pad = self.tok.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in chunk],
-                                     device=self.device)
-            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk],
-                                device=self.device)
-            sample = config.temperature > 0
             # Each request samples from its own generator (see `_PerRequestSampler`), so its
             # text depends on its seed and inputs only, never on its batch neighbours.
             processors = None
-            if sample:
+            if config.temperature > 0:
                 processors = LogitsProcessorList([_PerRequestSampler(
                     [derive_seed(config.seed, requests[i].seed) for i in chunk],
                     config.temperature, config.top_p, self.device)])
-            gen = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                eos_token_id=self.stop_ids, logits_processor=processors,
-            )
-            for row, i in enumerate(chunk):
-                new = gen[row, width:].tolist()
-                stopped = next((j for j, t in enumerate(new) if t in self.stop_ids), None)
-                body = new if stopped is None else new[:stopped]
+            rows = [ids[i] for i in chunk]
+            if self.prefix_cache is not None:
+                new = self._generate_reusing(rows, config.max_new_tokens, processors)
+            else:
+                new = self._generate_plain(rows, config.max_new_tokens, processors)
+            for i, toks in zip(chunk, new):
+                stopped = next((j for j, t in enumerate(toks) if t in self.stop_ids), None)
+                body = toks if stopped is None else toks[:stopped]
                 text = self.tok.decode(body, skip_special_tokens=True)
                 reason = "stop" if stopped is not None else "length"
                 if not self.is_chat:
@@ -199,6 +212,98 @@ class HFBackend:
             bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _generate(self, input_ids, mask, max_new: int, processors, past=None):
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+            temperature=None, top_p=None, top_k=None, pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.stop_ids, logits_processor=processors, past_key_values=past,
+            return_dict_in_generate=True)
+
+    def _generate_plain(self, rows: list[list[int]], max_new: int, processors) -> list[list[int]]:
+        """Left-padded batch, every prompt token computed."""
+        width = max(len(r) for r in rows)
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        gen = self._generate(input_ids, mask, max_new, processors)
+        return [gen.sequences[k, width:].tolist() for k in range(len(rows))]
+
+    def _generate_reusing(self, rows: list[list[int]], max_new: int, processors) -> list[list[int]]:
+        """Start each row from the longest prefix it has in `prefix_cache`.
+
+        A prefix every row shares (the few-shot turns) is computed once first. The batch
+        cache holds each row's cached part left-padded to the longest; the rest of each
+        row follows after a second run of padding, so every real token keeps its own
+        position (positions come from the mask). Afterwards each row's prompt and
+        generated tokens are stored for the next request that extends them.
+        """
+        cache = self.prefix_cache
+        pad = self.tok.pad_token_id
+        first, last = min(rows), max(rows)
+        shared = 0
+        limit = min(len(r) for r in rows) - 1
+        while shared < limit and first[shared] == last[shared]:
+            shared += 1
+        hits = [cache.longest(r, len(r) - 1) for r in rows]
+        if len(rows) > 1 and shared - max(n for n, _ in hits) >= self.options.min_shared_tokens:
+            self._prefill(rows[0][:shared])
+            hits = [cache.longest(r, len(r) - 1) for r in rows]
+        c = max(n for n, _ in hits)
+        width = max(len(r) - n for r, (n, _) in zip(rows, hits))
+        input_ids, mask, past = [], [], None
+        for r, (n, _) in zip(rows, hits):
+            rest = len(r) - n
+            input_ids.append([pad] * (c - n) + r[:n] + [pad] * (width - rest) + r[n:])
+            mask.append([0] * (c - n) + [1] * n + [0] * (width - rest) + [1] * rest)
+        if c:
+            per_row = [cache.layers(e, n) if n else None for n, e in hits]
+            past = cache_from(self._stack_left_padded(per_row, c), self.model.config)
+        mask_t = torch.tensor(mask, device=self.device)
+        gen = self._generate(torch.tensor(input_ids, device=self.device), mask_t, max_new,
+                             processors, past)
+        kv = cache_layers(gen.past_key_values)
+        span = c + width
+        new_rows = []
+        for k, (r, (n, entry)) in enumerate(zip(rows, hits)):
+            toks = gen.sequences[k, span:].tolist()
+            new_rows.append(toks)
+            stop = next((j for j, t in enumerate(toks) if t in self.stop_ids), len(toks) - 1)
+            fed = min(stop + 1, len(toks) - 1, kv[0][0].shape[2] - span)  # tokens whose KV exists
+            real = torch.cat([mask_t[k, c:span].nonzero().flatten() + c,
+                              torch.arange(span, span + fed, device=self.device)])
+            own = [(kk[k].index_select(1, real), vv[k].index_select(1, real)) for kk, vv in kv]
+            cache.put(r + toks[:fed], entry, n, own)
+        return new_rows
+
+    def _prefill(self, tokens: list[int]) -> None:
+        """Compute `tokens` once (from its longest cached prefix) and store them."""
+        n, entry = self.prefix_cache.longest(tokens, len(tokens))
+        past = cache_from([(k[None], v[None]) for k, v in self.prefix_cache.layers(entry, n)]
+                          if n else [], self.model.config)
+        ids = torch.tensor([tokens[n:]], device=self.device)
+        self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1,
+                   position_ids=torch.arange(n, len(tokens), device=self.device)[None])
+        own = [(k[0, :, n:], v[0, :, n:]) for k, v in cache_layers(past)]
+        self.prefix_cache.put(tokens, entry, n, own)
+
+    def _stack_left_padded(self, per_row, width: int):
+        """Per-layer [batch, heads, width, dim] from each row's cached KV, left-padded."""
+        ref = next(x for x in per_row if x is not None)
+        out = []
+        for layer in range(len(ref)):
+            ks, vs = [], []
+            for x in per_row:
+                k0, v0 = ref[layer]
+                k, v = (x[layer] if x is not None else (k0[:, :0], v0[:, :0]))
+                padding = width - k.shape[1]
+                if padding:
+                    zk = k0.new_zeros((k0.shape[0], padding, k0.shape[2]))
+                    k, v = torch.cat([zk, k], dim=1), torch.cat([zk, v], dim=1)
+                ks.append(k)
+                vs.append(v)
+            out.append((torch.stack(ks), torch.stack(vs)))
+        return out
 
     # ------------------------------------------------------------------ scoring
 
@@ -214,6 +319,7 @@ class HFBackend:
         tokens = self.tok.convert_ids_to_tokens(targets[0]) if targets else []
         return ScoreResult(logprobs, tokens)
 
+    @torch.no_grad()
     def score_token_ids(self, seqs: list[list[int]], targets: list[list[int]]) -> np.ndarray:
         """log_softmax(next-token logits)[target] at the end of each sequence, [n, k] fp64."""
         out = np.zeros((len(seqs), len(targets[0]) if targets else 0), dtype=np.float64)
@@ -223,9 +329,53 @@ class HFBackend:
         bar = tqdm(total=len(seqs), desc="score", unit="prompt", leave=False,
                    disable=not self.options.progress or len(seqs) < 2)
         order = sorted(range(len(seqs)), key=lambda i: seqs[i])
-        self._solve(order, 0, None, seqs, targets, out, bar)
+        if self._can_pack(max(len(s) for s in seqs)):
+            self._score_packed(order, seqs, targets, out, bar)
+        else:
+            self._solve(order, 0, None, seqs, targets, out, bar)
         bar.close()
         return out
+
+    def _can_pack(self, longest: int) -> bool:
+        """Packing needs a kernel that takes a custom mask, and no sliding window the
+        prompts outgrow (a custom mask would override it)."""
+        window = getattr(self.model.config, "sliding_window", None)
+        return (self.options.scoring == "packed" and (self._reuse_ok() or (
+            getattr(self.model.config, "_attn_implementation", "") in ("sdpa", "eager")
+            and not (window and longest > window))))
+
+    def _score_packed(self, order: list[int], seqs, targets, out, bar) -> None:
+        """Score through packed chunks (`cai.backends.prefix.plan_chunks`), carrying the
+        prefix the next chunk starts from as a single-row KV cache."""
+        from cai.backends.prefix import carry, chunk_mask, plan_chunks
+
+        dtype = next(self.model.parameters()).dtype
+        sorted_seqs = [seqs[i] for i in order]
+        chunks = plan_chunks(sorted_seqs, self.options.pack_tokens)
+        layers = None  # the carried prefix, per layer, [1, heads, ctx, dim]
+        for n, ch in enumerate(chunks):
+            past = cache_from(layers if ch.ctx else [], self.model.config)
+            ends = sorted({row.path[-1] for row in ch.rows if row.path})
+            logits = self.model(
+                input_ids=torch.tensor([ch.tokens], device=self.device),
+                position_ids=torch.tensor([ch.positions], device=self.device),
+                attention_mask=chunk_mask(ch, dtype, self.device),
+                past_key_values=past,
+                use_cache=True, logits_to_keep=torch.tensor(ends, device=self.device))
+            col = {t: j for j, t in enumerate(ends)}
+            lp = torch.log_softmax(logits.logits[0].float(), dim=-1)
+            for row in ch.rows:
+                i = order[row.index]
+                if row.path:
+                    out[i] = lp[col[row.path[-1]], targets[i]].double().cpu().numpy()
+                else:  # identical to the last prompt of the previous chunk
+                    out[i] = out[order[row.index - 1]]
+            bar.update(len(ch.rows))
+            if n + 1 < len(chunks):
+                nxt = chunks[n + 1].ctx
+                last = ch.rows[-1]
+                layers = carry(cache_layers(logits.past_key_values), ch.ctx, last.reach,
+                               last.path, nxt)
 
     def _solve(self, idxs: list[int], depth: int, cache, seqs, targets, out, bar) -> None:
         """Score the sequences `idxs`, which share `seqs[i][:depth]` held in `cache`.
