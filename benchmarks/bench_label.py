@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import judge_requests, matmul_peak_flops, scoring_rows  # noqa: E402
+from common import judge_requests, matmul_peak_flops, record_results, scoring_rows  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
     spec = "embedded:smollm2-135m"
     hf = HFBackend(spec, options=HFOptions(progress=False))
     naive = HFBackend(spec, model=hf.model, tokenizer=hf.tok,
-                      options=HFOptions(progress=False, batch_size=1, min_shared_tokens=10**9))
+                      options=HFOptions(progress=False, batch_size=1, min_shared_tokens=10**9,
+                                      scoring="trie", prefix_cache_mb=0))
     vllm = None
     if not (args.quick or args.no_vllm):
         try:
@@ -75,11 +76,12 @@ def main() -> None:
                          "stage_vllm": stage(vllm) if vllm else None},
                         lambda r: hf.encode(hf.render(r.chat, r.answer_prefix)), ks, n_pairs, c,
                         params, emb, peak, log=lambda row: print(json.dumps(row), file=sys.stderr))
+    peak_end = matmul_peak_flops()
     summary = {"bench": "label", "model": spec, "threads": torch.get_num_threads(),
-               "matmul_peak_gflops": round(peak / 1e9, 1), "params": params, "results": rows}
-    out = ROOT / "benchmarks" / "results" / "label.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+               "matmul_peak_gflops": round(peak / 1e9, 1),
+               "matmul_peak_gflops_end": round(peak_end / 1e9, 1), "params": params,
+               "pack_tokens": hf.options.pack_tokens, "results": rows}
+    record_results("label", min(peak, peak_end), summary)
     line = {"bench": "label", "peak_gflops": summary["matmul_peak_gflops"]}
     for r in rows:
         line[f"K{r['K']}"] = {k: r.get(k) for k in (

@@ -109,3 +109,29 @@ def scoring_rows(methods: dict, encode, ks: list[int], n_pairs: int, constitutio
         if log:
             log(row)
     return rows
+
+
+RESULTS = __import__("pathlib").Path(__file__).resolve().parent / "results"
+
+
+def record_results(name: str, peak: float, summary: dict) -> None:
+    """Write results/<name>.json, unless this run's matmul peak is below 80 % of the median
+    peak of this bench's earlier recorded runs: a loaded machine would make the figures
+    look worse than the code is, so the run is refused (exit 3) and says so."""
+    import json
+    import statistics
+    import sys
+
+    history_file = RESULTS / "peaks.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else {}
+    earlier = history.get(name, [])
+    gflops = round(peak / 1e9, 1)
+    if earlier and gflops < 0.8 * statistics.median(earlier):
+        print(f"not recorded: measured matmul peak {gflops} GFLOP/s is below 80 % of this "
+              f"bench's earlier median {statistics.median(earlier)} GFLOP/s; the machine is "
+              "busy, rerun it when idle", file=sys.stderr)
+        sys.exit(3)
+    history[name] = (earlier + [gflops])[-20:]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    history_file.write_text(json.dumps(history, indent=2) + "\n")
