@@ -58,7 +58,9 @@ class HFOptions:
     """Trie schedule: a shared prefix is computed once when it saves this many positions."""
     prefix_cache_mb: int = 2048
     """KV of finished generations kept for reuse by later requests with the same start
-    (few-shot turns, earlier SL steps); 0 turns generation prefix reuse off."""
+    (few-shot turns, earlier SL steps); 0 turns generation prefix reuse off. The cache
+    assumes fixed weights: code that updates `backend.model` in place must clear it
+    (`backend.prefix_cache.clear()`)."""
     device: str = ""
     """"cuda", "cpu", ...; empty picks cuda when available."""
     chat: str = "auto"
