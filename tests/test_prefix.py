@@ -207,3 +207,57 @@ def test_prefix_cache_rebuilds_chained_entries() -> None:
     cache.max_bytes = 0
     cache._evict(keep=None)
     assert list(cache.entries.values()) == []
+
+
+# ---------------------------------------------------------------- the stages on top
+
+
+def test_label_stage_with_packed_scoring_equals_the_naive_loop(tiny_model) -> None:
+    """Labels (log-probs of both choices in both orders) from the packed schedule, in
+    chunks small enough to split pairs, equal a one-prompt-per-forward loop."""
+    from cai.constitution import load
+    from cai.data import PairItem
+    from cai.feedback import JudgeConfig, judge_pairs
+
+    from .conftest import HARMLESS
+
+    pairs = [PairItem(f"p{i}", f"Question {i}: how would I do thing {i}?", f"Answer one {i}.",
+                      f"A different and longer answer number {i}, with detail.") for i in range(4)]
+    c = load(HARMLESS)
+    cfg = JudgeConfig(principles=3, seed=5)
+    packed = HFBackend(f"hf:{tiny_model}", tiny_model, HFOptions(progress=False, pack_tokens=200))
+    naive = HFBackend(f"hf:{tiny_model}", model=packed.model, tokenizer=packed.tok,
+                      options=HFOptions(progress=False, scoring="trie", batch_size=1,
+                                        min_shared_tokens=10**9))
+    got, want = judge_pairs(pairs, c, packed, cfg), judge_pairs(pairs, c, naive, cfg)
+    for g, w in zip(got, want):
+        assert [j.principle for j in g.judgements] == [j.principle for j in w.judgements]
+        for a, b in zip(g.judgements, w.judgements):
+            assert abs(a.logprob_a - b.logprob_a) < 1e-4 and abs(a.logprob_b - b.logprob_b) < 1e-4
+        assert abs(g.p_a - w.p_a) < 1e-4
+
+
+def test_sl_stage_gives_the_same_records_with_and_without_prefix_reuse(tiny_model, tmp_path) -> None:
+    """Sampled SL runs (few-shot examples, two rounds) with the prefix cache at batch size
+    2 and without it at 16 write the same texts."""
+    import json
+
+    from cai.sl import SLConfig, run_sl
+
+    from .conftest import HARMLESS
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"How do I do bad thing {i}?"})
+                               + "\n" for i in range(3)))
+    reuse = HFBackend(f"hf:{tiny_model}", tiny_model, HFOptions(progress=False, batch_size=2))
+    plain = HFBackend(f"hf:{tiny_model}", model=reuse.model, tokenizer=reuse.tok,
+                      options=HFOptions(progress=False, prefix_cache_mb=0, batch_size=16))
+    texts = []
+    for name, backend in (("reuse", reuse), ("plain", plain)):
+        run_sl(SLConfig(prompts=str(prompts), constitution=str(HARMLESS), out=str(tmp_path / name),
+                        rounds=2, few_shot=2, max_new_tokens=6, temperature=1.0, seed=4), backend)
+        rows = [json.loads(x) for x in (tmp_path / name / "data.jsonl").read_text().splitlines()]
+        texts.append([(r["id"], r["initial"], [(x["critique"], x["revision"]) for x in r["rounds"]],
+                       r["final"]) for r in rows])
+    assert texts[0] == texts[1]
+    assert reuse.prefix_cache.entries  # the cache was used
