@@ -31,7 +31,7 @@ from cai.backends.base import (
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
-from cai.backends.prefix import PrefixCache, cache_from, cache_layers, new_cache
+from cai.backends.prefix import PrefixCache, cache_from, cache_layers
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -228,7 +228,7 @@ class HFBackend:
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        gen = self._generate(input_ids, mask, max_new, processors, new_cache(self.model.config))
+        gen = self._generate(input_ids, mask, max_new, processors)
         return [gen.sequences[k, width:].tolist() for k in range(len(rows))]
 
     def _generate_reusing(self, rows: list[list[int]], max_new: int, processors) -> list[list[int]]:
@@ -253,7 +253,7 @@ class HFBackend:
             hits = [cache.longest(r, len(r) - 1) for r in rows]
         c = max(n for n, _ in hits)
         width = max(len(r) - n for r, (n, _) in zip(rows, hits))
-        input_ids, mask, past = [], [], new_cache(self.model.config)
+        input_ids, mask, past = [], [], None
         for r, (n, _) in zip(rows, hits):
             rest = len(r) - n
             input_ids.append([pad] * (c - n) + r[:n] + [pad] * (width - rest) + r[n:])

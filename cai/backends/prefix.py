@@ -109,61 +109,11 @@ def chunk_mask(ch: PackedChunk, dtype: torch.dtype, device) -> torch.Tensor:
     return mask[None, None].to(device)
 
 
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A DynamicLayer that appends into spare capacity instead of concatenating.
-
-        `torch.cat` copies the whole cache at every decode step; with ~1,300 tokens of
-        few-shot context that copy was 66 % of CPU decode time. Capacity doubles when full;
-        an outside change of `keys` (crop keeps the buffer, a batch reorder does not) is
-        adopted as the new buffer on the next update.
-        """
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = key_states.shape[-2]
-            length = self.keys.shape[-2] if self.keys.numel() else 0
-            kbuf = getattr(self, "_kbuf", None)
-            if not (kbuf is not None and length and self.keys.data_ptr() == kbuf.data_ptr()
-                    and kbuf.shape[:2] == key_states.shape[:2] and length + n <= kbuf.shape[-2]):
-                cap = max(2 * (length + n), length + n + 64)
-                shape = (*key_states.shape[:2], cap, key_states.shape[-1])
-                kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
-                if length:
-                    kbuf[..., :length, :] = self.keys
-                    vbuf[..., :length, :] = self.values
-                self._kbuf, self._vbuf = kbuf, vbuf
-            self._kbuf[..., length:length + n, :] = key_states
-            self._vbuf[..., length:length + n, :] = value_states
-            self.keys = self._kbuf[..., :length + n, :]
-            self.values = self._vbuf[..., :length + n, :]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
-_GROWING = None
-
-
-def new_cache(config):
-    """An empty DynamicCache whose full-attention layers grow in place (see GrowingLayer)."""
-    global _GROWING
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        _GROWING = _GROWING or _growing_layer_class()
-        cache.layers = [_GROWING() for _ in cache.layers]
-    return cache
-
-
 def cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]], config):
     """A DynamicCache holding these per-layer (keys, values)."""
-    cache = new_cache(config)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
