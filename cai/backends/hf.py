@@ -76,6 +76,12 @@ class HFOptions:
             raise CaiError("hf option batch_size: must be at least 1", field="model")
         if self.min_shared_tokens < 1:
             raise CaiError("hf option min_shared_tokens: must be at least 1", field="model")
+        if self.scoring not in ("packed", "trie"):
+            raise CaiError("hf option scoring: use packed or trie", field="model")
+        if self.pack_tokens < 16:
+            raise CaiError("hf option pack_tokens: must be at least 16", field="model")
+        if self.prefix_cache_mb < 0:
+            raise CaiError("hf option prefix_cache_mb: must be >= 0", field="model")
         if self.chat not in ("auto", "0", "1"):
             raise CaiError("hf option chat: use auto, 0 or 1", field="model")
 
