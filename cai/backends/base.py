@@ -218,8 +218,7 @@ OptionsT = TypeVar("OptionsT")
 SPEED_OPTIONS = frozenset({
     "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
     "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
-    "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "max_num_batched_tokens",
-    "kv_cache_gb",
+    "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "kv_cache_gb",
 })
 """Options that change how fast (or where) a model runs, never what it outputs. They are
 left out of a model's identity; `api_key` is also a secret that must never be recorded."""

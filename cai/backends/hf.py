@@ -31,7 +31,15 @@ from cai.backends.base import (
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
-from cai.backends.prefix import PrefixCache, cache_from, cache_layers
+from cai.backends.prefix import (
+    PrefixCache,
+    cache_from,
+    cache_layers,
+    carry,
+    chunk_mask,
+    common_prefix,
+    plan_chunks,
+)
 from cai.constitution import derive_seed
 from cai.errors import CaiError
 from cai.models import ModelSpec
@@ -248,11 +256,8 @@ class HFBackend:
         """
         cache = self.prefix_cache
         pad = self.tok.pad_token_id
-        first, last = min(rows), max(rows)
-        shared = 0
-        limit = min(len(r) for r in rows) - 1
-        while shared < limit and first[shared] == last[shared]:
-            shared += 1
+        # Sorted order: the prefix all rows share is that of the smallest and the largest.
+        shared = common_prefix(min(rows), max(rows), limit=min(len(r) for r in rows) - 1)
         hits = [cache.longest(r, len(r) - 1) for r in rows]
         if len(rows) > 1 and shared - max(n for n, _ in hits) >= self.options.min_shared_tokens:
             self._prefill(rows[0][:shared])
@@ -348,15 +353,13 @@ class HFBackend:
         """Packing needs a kernel that takes a custom mask, and no sliding window the
         prompts outgrow (a custom mask would override it)."""
         window = getattr(self.model.config, "sliding_window", None)
-        return (self.options.scoring == "packed" and (self._reuse_ok() or (
-            getattr(self.model.config, "_attn_implementation", "") in ("sdpa", "eager")
-            and not (window and longest > window))))
+        return (self.options.scoring == "packed"
+                and getattr(self.model.config, "_attn_implementation", "eager") in ("sdpa", "eager")
+                and not (window and longest > window))
 
     def _score_packed(self, order: list[int], seqs, targets, out, bar) -> None:
         """Score through packed chunks (`cai.backends.prefix.plan_chunks`), carrying the
         prefix the next chunk starts from as a single-row KV cache."""
-        from cai.backends.prefix import carry, chunk_mask, plan_chunks
-
         dtype = next(self.model.parameters()).dtype
         sorted_seqs = [seqs[i] for i in order]
         chunks = plan_chunks(sorted_seqs, self.options.pack_tokens)
@@ -394,9 +397,7 @@ class HFBackend:
         """
         first, last = seqs[idxs[0]], seqs[idxs[-1]]  # sorted: the LCP of all = LCP(first, last)
         limit = min(len(seqs[i]) for i in idxs) - 1  # leave every sequence a token to score
-        lcp = depth
-        while lcp < limit and first[lcp] == last[lcp]:
-            lcp += 1
+        lcp = common_prefix(first, last, depth, limit)
         if len(idxs) > 1 and (len(idxs) - 1) * (lcp - depth) >= self.options.min_shared_tokens:
             cache = self._extend(cache, first[depth:lcp])
             self._solve_below(idxs, lcp, cache, seqs, targets, out, bar)
@@ -426,11 +427,8 @@ class HFBackend:
 
     @staticmethod
     def _shared_gain(group: list[int], depth: int, seqs) -> int:
-        first, last = seqs[group[0]], seqs[group[-1]]
         limit = min(len(seqs[i]) for i in group) - 1
-        n = depth
-        while n < limit and first[n] == last[n]:
-            n += 1
+        n = common_prefix(seqs[group[0]], seqs[group[-1]], depth, limit)
         return (len(group) - 1) * (n - depth)
 
     def _extend(self, cache, tokens: list[int]):

@@ -49,9 +49,11 @@ class PackedChunk:
     positions: list[int]
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
+def common_prefix(a: list[int], b: list[int], start: int = 0, limit: int | None = None) -> int:
+    """Length of the common prefix of token lists a and b, known to be at least `start`
+    and counted no further than `limit` (default: the shorter length)."""
+    n = min(len(a), len(b)) if limit is None else limit
+    i = start
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -61,7 +63,7 @@ def plan_chunks(seqs: list[list[int]], max_tokens: int) -> list[PackedChunk]:
     """Split sorted sequences into packed chunks of at most `max_tokens` fed tokens (a row
     longer than that gets a chunk of its own). A row identical to the previous one feeds
     nothing and ends where it ends."""
-    lcps = [0] + [_lcp(seqs[i - 1], seqs[i]) for i in range(1, len(seqs))]
+    lcps = [0] + [common_prefix(seqs[i - 1], seqs[i]) for i in range(1, len(seqs))]
     chunks: list[PackedChunk] = []
     i = 0
     while i < len(seqs):
