@@ -128,6 +128,10 @@ class JsonlStore:
                     raise CaiError("a stored record without a text `id`; this is not a cai "
                                    "store, or the line was edited: fix or remove it",
                                    f"{self.path}:{lineno}", "id")
+                if obj["id"] in self.ids:
+                    lineno = data.count(b"\n", 0, pos) + 1
+                    raise CaiError(f"duplicate id {obj['id']!r} (two runs wrote this folder at "
+                                   "once?); remove the repeated line", f"{self.path}:{lineno}", "id")
                 self.ids.add(obj["id"])
             pos = nl + 1
             good_end = pos
@@ -242,10 +246,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if p.exists() and not p.is_file():
         raise CaiError("not a file", str(p))
-    rows = []
+    rows, seen = [], set()
     for where, row in _rows(p):
         if "id" not in row:
             raise CaiError("missing", where, "id")
+        key = json.dumps(row["id"], sort_keys=True, default=str)
+        if key in seen:
+            raise CaiError(f"duplicate id {row['id']!r}", where, "id")
+        seen.add(key)
         rows.append(row)
     return rows
 

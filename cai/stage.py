@@ -5,7 +5,8 @@ inputs and the files it writes. The CLI builds its commands from this registry a
 pipeline walks it, so neither keeps its own list.
 
 What every stage shares is written once in this file:
-- `StageDir` claims an output folder for one stage (another stage's command refuses it);
+- `StageDir` claims an output folder for one stage (another stage's command refuses it)
+  and locks it, so a second run writing the same folder at the same time is refused;
 - `run_chunks` is the resume → chunk → append loop over work not yet on disk;
 - `write_manifest` records the resolved config, the upstream manifests' data hashes and
   the constitution stamp (inherited from upstream when the stage has none of its own), so a
@@ -18,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -115,7 +117,8 @@ class StageDir:
 
 
 def claim_dir(root: Path, stage: str) -> None:
-    """Create `root` for `stage`, test-write it, and refuse a folder of another stage."""
+    """Create `root` for `stage`, lock it (one writer per folder), test-write it, and refuse
+    a folder of another stage (before touching it)."""
     if root.exists() and not root.is_dir():
         raise CaiError("exists and is not a folder; pick another --out", str(root))
     owner = _owner(root)
@@ -124,6 +127,7 @@ def claim_dir(root: Path, stage: str) -> None:
                        "own --out folder", str(root))
     try:
         root.mkdir(parents=True, exist_ok=True)
+        lock_dir(root)
         probe = root / ".cai-stage"
         if owner is None:
             probe.write_text(stage + "\n", encoding="utf-8")
@@ -132,6 +136,54 @@ def claim_dir(root: Path, stage: str) -> None:
                 pass
     except OSError as exc:
         raise CaiError(f"cannot write the output folder: {exc.strerror}", str(root)) from None
+
+
+LOCK = ".cai-lock"
+_HELD: dict[str, int] = {}  # resolved folder -> file descriptor holding its lock
+
+
+def lock_dir(root: Path) -> None:
+    """Take this process's exclusive lock on `root` (one writer per folder).
+
+    An OS lock (`flock`) on `root/.cai-lock`: the kernel drops it when the process exits or
+    dies, so a killed run never leaves a stale lock. It is held until the process ends, so
+    a pipeline keeps the folders of the stages it ran. Taking it again in the same process
+    is a no-op; a second process gets a `CaiError` at once instead of writing alongside.
+    """
+    import fcntl
+
+    key = str(root.resolve())
+    path = root / LOCK
+    held = _HELD.get(key)
+    if held is not None:
+        try:  # still the lock file in this folder (not one moved away with a cleared folder)
+            if os.fstat(held).st_ino == os.stat(path).st_ino:
+                return
+        except OSError:
+            pass
+        os.close(held)
+        del _HELD[key]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _lock_owner(path)
+        raise CaiError(f"another cai run{f' (pid {pid})' if pid else ''} is writing this folder; "
+                       "wait for it to finish or use another --out", str(root)) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+
+
+def _lock_owner(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def _owner(root: Path) -> str | None:
@@ -356,4 +408,4 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
 
 __all__ = ["Stage", "StageDir", "Engine", "EngineFields", "REGISTRY", "register", "load_registry",
            "run_chunks", "finished_run", "write_manifest", "write_card", "read_manifest", "upstream",
-           "claim_dir"]
+           "claim_dir", "lock_dir"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import random
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
+from cai.errors import CaiError, read_text
 from cai.records import write_json_atomic, write_text_atomic
 from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 
@@ -165,8 +166,9 @@ def load_preference_file(path: str | Path, source: str, default_name: str,
         p = p / default_name
     if not p.is_file():
         raise CaiError(f"not found (expected {default_name} or its stage folder)", str(p))
-    rows = []
-    with open(p, encoding="utf-8") as f:
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with io.StringIO(read_text(p, "preference file")) as f:  # not UTF-8: file:line, no traceback
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -190,7 +192,11 @@ def load_preference_file(path: str | Path, source: str, default_name: str,
             if isinstance(pc, bool) or not isinstance(pc, int | float) or not 0 <= pc <= 1:
                 raise CaiError(f"expected a probability in [0, 1], got {pc!r}", where, "p_chosen")
             flags = obj.get("flags") or []
-            rows.append({"id": str(obj.get("id") or f"{source}:{n}"), "prompt": prompt,
+            rid = str(obj.get("id") or f"{source}:{n}")
+            if rid in seen:
+                raise CaiError(f"duplicate id {rid!r}; each pair must appear once", where, "id")
+            seen.add(rid)
+            rows.append({"id": rid, "prompt": prompt,
                          "chosen": [{"role": "assistant", "content": texts["chosen"]}],
                          "rejected": [{"role": "assistant", "content": texts["rejected"]}],
                          "p_chosen": float(pc), "weight": 1.0, "source": source,
