@@ -42,7 +42,7 @@ from cai.backends import (
     load_backend,
     release,
 )
-from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
+from cai.backends.base import OVERLONG_MODES, JudgeQuestion, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, RLPrinciple, derive_seed, load, sample_rl_principles
 from cai.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.errors import CaiError
@@ -291,7 +291,10 @@ def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig) -> list[_Que
                 first, second = ((pair.response_a, pair.response_b) if o == "ab"
                                  else (pair.response_b, pair.response_a))
                 chat = judge_chat(pair.prompt, first, second, p, cfg.layout)
-                qs.append(_Question(i, p.id, o, ScoreRequest(chat, JUDGE_PREFIX)))
+                # The parts travel with the chat for function judges (`python:` specs).
+                question = JudgeQuestion(pair.prompt, first, second, p.text,
+                                         f"pair {pair.id!r}, principle {p.id}, order {o}")
+                qs.append(_Question(i, p.id, o, ScoreRequest(chat, JUDGE_PREFIX, question)))
     return qs
 
 
@@ -628,6 +631,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
                        f"{len(c.rl_principles)}", field="principles")
     # Bad input fails here, before anything is written.
+    model_identity(cfg.feedback_model)  # a python: judge is imported (and checked) here
     prompt_overlong = Overlong(cfg.overlong)
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)

@@ -6,6 +6,7 @@ A model spec is one string that says which backend runs which weights:
     hf:PATH  or just PATH              a local Hugging Face folder, run with transformers
     vllm:PATH / vllm:embedded:NAME     the same weights in an in-process vLLM engine
     openai:http://HOST:PORT/v1#MODEL   any OpenAI-compatible server (vllm serve, TGI, an API)
+    python:MODULE:FN / python:FILE.py:FN  a Python function as the judge (`cai.backends.pyfunc`)
 
 Options follow `?`: `hf:PATH?dtype=bfloat16&batch_size=8`, `openai:URL#MODEL?tokenizer=PATH`.
 The embedded model ships as a GGUF file; it is converted once into a safetensors folder
@@ -42,7 +43,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "embedded:smollm2-135m"
-BACKENDS = ("hf", "vllm", "openai")
+BACKENDS = ("hf", "vllm", "openai", "python")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ModelSpec:
     target: str
     """A local folder, an `embedded:NAME`, or for openai the base URL."""
     served_name: str | None = None
-    """For openai: the model name the server knows (after `#`)."""
+    """For openai: the model name the server knows (after `#`); for python: the function."""
     options: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -66,6 +67,11 @@ def parse_spec(spec: str) -> ModelSpec:
     raw = spec.strip()
     if not raw:
         raise CaiError("empty model spec", field="model")
+    if raw.startswith("python:"):  # a function judge: python:TARGET:FUNCTION, no options
+        from cai.backends.pyfunc import split_spec
+
+        target, function = split_spec(raw)
+        return ModelSpec(raw, "python", target, function)
     body, options = raw, {}
     if "?" in raw:
         body, query = raw.split("?", 1)
@@ -97,6 +103,10 @@ def model_identity(spec: str | ModelSpec) -> str:
     from cai.backends.base import SPEED_OPTIONS
 
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.backend == "python":  # the spec and a hash of the function's source file
+        from cai.backends.pyfunc import python_identity
+
+        return python_identity(s.raw)
     body = s.raw.split("?", 1)[0]
     kept = sorted((k, v) for k, v in s.options.items() if k not in SPEED_OPTIONS)
     return body + _weights_tag(s) + ("?" + urlencode(kept) if kept else "")
@@ -192,6 +202,8 @@ def ensure_embedded(name: str) -> Path:
 def local_path(spec: str | ModelSpec) -> Path:
     """The local folder of a model spec's weights (converting the embedded model if needed)."""
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    if s.backend == "python":
+        raise CaiError(f"{s.raw} is a Python function; it has no model folder", field="model")
     if s.backend == "openai":
         tok = s.options.get("tokenizer")
         if tok:

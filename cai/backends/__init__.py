@@ -50,6 +50,10 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
         from cai.backends.openai import OpenAIBackend
 
         backend = OpenAIBackend(parsed)
+    elif parsed.backend == "python":
+        from cai.backends.pyfunc import PythonJudge
+
+        backend = PythonJudge(parsed)
     else:  # parse_spec only returns known backends
         raise CaiError(f"unknown backend {parsed.backend!r}", field="model")
     if reuse:

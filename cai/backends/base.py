@@ -51,11 +51,30 @@ class GenRequest:
 
 
 @dataclass(frozen=True)
+class JudgeQuestion:
+    """The parts a judge chat was built from, kept beside it for judges that are functions
+    (`python:` specs): they read these instead of the rendered text. Models ignore it."""
+
+    prompt: str
+    """The human's request."""
+    first: str
+    """The response shown as option (A)."""
+    second: str
+    """The response shown as option (B)."""
+    principle: str
+    """The principle's question text."""
+    item: str = ""
+    """Which pair, principle and order this is; a function judge's errors name it."""
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     """One multiple-choice scoring: the judge chat and the text that opens its answer."""
 
     chat: Chat
     answer_prefix: str = ""
+    question: JudgeQuestion | None = None
+    """The comparison behind `chat`, when it is one (set by the label planner)."""
 
 
 @dataclass

@@ -305,6 +305,8 @@ def reward_identity(spec: str, constitution_hash: str = "", seed: int = 0) -> st
     spec = spec.strip()
     if spec.startswith("judge:"):
         return f"judge:{model_identity(spec[len('judge:'):])}#{constitution_hash}:{seed}"
+    if spec.startswith("python:"):  # the spec and a hash of the function's source file
+        return model_identity(spec)
     return "pm:" + model_identity(str(_pm_path(spec)))
 
 
@@ -468,7 +470,9 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                        f"{len(c.rl_principles)}", field="principles")
     rl = rl_points(cfg.rl_log) if cfg.rl_log else None
     pm = pm_calibration(cfg.pm_eval) if cfg.pm_eval else None
-    if cfg.best_of() and not str(cfg.reward).startswith("judge:") and not _pm_path(
+    if cfg.best_of() and str(cfg.reward).startswith("python:"):
+        reward_identity(str(cfg.reward))  # a function that does not load fails before any work
+    elif cfg.best_of() and not str(cfg.reward).startswith("judge:") and not _pm_path(
             str(cfg.reward)).is_dir():
         raise CaiError("reward folder not found (give pm:PATH of a `cai train pm` folder, or "
                        "judge:SPEC)", str(_pm_path(str(cfg.reward))), "reward")

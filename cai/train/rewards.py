@@ -5,7 +5,9 @@ answer behind `RewardSource` lets a run swap the preference model for a judge th
 responses directly (d-RLAIF) without touching the trainers, and lets tests use a toy reward.
 
 Specs: `pm:PATH` (or a bare folder) is a preference model saved by `cai train pm`;
-`judge:MODELSPEC` asks that model for a 1–10 rating under sampled RL principles.
+`judge:MODELSPEC` asks that model for a 1–10 rating under sampled RL principles;
+`python:MODULE:FUNCTION` or `python:path/to/file.py:FUNCTION` calls `fn(prompt, response)`
+(rule-based or verifiable rewards, and known-answer checks of the whole pipeline).
 """
 
 from __future__ import annotations
@@ -96,6 +98,40 @@ class JudgeReward:
         return [float(x) for x in ratings.mean(axis=1)]
 
 
+class PythonReward:
+    """A Python function as the reward: `fn(prompt, response) -> float`, `prompt` being the
+    user's text. `spec` is the function's identity (the spec plus a hash of its source
+    file), so manifests and best-of-k score ids change when the function does."""
+
+    def __init__(self, spec: str):
+        from cai.backends.pyfunc import load_function
+
+        self.function = load_function(spec, "reward")
+        self.spec = self.function.identity
+
+    def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
+        import math
+
+        from cai.backends.pyfunc import as_float, call
+
+        out = []
+        for n, (p, r) in enumerate(zip(prompts, responses)):
+            text = _prompt_text(p)
+            item = f"response {n} to {_snippet(text)!r}"
+            value = as_float(call(self.function, (text, r), item, "reward"), self.function,
+                             item, "reward")
+            if not math.isfinite(value):
+                raise CaiError(f"{self.function.spec} returned {value!r} on {item}; a reward "
+                               "must be a finite number", field="reward")
+            out.append(value)
+        return out
+
+
+def _snippet(text: str, n: int = 40) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= n else one[:n - 1] + "…"
+
+
 def _prompt_text(prompt: Chat | str) -> str:
     """The user's side of a prompt as text, for templates that quote the human turn."""
     turns = [m["content"] for m in as_chat(prompt) if m.get("role") == "user"]
@@ -104,8 +140,11 @@ def _prompt_text(prompt: Chat | str) -> str:
 
 def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless.yaml",
                 principles: int = 1, seed: int = 0, batch_size: int = 8) -> RewardSource:
-    """Build the reward a spec names: "pm:PATH" or a bare folder, or "judge:MODELSPEC"."""
+    """Build the reward a spec names: "pm:PATH" or a bare folder, "judge:MODELSPEC", or
+    "python:MODULE:FUNCTION" / "python:FILE.py:FUNCTION"."""
     spec = spec.strip()
+    if spec.startswith("python:"):
+        return PythonReward(spec)
     if spec.startswith("judge:"):
         model = spec[len("judge:"):]
         if not model:
@@ -115,8 +154,8 @@ def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless
     path = spec[len("pm:"):] if spec.startswith("pm:") else spec
     if not path or not Path(path).expanduser().is_dir():
         raise CaiError(f"reward folder not found: {path!r} (give pm:PATH to a `cai train pm` "
-                       "folder, or judge:MODELSPEC)", field="reward")
+                       "folder, judge:MODELSPEC or python:FILE.py:FUNCTION)", field="reward")
     return PMReward(Path(path).expanduser(), batch_size)
 
 
-__all__ = ["RewardSource", "PMReward", "JudgeReward", "load_reward"]
+__all__ = ["RewardSource", "PMReward", "JudgeReward", "PythonReward", "load_reward"]

@@ -43,8 +43,9 @@ class RLConfig:
     """Model spec of the SL-CAI model: the policy starts from it and it is the frozen
     KL reference."""
     reward: str = "runs/pm"
-    """Reward: "pm:PATH" (or a bare folder) of a preference model, or "judge:MODELSPEC"
-    for direct 1–10 ratings under sampled RL principles."""
+    """Reward: "pm:PATH" (or a bare folder) of a preference model, "judge:MODELSPEC"
+    for direct 1–10 ratings under sampled RL principles, or "python:FILE.py:FUNCTION"
+    (or python:MODULE:FUNCTION), a function of (prompt, response) returning a float."""
     prompts: str = "prompts/red_team.jsonl"
     """Prompts to answer: jsonl with `prompt` (or a `datasets` folder)."""
     limit: int | None = None
