@@ -69,8 +69,16 @@ def test_soft_loss_matches_hand_computation() -> None:
     # A soft label mixes both directions; weights scale each pair.
     p, w = [0.7, 0.2, 0.5, 0.9, 0.6], [1.0, 0.5, 2.0, 1.0, 0.0]
     soft = soft_preference_loss(m, torch.tensor(p), torch.tensor(w)).item()
-    want = sum(-wi * (pi * ls(x) + (1 - pi) * ls(-x)) for x, pi, wi in zip(margins, p, w)) / 5
+    # The mean is over the 4 pairs of non-zero weight: the weight-0 pair is out of it.
+    want = sum(-wi * (pi * ls(x) + (1 - pi) * ls(-x)) for x, pi, wi in zip(margins, p, w)) / 4
     assert soft == pytest.approx(want, rel=1e-6)
+    # So adding weight-0 pairs changes neither the loss nor its gradient on the others.
+    x = torch.tensor(margins[:4], requires_grad=True)
+    soft_preference_loss(x, torch.tensor(p[:4]), torch.tensor(w[:4])).backward()
+    padded = torch.tensor(margins[:4] + [0.1, -0.4], requires_grad=True)
+    soft_preference_loss(padded, torch.tensor(p[:4] + [1.0, 1.0]),
+                         torch.tensor(w[:4] + [0.0, 0.0])).backward()
+    assert torch.allclose(x.grad, padded.grad[:4]) and padded.grad[4:].abs().sum() == 0
     # Its minimum is at σ(Δ) = p: zero gradient at logit(p), not at Δ → ∞.
     for target in (0.6, 0.9):
         x = torch.tensor([math.log(target / (1 - target))], requires_grad=True)
@@ -113,10 +121,83 @@ def test_ties_drop_keep_and_weight() -> None:
     dropped, c = apply_ties(rows, "drop", 0.05)
     assert [r["id"] for r in dropped] == ["clear"] and c == {"ties": 3, "ties_dropped": 3}
     weighted, _ = apply_ties(rows, "weight", 0.05)
-    assert [round(r["weight"], 6) for r in weighted] == [0.04, 0.6, 1.0, 0.0]
+    # min(1, |p − ½| / 0.05): 0.52 → 0.4; the flag does not set a weight, p does.
+    assert [round(r["weight"], 6) for r in weighted] == [0.4, 1.0, 1.0, 0.0]
     # Without the flag and with a zero threshold nothing is a tie.
     none, c = apply_ties([dict(r, tie_flag=False) for r in rows], "drop", 0.0)
     assert len(none) == 4 and c["ties"] == 0
+
+
+def test_tie_weight_is_continuous_and_monotone() -> None:
+    t = 0.05
+    ps = [0.5 + k * 1e-4 for k in range(0, 1001)]  # 0.5 … 0.6, across the band's edge at 0.55
+    rows = as_rows([pref(f"p{k}", "q", "a", "b", p) for k, p in enumerate(ps)])
+    w = [r["weight"] for r in apply_ties(rows, "weight", t)[0]]
+    assert w[0] == 0.0 and w[-1] == 1.0
+    assert all(b >= a for a, b in zip(w, w[1:]))
+    assert max(b - a for a, b in zip(w, w[1:])) < 0.01  # no jump anywhere, the edge included
+    edge = ps.index(min(ps, key=lambda p: abs(p - 0.55)))
+    assert w[edge - 1] == pytest.approx(w[edge + 1], abs=0.01) and w[edge + 1] == 1.0
+    # The ramp is symmetric in the label's direction.
+    low = as_rows([pref("lo", "q", "a", "b", 0.48)])
+    assert apply_ties(low, "weight", t)[0][0]["weight"] == pytest.approx(0.4)
+
+
+def test_accuracy_follows_the_label_direction() -> None:
+    import torch
+
+    from cai.train.pm import direction_accuracy, preference_report
+
+    rows = as_rows([pref("a", "q1", "x", "y", 0.3), pref("b", "q2", "x", "y", 0.9),
+                    pref("c", "q3", "x", "y", 0.5), pref("d", "q4", "x", "y", 0.52)])
+    # A PM that matches every label exactly: margin = logit(p).
+    margins = [math.log(r["p_chosen"] / (1 - r["p_chosen"])) for r in rows]
+    rep = preference_report(margins, rows, bins=5, tie_threshold=0.05)
+    assert rep["accuracy"] == 1.0 and rep["accuracy_pairs"] == 2
+    assert rep["accuracy_ties_excluded"] == 2
+    assert rep["by_source"]["labels"]["accuracy"] == 1.0
+    # Flipping every margin makes it wrong on both pairs that state a direction.
+    assert preference_report([-m for m in margins], rows, bins=5, tie_threshold=0.05)["accuracy"] == 0.0
+    # Without a tie band only the exact ½ is left out; 0.52 counts.
+    assert preference_report(margins, rows, bins=5)["accuracy_pairs"] == 3
+    p = torch.tensor([r["p_chosen"] for r in rows])
+    assert direction_accuracy(torch.tensor(margins), p) == 1.0
+    assert direction_accuracy(torch.tensor([1.0, 1.0, 1.0, 1.0]), p) == pytest.approx(2 / 3)
+    assert direction_accuracy(torch.tensor([1.0]), torch.tensor([0.5])) is None
+
+
+def test_heldout_pm_split_never_puts_one_prompt_on_both_sides() -> None:
+    from cai.train.pm import prompt_key, split_rows
+
+    # 20 prompts with 3 labelled pairs each (3 responses per prompt) and one SL pair each,
+    # the SL pair's chat holding no system turn: a split by pair would cut most prompts.
+    rows = []
+    for k in range(20):
+        for j in range(3):
+            rows.append(pref(f"l{k}-{j}", f"prompt number {k}", f"r{j}", f"r{(j + 1) % 3}", 0.7))
+        rows.append({"id": f"s{k}", "prompt": [{"role": "user", "content": f"prompt number {k}"}],
+                     "chosen": [{"role": "assistant", "content": "rev"}],
+                     "rejected": [{"role": "assistant", "content": "init"}], "p_chosen": 1.0})
+    rows = as_rows(rows)
+    for seed in range(6):
+        for fraction in (0.1, 0.25, 0.5):
+            order = rows[seed:] + rows[:seed]  # row order must not matter either
+            train, held = split_rows(order, fraction, seed)
+            tk = {prompt_key(r["prompt"]) for r in train}
+            hk = {prompt_key(r["prompt"]) for r in held}
+            assert tk and hk and not tk & hk, (seed, fraction)
+            assert len(hk) == round(20 * fraction) and len(train) + len(held) == len(rows)
+            assert {r["id"] for r in held} == {r["id"] for r in split_rows(rows, fraction, seed)[1]}
+    # A row-level split of the same data (the old behaviour) does cut prompts in two.
+    import random
+
+    idx = list(range(len(rows)))
+    random.Random(0).shuffle(idx)
+    held_rows = [rows[i] for i in idx[:20]]
+    rest = [rows[i] for i in idx[20:]]
+    assert {prompt_key(r["prompt"]) for r in held_rows} & {prompt_key(r["prompt"]) for r in rest}
+    # Different seeds hold out different prompts.
+    assert split_rows(rows, 0.25, 0)[1] != split_rows(rows, 0.25, 1)[1]
 
 
 def test_preferences_and_pairs_load_with_sources_and_ties(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from cai.train.pm import (
     PreferenceTrainConfig,
     TrainResult,
     check_common,
+    direction_accuracy,
     finish_training,
     fmt,
     load_training_rows,
@@ -45,6 +46,7 @@ from cai.train.pm import (
     save_preference_run,
     soft_preference_loss,
     split_rows,
+    split_summary,
     trainer_args,
 )
 
@@ -210,7 +212,9 @@ def _soft_dpo_trainer_cls():
                 m["implied_p"].append(implied.mean().item())
                 m["mean_p"].append(inputs["p_chosen"].float().mean().item())
                 m["abs_error"].append((implied - inputs["p_chosen"]).abs().mean().item())
-                m["accuracy"].append((delta > 0).float().mean().item())
+                acc = direction_accuracy(delta, inputs["p_chosen"])
+                if acc is not None:
+                    m["accuracy"].append(acc)
                 m["rewards/margins"].append(z.mean().item())
             return (loss, {"delta": delta}) if return_outputs else loss
 
@@ -297,7 +301,8 @@ def evaluate_dpo(deltas: list[float | None], rows: list[dict[str, Any]], cfg: DP
     implied preference as `p_model`.
     """
     pairs = [(d, r) for d, r in zip(deltas, rows) if d is not None]
-    report = preference_report([d for d, _ in pairs], [r for _, r in pairs], cfg.bins, scale=cfg.beta)
+    report = preference_report([d for d, _ in pairs], [r for _, r in pairs], cfg.bins, scale=cfg.beta,
+                               tie_threshold=cfg.tie_threshold)
     report["beta"] = cfg.beta
     if "mean_p_model" in report:
         report["mean_implied_p"] = report.pop("mean_p_model")
@@ -321,6 +326,7 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
     result, deltas = train_dpo(train_rows, cfg, out=out, resume_from=resume, eval_rows=eval_rows,
                                callbacks=callbacks)
     report = evaluate_dpo(deltas, eval_rows, cfg)
+    report["split"] = split_summary(train_rows, eval_rows, cfg.eval_fraction, cfg.seed)
     manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
                                    n_eval=len(eval_rows), resumed=bool(resume),
                                    models={"base": cfg.model, "reference": cfg.model},

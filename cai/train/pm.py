@@ -26,7 +26,6 @@ import functools
 import io
 import json
 import math
-import random
 import shutil
 import tempfile
 import time
@@ -53,11 +52,14 @@ class PreferenceTrainConfig:
     pairs: str | None = None
     """SL-CAI pairs (revision ≻ initial, p = 1): the SL stage's pairs.jsonl or its folder."""
     ties: str = "keep"
-    """Ties (|p − ½| < tie_threshold, or flagged "tie"): "keep", "drop" or "weight" (loss × |2p − 1|)."""
+    """Ties (|p − ½| < tie_threshold, or flagged "tie"): "keep", "drop" or "weight" (loss ×
+    min(1, |p − ½| / tie_threshold): 0 at ½, rising to 1 at the edge of the band, no jump)."""
     tie_threshold: float = 0.05
-    """How close to ½ a label must be to count as a tie."""
+    """How close to ½ a label must be to count as a tie; held-out accuracy leaves such
+    pairs out (they state no direction to agree with)."""
     pairs_weight: float = 1.0
-    """Loss weight of each SL pair relative to a labelled pair (0 ignores them in the loss)."""
+    """Loss weight of each SL pair relative to a labelled pair (0 leaves them out of the loss,
+    and out of its mean)."""
     lora: bool = True
     """Train LoRA adapters (plus the PM's score head) instead of all weights; merged on save."""
     lora_r: int = 16
@@ -231,12 +233,23 @@ def is_tie(row: dict[str, Any], threshold: float) -> bool:
     return bool(row.get("tie_flag")) or abs(row["p_chosen"] - 0.5) < threshold
 
 
+def tie_weight(p: float, threshold: float) -> float:
+    """The "weight" ties mode's factor: min(1, |p − ½| / threshold), a function of p alone.
+
+    It is 0 at ½ and reaches 1 exactly at the edge of the tie band, so a label just inside
+    the band and one just outside it weigh almost the same (a step from |2p − 1| to 1 would
+    jump tenfold at the default threshold). With no band (threshold 0) every label weighs 1.
+    """
+    return 1.0 if threshold <= 0 else min(1.0, abs(p - 0.5) / threshold)
+
+
 def apply_ties(rows: list[dict[str, Any]], mode: str, threshold: float
                ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Keep, drop or down-weight near-½ labels (a tie teaches only "no preference").
 
-    "weight" scales a tie's loss by |2p − 1|, so an exact ½ contributes nothing and a
-    0.54 a little; labels outside the tie band keep their weight.
+    "weight" scales each label's loss by `tie_weight(p)`: an exact ½ contributes nothing,
+    0.52 (threshold 0.05) 0.4 of a full label, anything outside the band its full weight.
+    A "tie" flag from the label stage decides keep/drop, not the weight: that is p's alone.
     """
     if mode not in TIES:
         raise CaiError(f"must be one of {TIES}", field="ties")
@@ -244,20 +257,44 @@ def apply_ties(rows: list[dict[str, Any]], mode: str, threshold: float
     if mode == "drop":
         rows = [r for r in rows if not is_tie(r, threshold)]
     elif mode == "weight":
-        rows = [dict(r, weight=r["weight"] * abs(2 * r["p_chosen"] - 1)) if is_tie(r, threshold) else r
-                for r in rows]
+        rows = [dict(r, weight=r["weight"] * tie_weight(r["p_chosen"], threshold)) for r in rows]
     return rows, {"ties": len(ties), "ties_dropped": len(ties) if mode == "drop" else 0}
+
+
+def prompt_key(prompt: Any) -> str:
+    """What makes two rows "the same prompt": the text of the user's turns (a label pair and
+    an SL pair of one red-team prompt share it, whatever else their chats hold)."""
+    from cai.splits import text_key
+
+    turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"] \
+        if isinstance(prompt, list) else [str(prompt)]
+    return text_key("\n\n".join(turns))
 
 
 def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A seeded held-out split; at least one training row is always left."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(int(round(len(rows) * fraction)), len(rows) - 1)
-    held = set(order[:max(n_eval, 0)])
-    return ([r for i, r in enumerate(rows) if i not in held],
-            [r for i, r in enumerate(rows) if i in held])
+    """A seeded held-out split by prompt: every pair of one prompt (AI-labelled pairs and SL
+    pairs alike) lands on the same side, so no held-out pair shares a prompt, nor a response
+    to it, with a training pair. round(fraction × prompts) prompts are held out, chosen by
+    a seeded hash of the prompt text (the same prompts whatever the row order); at least
+    one training prompt is always left."""
+    from cai.splits import held_out
+
+    keys = [prompt_key(r["prompt"]) for r in rows]
+    held = held_out(keys, fraction, seed)
+    return ([r for r, k in zip(rows, keys) if k not in held],
+            [r for r, k in zip(rows, keys) if k in held])
+
+
+def split_summary(train: list[dict[str, Any]], held: list[dict[str, Any]], fraction: float,
+                  seed: int) -> dict[str, Any]:
+    """What eval.json says about the split: by prompt, how many prompts and pairs each side
+    holds, and the held-out prompts' keys (so anyone can check that no prompt is on both)."""
+    ev = sorted({prompt_key(r["prompt"]) for r in held})
+    return {"by": "prompt", "fraction": fraction, "seed": seed,
+            "train_prompts": len({prompt_key(r["prompt"]) for r in train}),
+            "eval_prompts": len(ev), "train_pairs": len(train), "eval_pairs": len(held),
+            "eval_prompt_keys": ev}
 
 
 def encode_pm(tokenizer: Any, prompt: Any, response: str, max_length: int | None = None) -> list[int]:
@@ -281,16 +318,31 @@ def soft_preference_loss(margin: Any, p: Any, weight: Any = None) -> Any:
     """Mean of −w·[p·log σ(m) + (1 − p)·log σ(−m)] over pairs; m = r_chosen − r_rejected.
 
     With p = 1 this is the usual Bradley–Terry loss −log σ(m); for p < 1 its minimum is at
-    σ(m) = p, so a soft label trains a finite, calibrated margin.
+    σ(m) = p, so a soft label trains a finite, calibrated margin. With weights the mean is
+    over the pairs of non-zero weight: a weight-0 pair (`pairs_weight: 0`, an exact tie
+    under `ties: weight`) is out of the loss, and does not shrink the others' step either.
     """
     import torch.nn.functional as F
 
     margin = margin.float()
     p = p.to(margin)
     per_pair = -(p * F.logsigmoid(margin) + (1 - p) * F.logsigmoid(-margin))
-    if weight is not None:
-        per_pair = per_pair * weight.to(margin)
-    return per_pair.mean()
+    if weight is None:
+        return per_pair.mean()
+    w = weight.to(margin)
+    return (per_pair * w).sum() / (w > 0).sum().clamp(min=1)
+
+
+def direction_accuracy(margin: Any, p: Any) -> float | None:
+    """Share of pairs whose margin has the sign of p − ½ (the label's direction), ties
+    (p = ½) left out; None when every pair is a tie. A file may hold p_chosen < ½."""
+    import torch
+
+    margin, p = margin.float(), p.to(margin.device).float()
+    keep = p != 0.5
+    if not bool(keep.any()):
+        return None
+    return (torch.sign(margin[keep]) == torch.sign(p[keep] - 0.5)).float().mean().item()
 
 
 # --------------------------------------------------------------------------- training helpers
@@ -428,7 +480,9 @@ def _soft_reward_trainer_cls():
             loss = soft_preference_loss(margin, inputs["p_chosen"], inputs["weight"])
             with torch.no_grad():
                 m = self._metrics[mode]
-                m["accuracy"].append((margin > 0).float().mean().item())
+                acc = direction_accuracy(margin, inputs["p_chosen"])
+                if acc is not None:
+                    m["accuracy"].append(acc)
                 m["margin"].append(margin.mean().item())
                 m["mean_p"].append(inputs["p_chosen"].float().mean().item())
                 m["p_model"].append(torch.sigmoid(margin).mean().item())
@@ -578,9 +632,25 @@ def pm_scores(model: Any, tok: Any, prompts: list[Any], responses: list[str], ba
     return scores
 
 
+def _agreement(m: Any, p: Any, tie_threshold: float) -> tuple[float | None, int]:
+    """Accuracy as agreement of sign(margin) with sign(p − ½) over the pairs outside the tie
+    band (|p − ½| ≥ tie_threshold, and never p = ½), and how many pairs that was."""
+    import numpy as np
+
+    keep = (np.abs(p - 0.5) >= tie_threshold) & (p != 0.5)
+    if not keep.any():
+        return None, 0
+    return float((np.sign(m[keep]) == np.sign(p[keep] - 0.5)).mean()), int(keep.sum())
+
+
 def preference_report(margins: list[float], rows: list[dict[str, Any]], bins: int,
-                      scale: float = 1.0) -> dict[str, Any]:
+                      scale: float = 1.0, tie_threshold: float = 0.0) -> dict[str, Any]:
     """Held-out accuracy, mean margin (× scale), per-source accuracy, calibration of σ(scale·margin).
+
+    Accuracy is agreement with the label's direction (sign of p − ½), so a file whose
+    p_chosen is below ½ is scored against the response it actually prefers; labels
+    within `tie_threshold` of ½ state no direction and are left out (`accuracy_pairs`
+    counts the rest).
 
     Calibration compares the model's probability for the response it prefers with the
     soft target's probability for that same response (so a 0.6 label is "right" 60 %
@@ -599,16 +669,21 @@ def preference_report(margins: list[float], rows: list[dict[str, Any]], bins: in
     target = np.where(q >= 0.5, p, 1 - p)
     ece, table = expected_calibration_error(conf, target, bins)
     sources = sorted({r["source"] for r in rows})
+    accuracy, n_acc = _agreement(m, p, tie_threshold)
+    src = {s: np.array([r["source"] == s for r in rows]) for s in sources}
     return {
         "pairs": len(rows),
-        "accuracy": float((m > 0).mean()),
+        "accuracy": accuracy,
+        "accuracy_pairs": n_acc,
+        "accuracy_ties_excluded": len(rows) - n_acc,
         "mean_margin": float(m.mean()),
         "mean_p_target": float(p.mean()),
         "mean_p_model": float(q.mean()),
         "mean_abs_error": float(np.abs(q - p).mean()),
         "ece": ece,
-        "by_source": {s: {"pairs": int(sum(r["source"] == s for r in rows)),
-                          "accuracy": float((m[[r["source"] == s for r in rows]] > 0).mean())}
+        "by_source": {s: {"pairs": int(src[s].sum()),
+                          "accuracy": _agreement(m[src[s]], p[src[s]], tie_threshold)[0],
+                          "accuracy_pairs": _agreement(m[src[s]], p[src[s]], tie_threshold)[1]}
                       for s in sources},
         "reliability": table,
         "per_pair": [{"id": r["id"], "source": r["source"], "p_chosen": r["p_chosen"],
@@ -628,7 +703,8 @@ def evaluate_pm(model: Any, tok: Any, rows: list[dict[str, Any]], cfg: PMConfig)
                     cfg.max_length)
     r_r = pm_scores(model, tok, prompts, [r["rejected"][-1]["content"] for r in rows], cfg.batch_size,
                     cfg.max_length)
-    return preference_report([c - r for c, r in zip(r_c, r_r)], rows, cfg.bins)
+    return preference_report([c - r for c, r in zip(r_c, r_r)], rows, cfg.bins,
+                             tie_threshold=cfg.tie_threshold)
 
 
 # --------------------------------------------------------------------------- stage
@@ -680,6 +756,7 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     result = train_pm(train_rows, cfg, out=out, resume_from=resume, callbacks=callbacks)
     result.tokenizer.model_max_length = cfg.max_length  # pm_scores truncates as training did
     report = evaluate_pm(result.model, result.tokenizer, eval_rows, cfg)
+    report["split"] = split_summary(train_rows, eval_rows, cfg.eval_fraction, cfg.seed)
     manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
                                    n_eval=len(eval_rows), resumed=bool(resume),
                                    models={"base": cfg.model}, title="PM calibration")
