@@ -175,8 +175,12 @@ def constitution_validate(files: list[Path]) -> None:
             typer.echo(str(err), err=True)
             bad = True
             continue
+        helpful = (f"{len(c.for_set('helpfulness').rl_principles)} helpfulness principles"
+                   if c.has_helpfulness else "no helpfulness principles: helpful prompts are "
+                   "judged with the rl ones")
         typer.echo(f"{f}: ok ({c.name} v{c.version}, {len(c.sl_principles)} sl principles, "
-                   f"{len(c.rl_principles)} rl principles, {len(c.few_shot)} examples, {c.hash})")
+                   f"{len(c.rl_principles)} rl principles, {helpful}, {len(c.few_shot)} examples, "
+                   f"{c.hash})")
     if bad:
         raise typer.Exit(2)
 
@@ -211,7 +215,7 @@ def constitution_diff(old: Path, new: Path, as_json: bool = typer.Option(False, 
         typer.echo(json.dumps(d.as_dict(), indent=2))
     else:
         typer.echo(f"{old} ({d.old.version}) -> {new} ({d.new.version})")
-        for section in ("sl", "rl"):
+        for section in ("sl", "rl", "helpfulness"):
             for kind, ids in (("+", d.added[section]), ("-", d.removed[section]),
                               ("~", d.changed[section])):
                 for i in ids:

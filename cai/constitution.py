@@ -103,6 +103,21 @@ class RLSection(_Strict):
     principles: list[RLPrinciple] = Field(min_length=1)
 
 
+class HelpfulnessSection(_Strict):
+    """Comparison principles that ask which answer is more *helpful*.
+
+    The `rl` principles ask which answer is less harmful: the right question for red-team
+    prompts, the wrong one for an ordinary request. The policy evaluation judges its
+    helpful prompt set with these instead, so its helpfulness column measures helpfulness.
+    Same shape as `rl.principles`; ids must not repeat any `rl` id (records cite them)."""
+
+    principles: list[RLPrinciple] = Field(min_length=1)
+
+
+PRINCIPLE_SETS = ("harmlessness", "helpfulness")
+"""The comparison principle sets: `rl.principles` and `helpfulness.principles`."""
+
+
 class ConstitutionSpec(_Strict):
     schema_: str = Field(alias="schema")
     name: str
@@ -110,6 +125,8 @@ class ConstitutionSpec(_Strict):
     description: str = ""
     sl: SLSection
     rl: RLSection
+    helpfulness: HelpfulnessSection | None = None
+    """Optional: principles for judging answers to helpful prompts (see HelpfulnessSection)."""
 
     _check = field_validator("name", "version")(_nonblank)
 
@@ -134,13 +151,21 @@ class Constitution:
     data: dict[str, Any]
     path: str = "<memory>"
     hash: str = ""
+    principle_set: str = "harmlessness"
+    """Which comparison set `rl_principles` returns (see `for_set`)."""
     _sl_index: dict[str, SLPrinciple] = field(default_factory=dict, repr=False)
     _rl_index: dict[str, RLPrinciple] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.hash = content_hash(self.data)
+        self.file_hash = content_hash(self.data)
+        # A view on another principle set keys its draws and label ids apart from the
+        # file's own (the same pair judged for helpfulness is another judgement), while
+        # its records still cite the file's stamp.
+        self.hash = (self.file_hash if self.principle_set == "harmlessness"
+                     else "sha256:" + hashlib.sha256(
+                         f"{self.file_hash}\x1f{self.principle_set}".encode()).hexdigest())
         self._sl_index = {p.id: p for p in self.spec.sl.principles}
-        self._rl_index = {p.id: p for p in self.spec.rl.principles}
+        self._rl_index = {p.id: p for p in self.rl_principles}
 
     @property
     def name(self) -> str:
@@ -152,7 +177,30 @@ class Constitution:
 
     @property
     def stamp(self) -> Stamp:
-        return Stamp(self.name, self.version, self.hash)
+        return Stamp(self.name, self.version, self.file_hash)
+
+    @property
+    def has_helpfulness(self) -> bool:
+        return self.spec.helpfulness is not None
+
+    def for_set(self, name: str) -> Constitution:
+        """The constitution with `rl_principles` = the named comparison set.
+
+        "harmlessness" is `rl.principles` (this object); "helpfulness" is
+        `helpfulness.principles`, or `rl.principles` when the file has none (callers that
+        report which set they used check `has_helpfulness`).
+        """
+        if name not in PRINCIPLE_SETS:
+            raise CaiError(f"unknown principle set {name!r}; known: {', '.join(PRINCIPLE_SETS)}")
+        if name == self.principle_set or (name == "helpfulness" and not self.has_helpfulness):
+            return self
+        return Constitution(spec=self.spec, data=self.data, path=self.path, principle_set=name)
+
+    def set_source(self, name: str) -> str:
+        """Where the named set's principles come from in the file: "rl.principles" or
+        "helpfulness.principles"."""
+        return ("helpfulness.principles" if name == "helpfulness" and self.has_helpfulness
+                else "rl.principles")
 
     @property
     def sl_principles(self) -> list[SLPrinciple]:
@@ -160,6 +208,8 @@ class Constitution:
 
     @property
     def rl_principles(self) -> list[RLPrinciple]:
+        if self.principle_set == "helpfulness" and self.spec.helpfulness is not None:
+            return list(self.spec.helpfulness.principles)
         return list(self.spec.rl.principles)
 
     @property
@@ -283,7 +333,10 @@ def _parse(text: str, path: str) -> Constitution:
                 msg = "must not be empty"
             errors.append(CaiError(msg, f"{path}:{_nearest_line(lines, loc)}", _dotted(loc)))
         raise ValidationErrors(errors) from None
-    for section, plist in (("sl", spec.sl.principles), ("rl", spec.rl.principles)):
+    sections = [("sl", spec.sl.principles), ("rl", spec.rl.principles)]
+    if spec.helpfulness is not None:
+        sections.append(("helpfulness", spec.helpfulness.principles))
+    for section, plist in sections:
         seen: dict[str, int] = {}
         for i, p in enumerate(plist):
             if p.id in seen:
@@ -291,6 +344,13 @@ def _parse(text: str, path: str) -> Constitution:
                 errors.append(CaiError(f"duplicate id {p.id!r} (first at principles[{seen[p.id]}])",
                                        f"{path}:{_nearest_line(lines, loc)}", _dotted(loc)))
             seen.setdefault(p.id, i)
+    rl_ids = {p.id for p in spec.rl.principles}
+    for i, p in enumerate(spec.helpfulness.principles if spec.helpfulness else []):
+        if p.id in rl_ids:
+            loc = ("helpfulness", "principles", i, "id")
+            errors.append(CaiError(f"id {p.id!r} is also an rl principle's; records cite ids, "
+                                   "so the two sets must not share one",
+                                   f"{path}:{_nearest_line(lines, loc)}", _dotted(loc)))
     sl_ids = {p.id for p in spec.sl.principles}
     for i, ex in enumerate(spec.sl.few_shot):
         if ex.principle is not None and ex.principle not in sl_ids:
@@ -390,9 +450,9 @@ class Diff:
 def diff(old: Constitution, new: Constitution) -> Diff:
     """Principles added, removed and changed (by id) in each section, plus other edits."""
     added, removed, changed = {}, {}, {}
-    for section in ("sl", "rl"):
-        a = {p["id"]: p for p in old.data[section]["principles"]}
-        b = {p["id"]: p for p in new.data[section]["principles"]}
+    for section in ("sl", "rl", "helpfulness"):
+        a = {p["id"]: p for p in (old.data.get(section) or {}).get("principles", [])}
+        b = {p["id"]: p for p in (new.data.get(section) or {}).get("principles", [])}
         added[section] = [i for i in b if i not in a]
         removed[section] = [i for i in a if i not in b]
         changed[section] = [i for i in a if i in b and a[i] != b[i]]

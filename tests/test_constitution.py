@@ -124,3 +124,41 @@ def test_sampling_follows_weights() -> None:
     counts = collections.Counter(sample_sl_principle(c, 0, f"p{i}", 0, 1).id for i in range(4000))
     assert abs(counts[heavy.id] / 4000 - 0.5) < 0.03
     assert set(counts) == {p.id for p in c.sl_principles}
+
+
+def test_helpfulness_set_is_validated_drawn_and_diffed(tmp_path: Path) -> None:
+    c = load(HARMLESS)
+    help_c = c.for_set("helpfulness")
+    helpful_ids = {p.id for p in help_c.rl_principles}
+    assert len(helpful_ids) >= 4 and not helpful_ids & {p.id for p in c.rl_principles}
+    assert c.set_source("helpfulness") == "helpfulness.principles"
+    # Draws come from the helpfulness set; records still cite the file's stamp; ids differ.
+    drawn = {p.id for i in range(30) for p in sample_rl_principles(help_c, 2, 0, f"pair {i}")}
+    assert drawn and drawn <= helpful_ids
+    assert help_c.stamp == c.stamp and help_c.hash != c.hash
+    assert c.for_set("harmlessness") is c
+    # Without a helpfulness section the set falls back to rl.principles, and says so.
+    data = yaml.safe_load(HARMLESS.read_text())
+    del data["helpfulness"]
+    plain = parse(yaml.safe_dump(data))
+    assert plain.for_set("helpfulness") is plain and plain.set_source("helpfulness") == "rl.principles"
+    # An id shared with rl, or a repeated one, is an error naming file:line and field.
+    data = yaml.safe_load(HARMLESS.read_text())
+    data["helpfulness"]["principles"][1]["id"] = data["rl"]["principles"][0]["id"]
+    bad = tmp_path / "clash.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = cai("constitution", "validate", str(bad))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert ": helpfulness.principles[1].id: " in r.stderr and "Traceback" not in r.stderr
+    data["helpfulness"]["principles"] = []
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = cai("constitution", "validate", str(bad))
+    assert r.returncode == 2 and ": helpfulness.principles: must not be empty" in r.stderr
+    # The diff sees helpfulness edits.
+    data = yaml.safe_load(HARMLESS.read_text())
+    data["helpfulness"]["principles"][0]["text"] = "Which reply helps more?"
+    data["version"] = "9.0.0"
+    new = tmp_path / "edited.yaml"
+    new.write_text(yaml.safe_dump(data))
+    r = cai("constitution", "diff", str(HARMLESS), str(new), "--json")
+    assert json.loads(r.stdout)["changed"]["helpfulness"] == [data["helpfulness"]["principles"][0]["id"]]
