@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterable, Iterator
@@ -275,22 +276,48 @@ def to_dataset(path: str | Path, columns: list[str] | None = None):
                        str(path)) from None
 
 
-def export(path: str | Path, out: str | Path, fmt: str = "disk") -> Path:
-    """Export records to a `datasets` folder (save_to_disk) or a parquet file."""
+def export(path: str | Path, out: str | Path, fmt: str = "disk", overwrite: bool = False) -> Path:
+    """Export records to a `datasets` folder (save_to_disk) or a parquet file.
+
+    The output is written beside its final name and renamed into place, so a failed or
+    killed export leaves no half file; it never replaces its own input, and replaces an
+    existing output only with `overwrite`.
+    """
     if fmt not in ("disk", "parquet"):
         raise CaiError(f"unknown export format {fmt!r}; use 'disk' or 'parquet'")
-    ds = to_dataset(path)
-    out = Path(out)
+    src, out = Path(path), Path(out)
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents or s in o.parents:
+        raise CaiError(f"--out {'is' if o == s else 'contains' if o in s.parents else 'is inside'} "
+                       f"the file being exported ({src}); pick another --out", str(out), "out")
     if fmt == "disk" and out.exists() and not out.is_dir():
         raise CaiError("exists and is not a folder; pick another --out", str(out))
     if fmt == "parquet" and out.is_dir():
         raise CaiError("is a folder; give a file name for the parquet file", str(out))
+    if out.exists() and not overwrite:
+        raise CaiError("exists; pass --overwrite to replace it, or pick another --out", str(out))
+    ds = to_dataset(src)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "disk":
-            ds.save_to_disk(str(out))
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds.save_to_disk(str(tmp))
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.to_parquet(str(out))
+            ds.to_parquet(str(tmp))
+            os.replace(tmp, out)
     except OSError as exc:
         raise CaiError(f"cannot write: {exc.strerror or exc}", str(out)) from None
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
     return out

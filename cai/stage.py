@@ -78,11 +78,27 @@ STAGE_MODULES = (
 )
 
 
+_RUNS: dict[str, Callable[[Any], dict[str, Any]]] = {}  # stage name -> its unguarded run
+
+
 def register(stage: Stage) -> Stage:
-    if stage.name in REGISTRY and REGISTRY[stage.name].run is not stage.run:
+    """Add a stage; its registered `run` first refuses an output folder over an input."""
+    if stage.name in _RUNS and _RUNS[stage.name] is not stage.run:
         raise RuntimeError(f"stage {stage.name!r} registered twice")
-    REGISTRY[stage.name] = stage
-    return stage
+    _RUNS[stage.name] = stage.run
+    REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run))
+    return REGISTRY[stage.name]
+
+
+def _guarded(run: Callable[[Any], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def run_stage(cfg: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if getattr(cfg, "out", None):
+            check_out_over_inputs(cfg.out, cfg)
+        return run(cfg, *args, **kwargs)
+
+    run_stage.__doc__, run_stage.__name__ = run.__doc__, run.__name__
+    run_stage.__wrapped__ = run  # type: ignore[attr-defined]
+    return run_stage
 
 
 def load_registry() -> dict[str, Stage]:
@@ -177,6 +193,51 @@ def lock_dir(root: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd
+
+
+def _spec_paths(value: str) -> list[Path]:
+    """The local files or folders a config value names: a path, a model spec's folder
+    (`hf:`, `vllm:`, `pm:`, `embedded:` in the cache), `name=spec` lists; others none."""
+    from cai.models import embedded_dir
+
+    paths = []
+    for part in value.split(","):
+        part = part.strip()
+        name, eq, rest = part.partition("=")
+        if eq and "/" not in name and not Path(part).exists():
+            part = rest  # "label=spec" in a list of models
+        body = part.split("?", 1)[0] if not Path(part).exists() else part
+        for prefix in ("pm:", "judge:", "hf:", "vllm:"):
+            body = body.removeprefix(prefix)
+        if body.startswith("embedded:"):
+            paths.append(embedded_dir(body[len("embedded:"):]))
+        elif body and not body.startswith(("openai:", "python:", "http:", "https:")):
+            path = Path(body).expanduser()
+            if path.exists():
+                paths.append(path)
+    return paths
+
+
+def check_out_over_inputs(out: str | Path, cfg: Any) -> None:
+    """Refuse an output folder equal to, inside or containing anything the stage reads (a
+    data file or folder, a model folder, the embedded model cache), before any work: a
+    stage writing there would replace the input it is reading."""
+    from cai.models import cache_root
+
+    if not dataclasses.is_dataclass(cfg):
+        return
+    found = [(f.name, p) for f in dataclasses.fields(cfg) if f.name != "out"
+             and isinstance(getattr(cfg, f.name), str) for p in _spec_paths(getattr(cfg, f.name))]
+    found.append(("model cache", cache_root()))
+    o = Path(out).expanduser().resolve()
+    for name, path in found:
+        r = path.resolve()
+        how = ("is" if o == r else "is inside" if r in o.parents
+               else "contains" if o in r.parents else None)
+        if how:
+            what = "the model cache" if name == "model cache" else f"the input `{name}`"
+            raise CaiError(f"--out {how} {what} ({path}); writing there would overwrite what "
+                           "the stage reads: pick another --out", str(out), "out")
 
 
 def _lock_owner(path: Path) -> str | None:
@@ -408,4 +469,4 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
 
 __all__ = ["Stage", "StageDir", "Engine", "EngineFields", "REGISTRY", "register", "load_registry",
            "run_chunks", "finished_run", "write_manifest", "write_card", "read_manifest", "upstream",
-           "claim_dir", "lock_dir"]
+           "claim_dir", "lock_dir", "check_out_over_inputs"]

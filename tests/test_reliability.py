@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cai.cli import app
 from cai.errors import CaiError
 from cai.records import JsonlStore, read_records
 from cai.stage import LOCK, claim_dir
@@ -148,3 +150,104 @@ def test_lock_cli_second_writer_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "another cai run" in lines[0] and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- 2. out over input
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(argv: list[str], needle: str) -> str:
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    return lines[0]
+
+
+def test_out_over_input_model_folder_is_refused_untouched(tmp_path: Path, tiny_model: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r", "p_chosen": 0.8}) + "\n")
+    before = _tree(model)
+    for cmd in (["train", "pm"], ["train", "dpo"]):
+        for out, how in ((model, "--out is the input `model`"),
+                         (model / "sub", "--out is inside the input `model`"),
+                         (tmp_path, "--out contains the input")):
+            _refused([*cmd, "--preferences", str(prefs), "--model", str(model), "--out", str(out)], how)
+    assert _tree(model) == before  # not a byte changed, no lock or marker file added
+    # A data input: sft --data FILE --out its folder.
+    sft = tmp_path / "sl"
+    sft.mkdir()
+    (sft / "sft.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}, '
+                                   '{"role": "assistant", "content": "y"}]}\n')
+    _refused(["train", "sft", "--data", str(sft / "sft.jsonl"), "--model", str(model),
+              "--out", str(sft)], "--out contains the input `data`")
+    assert not (sft / ".cai-stage").exists() and not (sft / LOCK).exists()
+    # Lists of model specs (eval policies) and prefixed specs count too.
+    _refused(["eval", "policies", "--models", f"base=hf:{model},sft=embedded:smollm2-135m",
+              "--out", str(model / "eval")], "--out is inside the input `models`")
+
+
+def test_out_over_input_model_cache_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CAI_MODEL_CACHE", str(cache))
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r", "p_chosen": 0.8}) + "\n")
+    line = _refused(["train", "pm", "--preferences", str(prefs), "--model", "embedded:smollm2-135m",
+                     "--out", str(cache / "smollm2-135m")], "--out is the input `model`")
+    assert "smollm2-135m" in line
+    _refused(["train", "pm", "--preferences", str(prefs), "--model", "hf:/nonexistent",
+              "--out", str(cache / "x")], "is inside the model cache")
+    assert not cache.exists()  # refused before anything was converted or created
+
+
+def test_out_over_input_unrelated_out_still_runs_checks(tmp_path: Path) -> None:
+    """The guard does not refuse a plain, separate --out (the stage's own checks run)."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r", "p_chosen": 0.8}) + "\n")
+    _refused(["train", "pm", "--preferences", str(prefs), "--model", "/nonexistent/m",
+              "--out", str(tmp_path / "pm")], "model folder not found")
+
+
+def test_out_over_input_export(tmp_path: Path) -> None:
+    data = tmp_path / "run" / "data.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"id": "a", "x": 1}\n{"id": "b", "x": 2}\n')
+    original = data.read_bytes()
+    for fmt in ("parquet", "disk"):
+        _refused(["export", str(data), "--out", str(data), "--format", fmt], "is the file being exported")
+        _refused(["export", str(data), "--out", str(data.parent), "--format", fmt],
+                 "contains the file being exported")
+        _refused(["export", str(data), "--out", str(data), "--format", fmt, "--overwrite"],
+                 "is the file being exported")
+    assert data.read_bytes() == original
+    other = tmp_path / "other.parquet"
+    other.write_bytes(b"precious")
+    _refused(["export", str(data), "--out", str(other), "--format", "parquet"], "pass --overwrite")
+    assert other.read_bytes() == b"precious"
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    _refused(["export", str(data), "--out", str(folder)], "pass --overwrite")
+    assert (folder / "keep.txt").read_text() == "mine"
+    # With --overwrite both are replaced, through a temporary name that is gone afterwards.
+    for out, fmt in ((other, "parquet"), (folder, "disk")):
+        r = CliRunner().invoke(app, ["export", str(data), "--out", str(out), "--format", fmt,
+                                     "--overwrite"])
+        assert r.exit_code == 0, r.stderr
+    import datasets
+
+    assert datasets.Dataset.from_parquet(str(other))["id"] == ["a", "b"]
+    assert datasets.load_from_disk(str(folder))["x"] == [1, 2] and not (folder / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "other.parquet", "run"]
+    # A fresh --out needs no flag.
+    r = CliRunner().invoke(app, ["export", str(data), "--out", str(tmp_path / "new.parquet"),
+                                 "--format", "parquet"])
+    assert r.exit_code == 0 and (tmp_path / "new.parquet").is_file()
