@@ -278,11 +278,13 @@ def plot_cmd(run_dir: Path) -> None:
 @app.command("export")
 @user_errors
 def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
-               fmt: str = typer.Option("disk", "--format", help="disk (save_to_disk) or parquet")) -> None:
+               fmt: str = typer.Option("disk", "--format", help="disk (save_to_disk) or parquet"),
+               overwrite: bool = typer.Option(False, "--overwrite",
+                                              help="Replace an existing --out.")) -> None:
     """Export a stage's data.jsonl to a `datasets` folder or a parquet file."""
     from cai.records import export
 
-    typer.echo(str(export(file, out, fmt)))
+    typer.echo(str(export(file, out, fmt, overwrite=overwrite)))
 
 
 @app.command("demo")
