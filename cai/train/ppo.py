@@ -235,16 +235,41 @@ class Rollout:
     stats: dict[str, float]
 
 
+class PolicyAndValue(nn.Module):
+    """The trainable parts as one module, so DDP / FSDP / ZeRO wrap (and sync) them together.
+    Its forward is `response_forward` with the value head."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                temperature: float) -> dict[str, torch.Tensor]:
+        return response_forward(self.policy, input_ids, attention_mask, n_response, temperature,
+                                self.value_head)
+
+
 class PPOTrainer:
     """Owns the policy, value head, frozen reference, reward, optimizer and KL controller.
 
     `policy` may be a peft model (LoRA); `reference` is a separate frozen copy of the model
-    the run started from (the SL-CAI folder). `cfg` is an `RLConfig`.
+    the run started from (the SL-CAI folder). `cfg` is an `RLConfig`. `engine` samples the
+    rollouts (`cai.train.rollout`; default: the policy itself through transformers).
+
+    With an `accelerator` of N processes (`accelerate launch`), each process samples and
+    scores its N-th of every batch; the scored rollouts are gathered so every process holds
+    the whole batch (advantages are whitened over it), and each minibatch is split across
+    the processes with its loss weighted so that the averaged gradient equals one process's
+    gradient on the whole minibatch. Samples are seeded per request, so the run matches a
+    one-process run within float round-off.
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module, tokenizer: Any,
-                 reward: RewardSource, prompts: list[Chat], cfg: RLConfig, out: str | Path):
+                 reward: RewardSource, prompts: list[Chat], cfg: RLConfig, out: str | Path,
+                 engine: Any = None, accelerator: Any = None):
         from cai.backends.chat import ChatFormat
+        from cai.train.rollout import HFRollout
 
         self.cfg = cfg
         self.out = Path(out)
@@ -254,6 +279,11 @@ class PPOTrainer:
         self.prompts = prompts
         self.fmt = ChatFormat(tokenizer)
         self.tok = tokenizer
+        self.accelerator = accelerator
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.is_main = self.rank == 0
+        self._check_split()
         self.device = next(policy.parameters()).device
         self.reference.to(self.device)
         self.prompt_ids = [self.fmt.encode(self.fmt.render(p)) for p in prompts]
@@ -262,11 +292,46 @@ class PPOTrainer:
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params + list(self.value_head.parameters()),
                                            lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
+        self.model: nn.Module = PolicyAndValue(policy, self.value_head)
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
         self.step = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+        self.engine = engine if engine is not None else HFRollout(
+            policy, tokenizer.pad_token_id, self.fmt.stop_ids, self.autocast)
+
+    def _check_split(self) -> None:
+        """Across N processes every batch and minibatch must split into N equal shares."""
+        from cai.errors import CaiError
+
+        cfg, n = self.cfg, self.world
+        if n == 1:
+            return
+        for name in ("batch_size", "minibatch_size"):
+            if getattr(cfg, name) % n:
+                raise CaiError(f"must be a multiple of the {n} processes", field=name)
+        if cfg.batch_size % cfg.minibatch_size:
+            raise CaiError(f"must divide batch_size ({cfg.batch_size}) when running on "
+                           f"{n} processes", field="minibatch_size")
+
+    # ---------------------------------------------------------------- across processes
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's rows, in process order (the batch order)."""
+        return x if self.world == 1 else self.accelerator.gather(x.contiguous())
+
+    def _gather_list(self, x: list) -> list:
+        if self.world == 1:
+            return x
+        from accelerate.utils import gather_object
+
+        return gather_object(x)
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.world == 1 else self.accelerator.reduce(x.contiguous(), "sum")
 
     # ---------------------------------------------------------------- one step
 
@@ -281,70 +346,78 @@ class PPOTrainer:
             out.append(order[pos])
         return out
 
-    @torch.no_grad()
-    def generate(self, idx: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sample one response per prompt; returns (input_ids, attention_mask, prompt width)."""
-        from transformers import GenerationConfig
+    def request_seeds(self, step: int) -> list[int]:
+        """One sampling seed per response of a step, by its place in the global batch, so
+        the process (or batch) that samples it does not matter."""
+        return [derive_seed(self.cfg.seed, "rollout", step, j) % 2**63
+                for j in range(self.cfg.batch_size)]
 
+    def _pack(self, prompts: list[list[int]], responses: list[list[int]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[prompt (left-padded) | response (right-padded)] ids and attention mask, and the
+        response mask (real tokens up to and including the stop token)."""
         pad = self.tok.pad_token_id
-        width = max(len(self.prompt_ids[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(self.prompt_ids[i])) + self.prompt_ids[i]
-                            for i in idx], device=self.device)
-        amask = (torch.arange(width, device=self.device)[None, :]
-                 >= torch.tensor([width - len(self.prompt_ids[i]) for i in idx],
-                                 device=self.device)[:, None]).long()
-        # Pure temperature sampling: PPO's ratios assume the tokens came from softmax(z / T).
-        # Every knob that reshapes the distribution is set to its neutral value, or a
-        # model's saved generation_config would fill it in (transformers fills unset ones).
-        gcfg = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=True,
-                                temperature=self.cfg.temperature, top_k=0, top_p=1.0, min_p=0.0,
-                                typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                                repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                eos_token_id=self.fmt.stop_ids, pad_token_id=pad)
-        torch.manual_seed(derive_seed(self.cfg.seed, "rollout", step) % 2**63)
-        self.policy.eval()
-        with self.autocast:
-            seqs = self.policy.generate(input_ids=ids, attention_mask=amask, generation_config=gcfg)
-        return seqs, amask, width
+        width = max(len(p) for p in prompts)
+        t_len = max(1, max(len(r) for r in responses))
+        ids = [[pad] * (width - len(p)) + p + r + [pad] * (t_len - len(r))
+               for p, r in zip(prompts, responses)]
+        amask = [[0] * (width - len(p)) + [1] * (len(p) + len(r)) + [0] * (t_len - len(r))
+                 for p, r in zip(prompts, responses)]
+        mask = [[1.0] * len(r) + [0.0] * (t_len - len(r)) for r in responses]
+        dev = self.device
+        return (torch.tensor(ids, device=dev), torch.tensor(amask, device=dev),
+                torch.tensor(mask, device=dev))
+
+    def _text(self, tokens: list[int]) -> str:
+        body = [t for t in tokens if t not in self.fmt.stop_ids]
+        return self.tok.decode(body, skip_special_tokens=True).strip()
 
     def rollout(self, step: int) -> Rollout:
-        """Generate, score with policy, reference and reward; rewards → GAE advantages."""
+        """Sample (this process's share), score with policy, reference and reward, gather
+        the batch; rewards → GAE advantages."""
         cfg = self.cfg
         t0 = time.perf_counter()
         idx = self.batch_prompts(step)
-        seqs, prompt_mask, width = self.generate(idx, step)
-        response = seqs[:, width:]  # [B, T]
-        is_stop = torch.isin(response, torch.tensor(self.fmt.stop_ids, device=self.device))
-        # Real tokens: everything up to and including the first stop token.
-        after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
-        mask = (~after_stop).float()  # [B, T]
-        lengths = mask.sum(1).long()
-        t_len = int(lengths.max())
-        response, mask = response[:, :t_len], mask[:, :t_len]
-        texts = []
-        for row, n in zip(response.tolist(), lengths.tolist()):
-            body = [t for t in row[:n] if t not in self.fmt.stop_ids]
-            texts.append(self.tok.decode(body, skip_special_tokens=True).strip())
-        input_ids = torch.cat([seqs[:, :width], response], dim=1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], dim=1)
+        share = len(idx) // self.world
+        lo, hi = self.rank * share, (self.rank + 1) * share
+        self.policy.eval()
+        got = self.engine.sample([self.prompt_ids[i] for i in idx[lo:hi]],
+                                 self.request_seeds(step)[lo:hi], cfg.max_new_tokens,
+                                 cfg.temperature)
+        responses = self._gather_list(got.tokens)
+        input_ids, attention_mask, mask = self._pack([self.prompt_ids[i] for i in idx], responses)
+        t_len = mask.shape[1]
         t1 = time.perf_counter()
 
+        mine = slice(lo, hi)
         with torch.no_grad(), self.autocast:
-            pol = response_forward(self.policy, input_ids, attention_mask, t_len,
+            pol = response_forward(self.policy, input_ids[mine], attention_mask[mine], t_len,
                                    cfg.temperature, self.value_head, with_entropy=True)
-            ref = response_forward(self.reference, input_ids, attention_mask, t_len,
+            ref = response_forward(self.reference, input_ids[mine], attention_mask[mine], t_len,
                                    cfg.temperature)
-        raw = torch.tensor(self.reward.score([self.prompts[i] for i in idx], texts),
-                           dtype=torch.float32, device=self.device)  # [B]
+        raw = torch.tensor(self.reward.score([self.prompts[i] for i in idx[lo:hi]],
+                                             [self._text(r) for r in got.tokens]),
+                           dtype=torch.float32, device=self.device)  # [B / N]
+        engine_diff = None
+        if got.logprobs is not None:
+            # How far the engine's sampling log-probs are from the trainer's: ~1e-5 when
+            # the engine holds the policy's weights, large after a missed sync.
+            elp = torch.tensor([lp + [0.0] * (t_len - len(lp)) for lp in got.logprobs],
+                               device=self.device)
+            m = mask[mine]
+            engine_diff = self._sum(torch.stack([((elp - pol["logp"].float()).abs() * m).sum(),
+                                                 m.sum()]))
+        logp, values, entropy, ref_logp, raw = (self._gather(x) for x in (
+            pol["logp"], pol["values"], pol["entropy"], ref["logp"], raw))
         scores = raw
         if cfg.whiten_rewards:
             # β then weighs KL against reward standard deviations, whatever the PM's scale.
             scores = (raw - raw.mean()) / (raw.std(unbiased=False) + 1e-8)
-        kl = kl_per_token(pol["logp"], ref["logp"], "k1") * mask
-        kl3 = kl_per_token(pol["logp"], ref["logp"], "k3") * mask
+        kl = kl_per_token(logp, ref_logp, "k1") * mask
+        kl3 = kl_per_token(logp, ref_logp, "k3") * mask
         beta = self.kl_ctl.value
         rewards = token_rewards(kl, scores, mask, beta)
-        adv, returns = gae(rewards, pol["values"], mask, cfg.gamma, cfg.lam)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mask)
         t2 = time.perf_counter()
         seq_kl = kl.sum(1).mean().item()
@@ -355,50 +428,67 @@ class PPOTrainer:
             "kl": seq_kl,
             "sqrt_kl": math.sqrt(max(seq_kl, 0.0)),
             "kl_k3": kl3.sum(1).mean().item(),
-            "entropy": masked_mean(pol["entropy"], mask).item(),
-            "response_length": lengths.float().mean().item(),
+            "entropy": masked_mean(entropy, mask).item(),
+            "response_length": mask.sum(1).mean().item(),
             "beta": beta,
             "time_generation_s": t1 - t0,
             "time_reference_reward_s": t2 - t1,
         }
-        return Rollout(input_ids, attention_mask, mask, pol["logp"], pol["values"] * mask,
-                       adv, returns, stats)
+        if engine_diff is not None:
+            stats["rollout_logp_abs_diff"] = (engine_diff[0] / engine_diff[1].clamp(min=1)).item()
+        return Rollout(input_ids, attention_mask, mask, logp, values * mask, adv, returns, stats)
 
     def update(self, r: Rollout, step: int) -> dict[str, float]:
         """`ppo_epochs` passes of shuffled minibatch updates over one rollout."""
         cfg = self.cfg
         n, t_len = r.input_ids.shape[0], r.mask.shape[1]
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step) % 2**63)
-        acc: dict[str, list[float]] = {"clip_fraction": [], "value_clip_fraction": [],
-                                       "policy_loss": [], "value_loss": []}
+        keys = ("clip_fraction", "value_clip_fraction", "policy_loss", "value_loss")
+        acc: dict[str, list[float]] = {k: [] for k in keys}
+        trainable = self.params + list(self.value_head.parameters())
         # The policy stays in eval mode: dropout would make the new log-probs disagree with the
         # rollout's even before any update.
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, cfg.minibatch_size):
-                mb = torch.tensor(perm[s:s + cfg.minibatch_size], device=self.device)
+                whole = perm[s:s + cfg.minibatch_size]
+                k = len(whole) // self.world
+                mb = torch.tensor(whole[self.rank * k:(self.rank + 1) * k], device=self.device)
                 with self.autocast:
-                    new = response_forward(self.policy, r.input_ids[mb], r.attention_mask[mb], t_len,
-                                           cfg.temperature, self.value_head)
+                    new = self.model(r.input_ids[mb], r.attention_mask[mb], t_len, cfg.temperature)
                 m = r.mask[mb]
                 pl, cf = policy_loss(new["logp"], r.logp[mb], r.advantages[mb], m, cfg.cliprange)
                 vl, vcf = value_loss(new["values"], r.values[mb], r.returns[mb], m, cfg.cliprange_value)
-                loss = pl + VF_COEF * vl
+                # This process's masked means, weighted by its share of the minibatch's tokens
+                # (times N, as DDP averages): the averaged gradient is that of the whole
+                # minibatch's masked mean. Exactly 1 on one process.
+                weight = m.sum() * self.world / r.mask[whole].sum().clamp(min=1)
+                loss = (pl + VF_COEF * vl) * weight
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params + list(self.value_head.parameters()),
-                                               MAX_GRAD_NORM)
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                    self.accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 self.optimizer.step()
-                for k, v in zip(acc, (cf, vcf, pl, vl)):
-                    acc[k].append(v.detach().item())
+                vals = torch.stack([cf, vcf, pl, vl]).detach()
+                if self.world > 1:
+                    vals = self._sum(vals * m.sum()) / r.mask[whole].sum().clamp(min=1)
+                for key, v in zip(keys, vals.tolist()):
+                    acc[key].append(v)
         return {k: sum(v) / len(v) for k, v in acc.items()}
 
     def train_step(self, step: int) -> dict[str, Any]:
         r = self.rollout(step)
         t = time.perf_counter()
         upd = self.update(r, step)
-        stats = {"step": step, **r.stats, **upd, "time_update_s": time.perf_counter() - t}
-        total = stats["time_generation_s"] + stats["time_reference_reward_s"] + stats["time_update_s"]
+        t_sync = time.perf_counter()
+        self.engine.sync(self.policy)  # the next rollout samples from the updated policy
+        stats = {"step": step, **r.stats, **upd, "time_update_s": t_sync - t,
+                 "time_sync_s": time.perf_counter() - t_sync}
+        total = (stats["time_generation_s"] + stats["time_reference_reward_s"]
+                 + stats["time_update_s"] + stats["time_sync_s"])
         stats["samples_per_s"] = self.cfg.batch_size / total
         self.kl_ctl.update(stats["kl"], self.cfg.batch_size)
         self.step = step
@@ -413,16 +503,23 @@ class PPOTrainer:
     def train(self, steps: int) -> list[dict[str, Any]]:
         """Run (or continue) to `steps`, logging every step and checkpointing on schedule."""
         start = self.load_checkpoint()
-        self._trim_log(start)
+        if self.is_main:
+            self._trim_log(start)
+        if start:
+            self.engine.sync(self.policy)  # the engine starts from the checkpoint's weights
         history = []
         for step in range(start + 1, steps + 1):
             stats = self.train_step(step)
             history.append(stats)
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(stats) + "\n")
             every = self.cfg.save_every
-            if step == steps or (every > 0 and step % every == 0):
-                self.save_checkpoint()
+            # Every process holds the same weights and stats; one writes them.
+            if self.is_main:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(stats) + "\n")
+                if step == steps or (every > 0 and step % every == 0):
+                    self.save_checkpoint()
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
         return history
 
     def _trim_log(self, step: int) -> None:
@@ -482,4 +579,4 @@ class PPOTrainer:
 
 __all__ = ["kl_per_token", "gae", "policy_loss", "value_loss", "token_rewards", "masked_mean",
            "masked_whiten", "AdaptiveKLController", "FixedKLController", "ValueHead",
-           "response_forward", "PPOTrainer", "Rollout"]
+           "response_forward", "PPOTrainer", "PolicyAndValue", "Rollout"]

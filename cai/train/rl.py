@@ -24,11 +24,20 @@ from typing import Any
 from cai.config import to_dict
 from cai.errors import CaiError
 from cai.records import write_json_atomic
-from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.stage import (
+    Stage,
+    claim_dir,
+    finished_run,
+    read_manifest,
+    register,
+    write_card,
+    write_manifest,
+)
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
 ALGOS = ("ppo", "rloo", "grpo")
+ROLLOUT_ENGINES = ("hf", "vllm")
 # Fields a checkpoint may be continued under with a different value.
 RESUMABLE = ("steps", "save_every", "out")
 
@@ -100,6 +109,20 @@ class RLConfig:
     """bf16 autocast on a GPU that supports it (ignored on CPU)."""
     save_every: int = 25
     """Checkpoint every N steps (0: only at the end); a rerun continues from the last."""
+    rollout_engine: str = "hf"
+    """Who samples the responses: "hf" (transformers' generate on the policy) or "vllm"
+    (an in-process vLLM engine; PPO loads the policy's new weights into it after every
+    update; RLOO/GRPO use TRL's own vLLM integration)."""
+    vllm_mode: str = "colocate"
+    """With rollout_engine vllm: "colocate" (the engine in the training process) or, for
+    RLOO/GRPO only, "server" (TRL's `trl vllm-serve` at vllm_server_url)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of GPU memory the colocated engine may take (the rest is for training)."""
+    vllm_sleep: bool = False
+    """GPU only: put the colocated engine to sleep (weights offloaded, KV cache freed)
+    during each update, so the update has the memory; costs a wake-up per step."""
+    vllm_server_url: str | None = None
+    """RLOO/GRPO with vllm_mode server: the server's base URL (default TRL's localhost:8000)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -127,6 +150,13 @@ class RLConfig:
              "must be at least 2 (RLOO/GRPO compare responses within a group)"),
             (self.algo == "ppo" or self.batch_size % self.num_generations == 0, "num_generations",
              f"must divide batch_size ({self.batch_size})"),
+            (self.rollout_engine in ROLLOUT_ENGINES, "rollout_engine",
+             f"must be one of {ROLLOUT_ENGINES}"),
+            (self.vllm_mode in ("colocate", "server"), "vllm_mode", "must be colocate or server"),
+            (self.algo != "ppo" or self.vllm_mode == "colocate", "vllm_mode",
+             "PPO's vLLM engine is colocated; server mode is for rloo/grpo"),
+            (0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
+             "must be in (0, 1]"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -145,11 +175,19 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     out = Path(cfg.out)
-    claim_dir(out, STAGE)
-    done = finished_run(out, cfg, STAGE)
+    state = _process_group()
+    main = state is None or state.is_main_process
+    done = None
+    if main:  # one writer per folder: under accelerate launch, process 0
+        claim_dir(out, STAGE)
+        done = finished_run(out, cfg, STAGE)
+        if done is None:
+            _check_resumable(cfg, out)
+    if state is not None:
+        state.wait_for_everyone()
+        done = finished_run(out, cfg, STAGE)
     if done is not None:
         return done
-    _check_resumable(cfg, out)
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)
     chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
     if reward is None:
@@ -160,6 +198,9 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
         model, tok = _train_ppo(cfg, out, chats, reward)
     else:
         model, tok = _train_trl(cfg, out, chats, reward)
+    if not main:  # process 0 saves; the others return its manifest
+        state.wait_for_everyone()
+        return read_manifest(out)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()
@@ -177,7 +218,21 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
                f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "
                f"{len(log)} steps on `{cfg.prompts}`. Load this folder as a model spec "
                f"(`hf:{out}`); the per-step reward and KL are in `log.jsonl`.", manifest)
+    if state is not None:
+        state.wait_for_everyone()
     return manifest
+
+
+def _process_group():
+    """accelerate's process state when launched as several processes, else None (a
+    single process never touches torch.distributed)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def summarize(log: list[dict[str, Any]]) -> dict[str, Any]:
@@ -227,7 +282,14 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     from cai.train.ppo import PPOTrainer
 
     path = str(local_path(cfg.model))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = None
+    if _process_group() is not None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        device = accelerator.device
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(path)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
@@ -236,13 +298,37 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
 
         torch.manual_seed(cfg.seed)
         policy = get_peft_model(policy, _lora_config(cfg))
-    trainer = PPOTrainer(policy, reference, tok, reward, chats, cfg, out)
+    engine = _rollout_engine(cfg, path, tok, chats, accelerator)
+    trainer = PPOTrainer(policy, reference, tok, reward, chats, cfg, out, engine=engine,
+                         accelerator=accelerator)
     trainer.train(cfg.steps)
+    if engine is not None:
+        engine.close()
     if trainer.step > cfg.steps:
         raise CaiError(f"the checkpoint is already at step {trainer.step}, past --steps "
                        f"{cfg.steps}", str(out), "steps")
     model = policy.merge_and_unload() if cfg.lora else policy
     return model, tok
+
+
+def _rollout_engine(cfg: RLConfig, path: str, tok: Any, chats: list, accelerator: Any):
+    """The vLLM rollout engine when asked for (None: the trainer samples with its model)."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    import torch
+
+    from cai.backends.chat import ChatFormat
+    from cai.train.rollout import VLLMRollout
+
+    cuda = torch.cuda.is_available()
+    fmt = ChatFormat(tok)
+    # The engine's context: the longest prompt plus the response (a KV cache sized to it).
+    max_len = max(len(fmt.encode(fmt.render(c))) for c in chats) + cfg.max_new_tokens
+    return VLLMRollout(path, fmt.stop_ids,
+                       dtype="bfloat16" if cfg.bf16 and cuda else "float32",
+                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                       sleep=cfg.vllm_sleep, seed=cfg.seed, max_model_len=max_len,
+                       external_launcher=accelerator is not None and accelerator.num_processes > 1)
 
 
 def _completion_text(c: Any) -> str:
@@ -284,6 +370,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
         bf16=cfg.bf16 and cuda, use_cpu=not cuda, gradient_checkpointing=False,
         model_init_kwargs={"dtype": "float32"}, disable_dropout=True, lr_scheduler_type="constant",
+        **_trl_vllm_args(cfg),
     )
     ds = datasets.Dataset.from_list([{"prompt": c} for c in chats])
     # The model goes in as its saved path: TRL builds the KL reference from that same path.
@@ -296,6 +383,21 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     if cfg.lora:
         model = model.merge_and_unload()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _trl_vllm_args(cfg: RLConfig) -> dict[str, Any]:
+    """TRL's vLLM generation options for --rollout-engine vllm (TRL syncs the weights)."""
+    if cfg.rollout_engine != "vllm":
+        return {}
+    from cai.backends.vllm import _set_env_defaults
+
+    _set_env_defaults()
+    args: dict[str, Any] = {"use_vllm": True, "vllm_mode": cfg.vllm_mode,
+                            "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+                            "vllm_enable_sleep_mode": cfg.vllm_sleep}
+    if cfg.vllm_server_url:
+        args["vllm_server_base_url"] = cfg.vllm_server_url
+    return args
 
 
 def _write_trl_log(history: list[dict[str, Any]], path: Path) -> None:

