@@ -275,6 +275,45 @@ def plot_cmd(run_dir: Path) -> None:
         typer.echo(str(p))
 
 
+@app.command("report")
+@user_errors
+def report_cmd(run_dir: Path,
+               html: bool = typer.Option(False, "--html", help="Also write one self-contained "
+                                         "HTML file (figures inline, opens offline)."),
+               out: Optional[Path] = typer.Option(None, "--out", help="The HTML file (default "  # noqa: UP045
+                                                  "RUN/report.html); needs --html.")) -> None:
+    """Write RUN/report.md (and with --html the report as one HTML file) from a run folder."""
+    from cai.report import write_report, write_report_html
+
+    if out is not None and not html:
+        raise CaiError("--out names the HTML file; add --html", field="out")
+    if not run_dir.is_dir():
+        raise CaiError("not a run folder", str(run_dir))
+    typer.echo(str(write_report_html(run_dir, out) if html else write_report(run_dir)))
+
+
+@app.command("view")
+@user_errors
+def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD NEW to compare."),
+             host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (local only "
+                                      "by default)."),
+             port: int = typer.Option(8765, "--port", help="Port to listen on.")) -> None:
+    """A local, read-only web viewer of a run's records, labels, training and evaluation."""
+    if len(runs) > 2:
+        raise CaiError("give one run folder, or two (OLD NEW) to compare")
+    if not 0 < port < 65536:
+        raise CaiError("must be from 1 to 65535", field="port")
+    try:
+        from cai.view.app import create_app
+    except ImportError as exc:
+        raise CaiError(f"the viewer needs the view extra (pip install 'cai[view]'): {exc}") from None
+    import uvicorn
+
+    app_ = create_app(runs)
+    typer.echo(f"cai view: http://{host}:{port}/  (Ctrl-C stops it)", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @app.command("export")
 @user_errors
 def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),

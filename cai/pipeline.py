@@ -302,9 +302,10 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     state["finished"] = time.time()
     state["seconds"] = round(time.time() - t_run, 2)
     write_json_atomic(state_path, state)
-    from cai.report import write_report
+    from cai.report import write_report, write_report_html
 
     state["report"] = str(write_report(root))
+    state["report_html"] = str(write_report_html(root))  # one file that opens offline
     write_json_atomic(state_path, state)
     _say(f"report: {state['report']}")
     return state

@@ -219,4 +219,81 @@ def write_report(root: str | Path) -> Path:
     return path
 
 
-__all__ = ["write_report"]
+_HTML_STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 1000px; margin: 2rem auto; padding: 0 1rem;
+       color: #1d232a; }
+table { border-collapse: collapse; margin: .5rem 0 1rem; }
+th, td { border: 1px solid #d0d6de; padding: .25rem .55rem; text-align: left; vertical-align: top; }
+th { background: #eef1f5; }
+img { max-width: 100%; border: 1px solid #d0d6de; }
+code { background: #f2f4f7; padding: 0 .2rem; }
+"""
+
+
+def _inline_image(root: Path, src: str) -> str | None:
+    """A PNG inside the run as a data: URI; None for anything else (no outside fetches)."""
+    import base64
+
+    if ":" in src or src.startswith(("/", "\\")):
+        return None
+    base = root.resolve()
+    p = (base / src).resolve()
+    if base not in p.parents or p.suffix.lower() != ".png" or not p.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+
+
+def render_report_html(root: str | Path, markdown: str) -> str:
+    """The report's markdown as one self-contained HTML page: styles and figures inline.
+
+    Raw HTML in the markdown (a red-team prompt quoted in the examples) is escaped, links
+    that are not plain web or relative links are dropped, and a figure that is not a PNG
+    inside the run folder is left out, so the file opens offline and runs nothing.
+    """
+    from html import escape
+
+    from markdown_it import MarkdownIt
+
+    root = Path(root)
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+    def image(renderer, tokens, idx, options, env):  # noqa: ANN001 - markdown-it calls it so
+        tok = tokens[idx]
+        alt = escape(tok.content or "")
+        data = _inline_image(root, str(tok.attrGet("src") or ""))
+        if data is None:
+            return f"<em>[figure not inlined: {alt}]</em>"
+        return f'<img src="{data}" alt="{alt}">'
+
+    md.add_render_rule("image", image)
+    title = next((line[2:].strip() for line in markdown.splitlines() if line.startswith("# ")),
+                 "Run report")
+    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'\">\n"
+            f"<title>{escape(title)}</title>\n<style>{_HTML_STYLE}</style>\n</head>\n<body>\n"
+            f"{md.render(markdown)}</body>\n</html>\n")
+
+
+def write_report_html(root: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report as one self-contained HTML file (default `<root>/report.html`),
+    after refreshing `<root>/report.md` from the run folder."""
+    from cai.errors import CaiError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CaiError("not a run folder", str(root))
+    md_path = write_report(root)
+    html = render_report_html(root, md_path.read_text(encoding="utf-8"))
+    path = Path(out) if out is not None else root / "report.html"
+    if path.is_dir():
+        raise CaiError("is a folder; give a file name for the HTML report", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, html)
+    except OSError as exc:
+        raise CaiError(f"cannot write: {exc.strerror or exc}", str(path)) from None
+    return path
+
+
+__all__ = ["write_report", "write_report_html", "render_report_html"]
