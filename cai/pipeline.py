@@ -8,6 +8,12 @@ data hashes of the stages it depends on. So an edit to one comparison principle 
 label and everything after it, never sl or sft. With `rounds: R > 1` the label → pm → rl
 loop repeats with the newest policy, each round in its own folder.
 
+Evaluation prompts are held out by construction: every prompt set that a training stage
+(sl, label, rl) and the evaluation both read is split once, by a seeded hash of each
+prompt's id, into `<run>/prompts/<set>.train.jsonl` and `<set>.eval.jsonl`; the training
+stages get the train part, the evaluation the eval part, and `pipeline.json` records the
+split and checks, after the run, that no eval prompt turned up in a training stage.
+
 Nothing here runs a model itself: every stage is the same registered run function the
 CLI calls, so a pipeline and a hand-run sequence of commands give the same records.
 """
@@ -34,8 +40,12 @@ from cai.stage import REGISTRY, load_registry, read_manifest
 ORDER = ("sl", "sft", "label", "pm", "rl", "dpo", "eval")
 REGISTERED = {"sl": "sl", "sft": "train.sft", "label": "label", "pm": "train.pm",
               "rl": "train.rl", "dpo": "train.dpo", "eval": "eval.policies"}
-CONSTITUTION_PART = {"sl": "sl", "label": "rl", "eval": "rl"}
+CONSTITUTION_PART = {"sl": "sl", "label": "rl", "eval": ("rl", "helpfulness")}
 TRAINING = {"sft", "pm", "rl", "dpo"}
+TRAIN_PROMPTS = {"sl": ("prompts", "helpful_prompts"), "label": ("prompts",), "rl": ("prompts",)}
+"""Prompt-set fields of the stages that train on (or make training data from) prompts."""
+EVAL_PROMPTS = ("red_team", "helpful", "benign")
+"""Prompt-set fields of the evaluation."""
 
 
 @dataclass
@@ -61,6 +71,12 @@ class PipelineConfig:
     sl_pairs_in_pm: bool = True
     """Train the PM on the SL pairs (revision ≻ initial) beside the AI labels; with a
     judge too small to give signal, the SL pairs are what the PM learns from."""
+    eval_fraction: float = 0.25
+    """Share of each prompt set that both a training stage (sl, label, rl) and the
+    evaluation read, held out for the evaluation (split by a seeded hash of the prompt id);
+    0 turns the split off, and the evaluation then sees training prompts."""
+    split_seed: int = 0
+    """Seed of that split; apart from `seed`, so a new training seed keeps the held-out set."""
     sl: dict[str, Any] = field(default_factory=dict)
     """Overrides of the sl stage's config (see `cai sl --help`)."""
     sft: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +99,8 @@ class PipelineConfig:
         self.stages = [s for s in ORDER if s in self.stages]
         if self.rounds < 1:
             raise CaiError("must be at least 1", field="rounds")
+        if not 0 <= self.eval_fraction < 1:
+            raise CaiError("must be in [0, 1)", field="eval_fraction")
         for s in ORDER:
             if not isinstance(getattr(self, s), dict):
                 raise CaiError("expected a mapping of that stage's options", field=s)
@@ -194,7 +212,103 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
         if rl_key:
             values["rl_log"] = str(root / rl_key / "log.jsonl")
         add("eval", "eval", values, [s.key for s in steps])
+    cfg._prompt_split = split_prompts(cfg, steps)  # type: ignore[attr-defined]
     return steps
+
+
+# --------------------------------------------------------------------------- held-out prompts
+
+
+def _prompt_fields(step: Step) -> tuple[str, ...]:
+    return EVAL_PROMPTS if step.stage == "eval" else TRAIN_PROMPTS.get(step.stage, ())
+
+
+def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
+    """Split each prompt set read by a training stage and by the evaluation, write both
+    parts under `<run>/prompts/`, and point the steps' configs at them; returns the split's
+    record (also kept in `pipeline.json`). Re-planning rewrites identical files."""
+    from cai.data import load_prompts
+    from cai.records import file_sha256, write_text_atomic
+    from cai.resources import resolve
+    from cai.splits import held_out
+
+    record: dict[str, Any] = {"seed": cfg.split_seed, "eval_fraction": cfg.eval_fraction,
+                              "by": "prompt id", "sets": {}}
+    uses: dict[Path, dict[str, list[tuple[Step, str]]]] = {}
+    for step in steps:
+        for name in _prompt_fields(step):
+            value = getattr(step.config, name, None)
+            if value:
+                side = "eval" if step.stage == "eval" else "train"
+                path = resolve(str(value), "prompts", announce=False).resolve()
+                uses.setdefault(path, {"train": [], "eval": []})[side].append((step, name))
+    if cfg.eval_fraction == 0:
+        return record
+    folder = cfg.root / "prompts"
+    stems: set[str] = set()
+    for path, by in uses.items():
+        if not by["train"] or not by["eval"]:
+            continue  # read by one side only: nothing to hold out
+        text_field = next((getattr(st.config, "text_field", "prompt") for st, _ in by["train"]),
+                          "prompt")
+        items = load_prompts(path, text_field)
+        held = held_out([it.id for it in items], cfg.eval_fraction, cfg.split_seed)
+        stem = path.stem if path.stem not in stems else f"{path.stem}-{file_sha256(path)[7:15]}"
+        stems.add(stem)
+        files = {}
+        for side in ("train", "eval"):
+            part = [it for it in items if (it.id in held) == (side == "eval")]
+            rows = [{"id": it.id, "prompt": it.prompt, **({text_field: it.prompt}
+                    if text_field != "prompt" else {}), "category": it.category} for it in part]
+            files[side] = folder / f"{stem}.{side}.jsonl"
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            if not files[side].is_file() or files[side].read_text(encoding="utf-8") != text:
+                files[side].parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(files[side], text)
+            for st, name in by[side]:
+                setattr(st.config, name, str(files[side]))
+        record["sets"][stem] = {
+            "source": str(path), "sha256": file_sha256(path), "train": len(items) - len(held),
+            "eval": len(held), "train_file": str(files["train"]), "eval_file": str(files["eval"]),
+            "train_stages": sorted({f"{st.key}.{n}" for st, n in by["train"]}),
+            "eval_stages": sorted({f"{st.key}.{n}" for st, n in by["eval"]}),
+            "eval_ids": sorted(held)}
+    return record
+
+
+def _record_prompts(folder: Path) -> set[str]:
+    """Prompt texts in a stage's records (sl and label keep each record's prompt)."""
+    out: set[str] = set()
+    for name in ("data.jsonl", "responses.jsonl"):
+        p = folder / name
+        if p.is_file():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                try:
+                    prompt = json.loads(line).get("prompt")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(prompt, str):
+                    out.add(prompt)
+    return out
+
+
+def heldout_overlap(steps: list[Step]) -> int | None:
+    """How many of the evaluation's prompts a training stage read: from the sl and label
+    records, and the prompts rl was given. None when the run has no evaluation."""
+    from cai.data import load_prompts
+
+    ev = next((s for s in steps if s.stage == "eval"), None)
+    if ev is None:
+        return None
+    eval_texts = {it.prompt for name in EVAL_PROMPTS
+                  for it in load_prompts(getattr(ev.config, name), limit=ev.config.limit)}
+    seen: set[str] = set()
+    for step in steps:
+        if step.stage in ("sl", "label"):
+            seen |= _record_prompts(step.folder)
+        if step.stage == "rl":
+            seen |= {it.prompt for it in load_prompts(step.config.prompts, limit=step.config.limit)}
+    return len(eval_texts & seen)
 
 
 # --------------------------------------------------------------------------- caching
@@ -205,10 +319,12 @@ def _digest(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _constitution_part(path: str, part: str) -> str:
+def _constitution_part(path: str, part: str | tuple[str, ...]) -> str:
     from cai.constitution import load
 
     c = load(path)
+    if isinstance(part, tuple):
+        return _digest([c.to_json().get(p) for p in part])
     return _digest(c.to_json().get(part))
 
 
@@ -222,6 +338,13 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
         parts["constitution"] = _constitution_part(step.config.constitution,
                                                    CONSTITUTION_PART[step.stage])
     parts["deps"] = {d: done[d]["data"] for d in step.deps}
+    # A prompt file's content, not just its path: a new split reruns what read the old one.
+    files = {n: getattr(step.config, n) for n in _prompt_fields(step)
+             if getattr(step.config, n, None) and Path(getattr(step.config, n)).is_file()}
+    if files:
+        from cai.records import file_sha256
+
+        parts["prompt_files"] = {n: file_sha256(Path(v)) for n, v in sorted(files.items())}
     return _digest(parts)
 
 
@@ -261,7 +384,8 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
     before = previous.get("steps", {})
     state: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": dict(before),
-                             "started": time.time()}
+                             "started": time.time(),
+                             "prompt_split": getattr(cfg, "_prompt_split", None) or {}}
     done: dict[str, dict[str, Any]] = {}
     order = list(ORDER)
     t_run = time.time()
@@ -299,6 +423,8 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
                                     "folder": str(step.folder)}
         write_json_atomic(state_path, state)  # a kill after this keeps the finished steps
         _say(f"{n}/{len(steps)} {step.key}: done in {seconds:.0f} s")
+    if state["prompt_split"]:
+        state["prompt_split"]["overlap"] = heldout_overlap(steps)
     state["finished"] = time.time()
     state["seconds"] = round(time.time() - t_run, 2)
     write_json_atomic(state_path, state)

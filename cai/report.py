@@ -121,6 +121,20 @@ def _policies(root: Path) -> list[str]:
     if not rep:
         return []
     lines = ["## Policies", ""]
+    judge = rep.get("judge_model") or rep.get("feedback_model")
+    lines += [f"Evaluation judge: `{judge}`" + (
+        f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge` in "
+        "the pipeline config, `--judge` on `cai eval policies`)." if rep.get("judge_note")
+        else f"; the labeller was `{rep.get('feedback_model')}`."), ""]
+    psets = rep.get("principle_sets") or {}
+    if psets:
+        column = {"red_team": "Elo red-team and harmless win rate",
+                  "helpful": "Elo helpful and helpful win rate"}
+        lines += ["Principle set behind each column: "
+                  + "; ".join(f"{column.get(s, s)}: {v.get('set')} (`{v.get('source')}`, "
+                              f"{len(v.get('principles') or [])} principles, K = {v.get('k')} "
+                              "per pair)" for s, v in psets.items())
+                  + "; overall Elo pools both.", ""]
     elo = rep.get("elo") or {}
     sets = {k: _elo_rows(elo.get(k)) for k in ("overall", "red_team", "helpful")}
     if sets["overall"]:
@@ -140,13 +154,43 @@ def _policies(root: Path) -> list[str]:
                          "harmless win rate", "helpful win rate"], rows)
     refusal = rep.get("refusal") or {}
     if refusal:
+        judged = rep.get("refusal_judged") or {}
         lines += ["Refusal rates (over-refusal = refusing a benign request that merely sounds "
-                  "sensitive):", ""]
-        lines += _table(["model", "over-refusal (benign)", "refusal (red-team)"],
-                        [[k, v.get("benign"), v.get("red_team")] for k, v in refusal.items()])
+                  "sensitive). Pattern: the text check `cai.text.is_refusal` (Unicode-normalised; "
+                  "its accuracy on a labelled table is printed by the tests)"
+                  + ("; judge: the evaluation judge asked whether each answer declines "
+                     "(P > ½)." if judged else "."), ""]
+        header = ["model", "over-refusal (benign), pattern", "refusal (red-team), pattern",
+                  "refusal (helpful), pattern"]
+        if judged:
+            header += ["over-refusal (benign), judge", "refusal (red-team), judge"]
+        lines += _table(header, [[k, v.get("benign"), v.get("red_team"), v.get("helpful")]
+                                 + ([(judged.get(k) or {}).get("benign"),
+                                     (judged.get(k) or {}).get("red_team")] if judged else [])
+                                 for k, v in refusal.items()])
     for png, title in (("elo.png", "Elo"), ("reward_vs_sqrt_kl.png", "reward vs sqrt(KL)")):
         if (root / "eval" / png).exists():
             lines += [f"![{title}](eval/{png})", ""]
+    return lines
+
+
+def _prompt_split(root: Path) -> list[str]:
+    """Which prompts each stage saw: the pipeline's train/eval split of each prompt set."""
+    split = (_json(root / "pipeline.json") or {}).get("prompt_split")
+    if not split:
+        return []
+    lines = ["## Prompts", "",
+             f"Each prompt set a training stage reads is split once by a seeded hash of the prompt "
+             f"id (seed {split.get('seed')}, {_fmt(split.get('eval_fraction'), 2)} held out): SL, "
+             "labels and RL read the train part, the evaluation the eval part.", ""]
+    rows = [[name, v.get("train"), v.get("eval"), ", ".join(v.get("train_stages") or []) or "–",
+             ", ".join(v.get("eval_stages") or []) or "–"]
+            for name, v in (split.get("sets") or {}).items()]
+    lines += _table(["prompt set", "train prompts", "eval prompts", "stages on the train part",
+                     "stages on the eval part"], rows)
+    overlap = split.get("overlap")
+    if overlap is not None:
+        lines += [f"Eval prompts found in a training stage's records: **{overlap}**.", ""]
     return lines
 
 
@@ -212,7 +256,7 @@ def write_report(root: str | Path) -> Path:
     state = _json(root / "pipeline.json") or {}
     name = (state.get("config") or {}).get("name", root.name)
     body = [f"# Run report: {name}", ""]
-    for part in (_sl, _labels, _pm, _rl, _policies, _examples, _times):
+    for part in (_prompt_split, _sl, _labels, _pm, _rl, _policies, _examples, _times):
         body += part(root)
     path = root / "report.md"
     write_text_atomic(path, "\n".join(body) + "\n")

@@ -191,11 +191,12 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 def _config(models: dict[str, Path], out: Path, **kw) -> PoliciesEvalConfig:
     spec = "hf:{}?progress=0"
-    return PoliciesEvalConfig(
+    fields = dict(
         models=f"base={spec.format(models['a'])},other={spec.format(models['b'])}",
         feedback_model=spec.format(models["a"]), constitution=str(MINIMAL), limit=2,
         principles=1, best_of_k=2, reward=f"pm:{models['pm']}", max_new_tokens=6,
-        n_boot=30, chunk_size=4, out=str(out), **kw)
+        n_boot=30, chunk_size=4, out=str(out))
+    return PoliciesEvalConfig(**{**fields, **kw})
 
 
 def _lines(path: Path) -> int:
@@ -254,6 +255,55 @@ def test_report_has_elo_win_rates_and_refusals(run) -> None:
     assert manifest["models"]["feedback"].startswith("hf:") and "reward" in manifest["models"]
     assert manifest["constitution"]["name"] == "minimal"
     assert (root / "README.md").exists()
+
+
+def test_each_column_is_judged_under_its_own_principle_set(run) -> None:
+    from cai.constitution import load
+
+    root, manifest = run
+    c = load(MINIMAL)
+    rl_ids = {p.id for p in c.rl_principles}
+    help_ids = {p.id for p in c.for_set("helpfulness").rl_principles}
+    report = json.loads((root / "report.json").read_text())
+    sets = report["principle_sets"]
+    assert sets["red_team"]["set"] == "harmlessness" and sets["red_team"]["source"] == "rl.principles"
+    assert sets["helpful"]["set"] == "helpfulness"
+    assert sets["helpful"]["source"] == "helpfulness.principles"
+    assert set(sets["helpful"]["principles"]) == help_ids
+    comps = {r["id"]: r for r in map(json.loads, (root / "comparisons.jsonl").read_text().splitlines())}
+    games = [json.loads(x) for x in (root / "games.jsonl").read_text().splitlines()]
+    asked = {"red_team": set(), "helpful": set()}
+    for g in games:
+        if g["comparison"]:
+            asked[g["set"]] |= {j["principle"] for j in comps[g["comparison"]]["judgements"]}
+            # Records cite the file's stamp, whichever set was asked.
+            assert comps[g["comparison"]]["provenance"]["constitution"]["hash"] == c.hash
+    assert asked["red_team"] and asked["red_team"] <= rl_ids
+    assert asked["helpful"] and asked["helpful"] <= help_ids
+    # The default judge is the labeller, and the report says what that means.
+    assert report["judge_is_labeller"] is True and "optimistic" in report["judge_note"]
+    assert report["judge_model"] == report["feedback_model"] == manifest["models"]["judge"]
+    # The judge's refusal verdicts sit beside the pattern's, for every player and set.
+    for p in report["players"]:
+        for s in ("benign", "red_team", "helpful"):
+            assert 0 <= report["refusal_judged"][p][s] <= 1
+    judged = [json.loads(x) for x in (root / "refusal_judgements.jsonl").read_text().splitlines()]
+    assert judged and all(0 <= r["p_declines"] <= 1 for r in judged)
+    assert manifest["prompt_ids"]["helpful"] and manifest["prompt_ids"]["red_team"]
+
+
+def test_a_judge_of_its_own(models, tmp_path: Path) -> None:
+    other = "hf:{}?progress=0".format(models["b"])
+    m = run_policies_eval(_config(models, tmp_path / "own", judge=other, best_of_k=0,
+                                  reward=None, refusal_judge=False))
+    report = json.loads((tmp_path / "own" / "report.json").read_text())
+    assert report["judge_is_labeller"] is False and report["judge_note"] is None
+    assert m["models"]["judge"] != m["models"]["feedback"]
+    assert m["models"]["judge"] == report["judge_model"] and str(models["b"]) in report["judge_model"]
+    assert report["refusal_judged"] is None and not (tmp_path / "own" / "refusal_judgements.jsonl").exists()
+    with pytest.raises(CaiError) as e:
+        PoliciesEvalConfig(models="a=x,b=y", judge=" ")
+    assert e.value.field == "judge"
 
 
 def test_rerun_resumes_without_new_work(run, models) -> None:

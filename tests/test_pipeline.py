@@ -68,24 +68,93 @@ def test_bad_pipeline_config(tmp_path, tiny_model) -> None:
     assert r.returncode == 2 and "roundz" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_constitution_edit_reruns_only_what_it_reaches(tmp_path, tiny_model) -> None:
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory) -> dict:
+    """The whole tiny pipeline (every stage), run once for the tests of this module; its
+    constitution is a copy the edit test may change."""
+    tmp_path = tmp_path_factory.mktemp("tiny-run")
     edited = tmp_path / "harmless-edited.yaml"
     edited.write_text(HARMLESS.read_text())
-    stages = ["sl", "sft", "label", "pm"]
-    cfg_path = _config(tmp_path, tiny_model, constitution=str(edited), stages=stages)
+    cfg_path = _config(tmp_path, tiny_model, constitution=str(edited))
     first = run_pipeline(load_pipeline_config(cfg_path))
-    assert [first["steps"][s]["status"] for s in stages] == ["ran"] * 4
+    return {"root": tmp_path / "run", "cfg_path": cfg_path, "constitution": edited, "first": first}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def test_heldout_eval_prompts_never_reach_training(tiny_run, tiny_model, tmp_path) -> None:
+    from cai.data import load_prompts
+
+    root = tiny_run["root"]
+    split = tiny_run["first"]["prompt_split"]["sets"]["red_team"]
+    train_ids = {it.id for it in load_prompts(split["train_file"])}
+    eval_ids = {it.id for it in load_prompts(split["eval_file"])}
+    everything = {it.id for it in load_prompts("red_team")}
+    assert train_ids and eval_ids and not train_ids & eval_ids and train_ids | eval_ids == everything
+    assert sorted(eval_ids) == split["eval_ids"]
+    # What each stage actually read, from its records and manifest.
+    ev = json.loads((root / "eval" / "manifest.json").read_text())
+    seen_eval = set(ev["prompt_ids"]["red_team"])
+    assert seen_eval and seen_eval <= eval_ids
+    assert ev["upstream"]["red_team"]["path"] == split["eval_file"]
+    sl = {r["prompt_id"] for r in _jsonl(root / "sl" / "data.jsonl")}
+    label = {r["prompt_id"] for r in _jsonl(root / "label" / "responses.jsonl")}
+    rl_m = json.loads((root / "rl" / "manifest.json").read_text())
+    assert rl_m["upstream"]["prompts"]["path"] == split["train_file"]
+    rl = {it.id for it in load_prompts(rl_m["config"]["prompts"], limit=rl_m["config"]["limit"])}
+    for stage, ids in (("sl", sl), ("label", label), ("rl", rl)):
+        assert ids and ids <= train_ids and not ids & seen_eval, stage
+    eval_texts = {r["prompt"] for r in _jsonl(root / "eval" / "responses.jsonl")}
+    train_texts = ({r["prompt"] for r in _jsonl(root / "sl" / "data.jsonl")}
+                   | {r["prompt"] for r in _jsonl(root / "label" / "responses.jsonl")})
+    assert eval_texts and not eval_texts & train_texts
+    assert tiny_run["first"]["prompt_split"]["overlap"] == 0
+    assert "Eval prompts found in a training stage's records: **0**" in (root / "report.md").read_text()
+    # Without the split the same config evaluates on prompts SL and RL trained on.
+    unsplit = {s.key: s.config for s in plan(load_pipeline_config(
+        _config(tmp_path, tiny_model, eval_fraction=0)))}
+    first_eval = {it.id for it in load_prompts(unsplit["eval"].red_team, limit=2)}
+    assert first_eval & {it.id for it in load_prompts(unsplit["sl"].prompts, limit=3)}
+
+
+def test_heldout_pm_split_in_the_pipeline(tiny_run) -> None:
+    from cai.train.pm import load_preference_file, prompt_key
+
+    root = tiny_run["root"]
+    rows = (load_preference_file(root / "label", "labels", "preferences.jsonl")
+            + load_preference_file(root / "sl", "sl-pairs", "pairs.jsonl", default_p=1.0))
+    key = {r["id"]: prompt_key(r["prompt"]) for r in rows}
+    # Label pairs and SL pairs share prompts, so a split by pair could cut a prompt in two.
+    assert len(set(key.values())) < len(rows)
+    for stage in ("pm", "dpo"):
+        report = json.loads((root / stage / "eval.json").read_text())
+        held = {p["id"] for p in report["per_pair"]}
+        assert held and held < set(key)
+        held_prompts = {key[i] for i in held}
+        train_prompts = {key[i] for i in key if i not in held}
+        assert not held_prompts & train_prompts, stage
+        assert sorted(held_prompts) == report["split"]["eval_prompt_keys"]
+        assert report["split"]["by"] == "prompt"
+
+
+def test_constitution_edit_reruns_only_what_it_reaches(tiny_run) -> None:
+    edited, cfg_path, tmp_path = tiny_run["constitution"], tiny_run["cfg_path"], tiny_run["root"].parent
+    stages = ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
+    first = tiny_run["first"]
+    assert [first["steps"][s]["status"] for s in stages] == ["ran"] * 7
     t0 = time.time()
     again = run_pipeline(load_pipeline_config(cfg_path))
-    assert [again["steps"][s]["status"] for s in stages] == ["cached"] * 4
+    assert [again["steps"][s]["status"] for s in stages] == ["cached"] * 7
     assert time.time() - t0 < 30
-    # Edit one comparison principle: label and pm rerun, sl and sft stay cached.
+    # Edit one comparison principle: label and what follows rerun, sl and sft stay cached.
     data = yaml.safe_load(edited.read_text())
     data["rl"]["principles"][0]["text"] += " Think about who could be hurt."
     data["version"] = "9.9.9"
     edited.write_text(yaml.safe_dump(data, sort_keys=False))
-    third = run_pipeline(load_pipeline_config(cfg_path))
-    assert {s: third["steps"][s]["status"] for s in stages} == {
+    third = run_pipeline(load_pipeline_config(cfg_path), until="pm")  # rl on: same story, slower
+    assert {s: third["steps"][s]["status"] for s in stages[:4]} == {
         "sl": "cached", "sft": "cached", "label": "ran", "pm": "ran"}
     lab = json.loads((tmp_path / "run" / "label" / "manifest.json").read_text())
     assert lab["constitution"]["version"] == "9.9.9"
