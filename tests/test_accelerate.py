@@ -44,3 +44,75 @@ def test_trainer_under_accelerate_launch(tmp_path, tiny_model, stage, extra) -> 
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == f"train.{stage}" and (out / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- PPO, 2 processes
+
+
+@pytest.fixture(scope="module")
+def pm_and_prompts(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random one-logit preference model with the policy's tokenizer, and 8 prompts."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("ppo-dp")
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(cfg).save_pretrained(str(root / "pm"))
+    tok.save_pretrained(str(root / "pm"))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}: why {i}?"}) + "\n"
+                               for i in range(8)))
+    return root / "pm", prompts
+
+
+def _ppo_args(model: Path, pm: Path, prompts: Path, out: Path, steps: int) -> list[str]:
+    return ["train", "rl", "--algo", "ppo", "--model", str(model), "--reward", f"pm:{pm}",
+            "--prompts", str(prompts), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
+            "--max-new-tokens", "8", "--learning-rate", "1e-3", "--lora-r", "4",
+            "--lora-alpha", "8", "--save-every", "1"]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_prompts) -> None:
+    """`accelerate launch` with 2 processes (torchrun, gloo on the CPU), stopped after step 2
+    and resumed to step 3, gives the samples, stats and weights of one process run straight."""
+    tiny_pm, prompts_file = pm_and_prompts
+    two = tmp_path / "two"
+    launch = [ACCELERATE, "launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "cpu2.yaml"), "-m", "cai.cli"]
+    for steps in (2, 3):
+        r = subprocess.run(launch + _ppo_args(tiny_model, tiny_pm, prompts_file, two, steps),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "cai.cli",
+                        *_ppo_args(tiny_model, tiny_pm, prompts_file, one, 3)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def log(folder: Path) -> list[dict]:
+        return [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+
+    assert [x["step"] for x in log(two)] == [1, 2, 3]
+    for a, b in zip(log(two), log(one), strict=True):
+        assert a["response_length"] == b["response_length"]  # the same samples
+        for key in ("reward_mean", "kl", "entropy", "policy_loss", "value_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-3), key
+    w2, w1 = _weights(two), _weights(one)
+    assert w2.keys() == w1.keys()
+    moved = max((w1[k] - _weights(tiny_model)[k]).abs().max().item() for k in w1)
+    diff = max((w2[k] - w1[k]).abs().max().item() for k in w1)
+    assert moved > 1e-3  # training changed the weights...
+    assert diff < 1e-5 + moved * 1e-2, (diff, moved)  # ...and both runs changed them alike
+    m = json.loads((two / "manifest.json").read_text())
+    assert m["counts"]["steps"] == 3 and m["config"]["batch_size"] == 4

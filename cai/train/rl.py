@@ -37,6 +37,15 @@ from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
 ALGOS = ("ppo", "rloo", "grpo")
+KL_PENALTY = {
+    "ppo": "reward: -beta * k1 per response token (the sum is the sequence log-ratio)",
+    "rloo": "reward: -beta * sum of k1 over the response, once per response (TRL RLOO)",
+    "grpo": "loss: +beta * k3 per token, averaged like the policy loss (TRL GRPO)",
+}
+"""What `beta` multiplies under each algorithm (kept in the manifest): the same number is
+not the same leash across algorithms."""
+KL_ESTIMATOR = {"rloo": "k1", "grpo": "k3"}
+"""The per-token KL TRL logs as "kl" for each of its algorithms."""
 ROLLOUT_ENGINES = ("hf", "vllm")
 # Fields a checkpoint may be continued under with a different value.
 RESUMABLE = ("steps", "save_every", "out")
@@ -66,7 +75,11 @@ class RLConfig:
     judge_principles: int = 1
     """Principles sampled per response for a judge: reward (ratings are averaged)."""
     beta: float = 0.05
-    """KL coefficient β: per-token reward −β·KL to the reference (initial β when adaptive)."""
+    """KL coefficient β to the reference; what it weighs depends on the algorithm (see
+    KL_PENALTY): PPO and RLOO take β·KL (k1, log π − log π_ref) out of the reward (PPO per
+    token, RLOO summed per response); GRPO adds β·k3 per token to the loss instead, so the
+    same β is a different strength there. Compare β only within one algorithm. PPO: the
+    initial β when adaptive."""
     adaptive_kl: bool = False
     """PPO: adapt β so the per-response KL approaches target_kl."""
     target_kl: float = 6.0
@@ -212,7 +225,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
         models={"policy": cfg.model, "reference": cfg.model, "reward": reward_spec},
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
-        extra={"metrics": metrics})
+        extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo]})
     write_card(out, "RL-CAI policy",
                f"The SL-CAI model `{cfg.model}` trained with {cfg.algo.upper()} against "
                f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "
@@ -230,9 +243,11 @@ def _process_group():
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without a GPU the processes talk over gloo on the CPU.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def summarize(log: list[dict[str, Any]]) -> dict[str, Any]:
@@ -286,7 +301,7 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     if _process_group() is not None:
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -356,10 +371,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     path = str(local_path(cfg.model))
     cuda = torch.cuda.is_available()
 
-    def reward_fn(prompts: list, completions: list, **_: Any) -> list[float]:
-        return reward.score([list(p) for p in prompts], [_completion_text(c) for c in completions])
-
-    reward_fn.__name__ = "reward"
+    reward_fn = trl_reward_fn(reward)
     ckpts = out / "checkpoints"
     args = TRLConfig(
         output_dir=str(ckpts), learning_rate=cfg.learning_rate, max_steps=cfg.steps,
@@ -378,7 +390,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
                       peft_config=_lora_config(cfg) if cfg.lora else None)
     last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
     trainer.train(resume_from_checkpoint=last)
-    _write_trl_log(trainer.state.log_history, out / "log.jsonl")
+    _write_trl_log(trainer.state.log_history, out / "log.jsonl", KL_ESTIMATOR[cfg.algo])
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
@@ -400,11 +412,27 @@ def _trl_vllm_args(cfg: RLConfig) -> dict[str, Any]:
     return args
 
 
-def _write_trl_log(history: list[dict[str, Any]], path: Path) -> None:
+def trl_reward_fn(reward: RewardSource) -> Any:
+    """The reward source as a TRL reward function. Completions are stripped of surrounding
+    whitespace, as PPO's decoded responses are and as the PM's training text was, so one
+    response gets one score whichever trainer asks."""
+
+    def reward_fn(prompts: list, completions: list, **_: Any) -> list[float]:
+        return reward.score([list(p) for p in prompts],
+                            [_completion_text(c).strip() for c in completions])
+
+    reward_fn.__name__ = "reward"
+    return reward_fn
+
+
+def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "k1") -> None:
     """TRL's per-step log in the PPO log's vocabulary (TRL's own keys kept under "trl").
 
     TRL logs the KL as a mean per token (RLOO: k1, GRPO: k3); times the mean completion
     length that is the mean per-response KL, the scale PPO logs and sqrt(KL) plots use.
+    sqrt(KL) is taken only of a non-negative estimate: k3 always is; a batch's k1 mean
+    can come out below 0 (sampling noise), and is then left out (None) instead of being
+    clamped to 0, which would put false points at the origin of the reward-vs-sqrt(KL) plot.
     """
     rows = []
     for e in history:
@@ -415,7 +443,8 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path) -> None:
             else None
         rows.append({"step": e["step"], "reward": e.get("reward"), "reward_mean": e.get("reward"),
                      "reward_std": e.get("reward_std"), "kl": kl, "kl_per_token": kl_tok,
-                     "sqrt_kl": math.sqrt(max(kl, 0.0)) if kl is not None else None,
+                     "kl_estimator": estimator,
+                     "sqrt_kl": math.sqrt(kl) if kl is not None and kl >= 0 else None,
                      "entropy": e.get("entropy"), "response_length": length,
                      "clip_fraction": e.get("clip_ratio/region_mean"), "trl": e})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
