@@ -157,6 +157,20 @@ def test_rl_points(tmp_path: Path) -> None:
     rl = rl_points(tmp_path)
     assert [(p["sqrt_kl"], p["reward"]) for p in rl["points"]] == [(0.0, 0.0), (2.0, 1.0)]
     assert rl["slope_reward_per_sqrt_kl"] == pytest.approx(0.5)
+    # Step order whatever the file order; k3 when given; a negative k1 mean is left out,
+    # not clamped to a false point at sqrt(KL) = 0.
+    log.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"step": 3, "reward_mean": 0.9, "kl": 0.43, "kl_k3": 0.36},
+        {"step": 1, "reward_mean": 0.1, "kl": 0.20},
+        {"step": 2, "reward_mean": 0.5, "kl": -0.09})))
+    rl = rl_points(log)
+    assert [p["step"] for p in rl["points"]] == [1, 3]
+    assert [p["sqrt_kl"] for p in rl["points"]] == pytest.approx([math.sqrt(0.2), 0.6])
+    assert all(p["sqrt_kl"] > 0 for p in rl["points"])
+    from cai.evaluate.policies import rl_plot
+
+    rl_plot(rl, tmp_path / "rl.png")
+    assert (tmp_path / "rl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -227,7 +227,8 @@ def test_ppo_raises_a_toy_reward_and_beta_keeps_kl_bounded(boosted_model, prompt
     assert mean(free[-5:], "kl") > 2 * mean(leashed[-5:], "kl")
     assert mean(leashed[-5:], "kl") < 6.0
     for row in free:
-        assert row["sqrt_kl"] == pytest.approx(math.sqrt(max(row["kl"], 0)), abs=1e-5)
+        # sqrt(KL) reads the k3 estimate, never negative, not a clamped k1 batch mean.
+        assert row["kl_k3"] >= 0 and row["sqrt_kl"] == pytest.approx(math.sqrt(row["kl_k3"]), abs=1e-5)
         for key in ("entropy", "response_length", "clip_fraction", "value_loss", "beta",
                     "time_generation_s", "time_reference_reward_s", "time_update_s"):
             assert key in row
@@ -283,6 +284,40 @@ def test_run_rl_trl_algorithms_write_model_and_manifest(algo, tiny_model, tiny_p
     assert [r["step"] for r in log] == [1, 2]
     assert all(math.isfinite(r["reward_mean"]) and r["kl"] is not None for r in log)
     assert manifest["data"]["files"]["model.safetensors"].startswith("sha256:")
+    # What β weighs differs by algorithm, and the manifest says which.
+    assert ("loss" if algo == "grpo" else "reward") in manifest["kl_penalty"].split(":")[0]
+    for r in log:
+        assert r["kl_estimator"] == ("k3" if algo == "grpo" else "k1")
+        assert r["sqrt_kl"] is None if r["kl"] < 0 else r["sqrt_kl"] == pytest.approx(math.sqrt(r["kl"]))
+
+
+def test_trl_log_takes_sqrt_of_non_negative_kl_only(tmp_path: Path) -> None:
+    from cai.train.rl import _write_trl_log
+
+    history = [{"step": 1, "reward": 0.1, "kl": 0.02, "completions/mean_length": 10.0},
+               {"step": 2, "reward": 0.2, "kl": -0.01, "completions/mean_length": 9.0},
+               {"step": 3, "loss": 0.5}]
+    _write_trl_log(history, tmp_path / "log.jsonl", "k1")
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.2) and rows[0]["sqrt_kl"] == pytest.approx(math.sqrt(0.2))
+    assert rows[1]["kl"] == pytest.approx(-0.09) and rows[1]["sqrt_kl"] is None  # not clamped to 0
+    assert {r["kl_estimator"] for r in rows} == {"k1"}
+
+
+def test_trl_reward_fn_hands_the_pm_stripped_text(tiny_pm: Path) -> None:
+    from cai.train.rl import trl_reward_fn
+
+    pm = PMReward(tiny_pm, batch_size=2)
+    chat = [{"role": "user", "content": "Say something kind."}]
+    raw = ["  You are doing well.\n", "\nThanks for asking!  "]
+    got = trl_reward_fn(pm)(prompts=[chat, chat],
+                            completions=[[{"role": "assistant", "content": t}] for t in raw])
+    assert got == pytest.approx(pm.score([chat, chat], [t.strip() for t in raw]), abs=1e-6)
+    # The whitespace would have changed the score: the stripping is not a no-op here.
+    assert pm.score([chat, chat], raw) != pytest.approx(got, abs=1e-6)
+    # Plain-text completions are stripped the same way.
+    assert trl_reward_fn(pm)(prompts=[chat], completions=[raw[0]]) == pytest.approx(got[:1], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- rewards

@@ -232,8 +232,12 @@ def best_of_pick(scores: list[float]) -> int:
 
 
 def rl_points(path: str | Path) -> dict[str, Any]:
-    """(step, sqrt KL, reward) from an RL run's per-step log, and the slope of reward
-    against sqrt(KL) (roughly linear in the CAI and RLHF papers)."""
+    """(step, sqrt KL, reward) from an RL run's per-step log, in step order, and the slope
+    of reward against sqrt(KL) (roughly linear in the CAI and RLHF papers).
+
+    sqrt(KL) comes from a non-negative estimate: the log's `sqrt_kl`, else the k3 sum
+    `kl_k3`, else `kl` when it is ≥ 0. A negative k1 batch mean is noise around a small
+    KL; such a step is left out rather than clamped to 0."""
     p = Path(path)
     if p.is_dir():
         p = p / "log.jsonl"
@@ -249,10 +253,12 @@ def rl_points(path: str | Path) -> dict[str, Any]:
             raise CaiError("not valid JSON", f"{p}:{n}", "rl_log") from None
         reward = e.get("reward_mean", e.get("reward"))
         sq = e.get("sqrt_kl")
-        if sq is None and isinstance(e.get("kl"), int | float):
-            sq = math.sqrt(max(e["kl"], 0.0))
-        if isinstance(reward, int | float) and isinstance(sq, int | float):
+        for key in ("kl_k3", "kl"):
+            if sq is None and isinstance(e.get(key), int | float) and e[key] >= 0:
+                sq = math.sqrt(e[key])
+        if isinstance(reward, int | float) and isinstance(sq, int | float) and sq >= 0:
             points.append({"step": e.get("step"), "sqrt_kl": float(sq), "reward": float(reward)})
+    points.sort(key=lambda q: q["step"] if isinstance(q["step"], int | float) else math.inf)
     slope = None
     xs = np.array([q["sqrt_kl"] for q in points])
     if len(points) >= 2 and np.ptp(xs) > 0:
@@ -522,8 +528,21 @@ def rl_plot(rl: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot([q["sqrt_kl"] for q in rl["points"]], [q["reward"] for q in rl["points"]], "o-", ms=3)
+    # Points coloured by step (in step order), no line through them: sqrt(KL) is not
+    # monotone in the step, so joining the points would zigzag; the fitted line shows the trend.
+    pts = rl["points"]
+    xs, ys = np.array([q["sqrt_kl"] for q in pts]), np.array([q["reward"] for q in pts])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sc = ax.scatter(xs, ys, c=np.arange(len(pts)), cmap="viridis", s=18, zorder=3)
+    if len(pts) > 1:
+        fig.colorbar(sc, ax=ax, label="logged step (order)")
+    slope = rl.get("slope_reward_per_sqrt_kl")
+    if slope is not None:
+        b = float(np.mean(ys) - slope * np.mean(xs))
+        grid = np.linspace(xs.min(), xs.max(), 2)
+        ax.plot(grid, b + slope * grid, "--", color="grey", lw=1,
+                label=f"fit: {slope:.3g} per sqrt(nat)")
+        ax.legend(loc="best", fontsize=8)
     ax.set(xlabel="sqrt(KL to the reference)", ylabel="mean reward", title="RL: reward vs sqrt(KL)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -421,13 +421,15 @@ class PPOTrainer:
         adv = masked_whiten(adv, mask)
         t2 = time.perf_counter()
         seq_kl = kl.sum(1).mean().item()
+        # k1's batch mean can dip below 0 (noise); k3 never does, so sqrt(KL) reads k3.
+        seq_k3 = kl3.sum(1).mean().item()
         stats = {
             "reward": raw.mean().item(),  # the name cai.report and cai.evaluate read
             "reward_mean": raw.mean().item(),
             "reward_std": raw.std(unbiased=False).item(),
             "kl": seq_kl,
-            "sqrt_kl": math.sqrt(max(seq_kl, 0.0)),
-            "kl_k3": kl3.sum(1).mean().item(),
+            "sqrt_kl": math.sqrt(max(seq_k3, 0.0)),
+            "kl_k3": seq_k3,
             "entropy": masked_mean(entropy, mask).item(),
             "response_length": mask.sum(1).mean().item(),
             "beta": beta,
