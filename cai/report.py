@@ -179,6 +179,10 @@ def _prompt_split(root: Path) -> list[str]:
     split = (_json(root / "pipeline.json") or {}).get("prompt_split")
     if not split:
         return []
+    if not split.get("eval_fraction"):
+        return ["## Prompts", "", "No held-out split (`eval_fraction: 0`): the evaluation's prompts "
+                f"include **{split.get('overlap')}** that a training stage read, so its numbers are "
+                "measured partly on training prompts.", ""]
     lines = ["## Prompts", "",
              f"Each prompt set a training stage reads is split once by a seeded hash of the prompt "
              f"id (seed {split.get('seed')}, {_fmt(split.get('eval_fraction'), 2)} held out): SL, "

@@ -191,3 +191,13 @@ def test_kill_mid_stage_then_rerun_has_every_record_once(tmp_path, tiny_model) -
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert {k: v["status"] for k, v in state["steps"].items()} == {
         "sl": "ran", "sft": "ran", "label": "ran"}
+
+
+def test_heldout_report_says_when_there_is_no_split(tmp_path) -> None:
+    from cai.report import write_report
+
+    for fraction, overlap, needle in ((0.0, 3, "include **3** that a training stage read"),
+                                      (0.25, 0, "training stage's records: **0**")):
+        (tmp_path / "pipeline.json").write_text(json.dumps({"config": {"name": "x"}, "prompt_split": {
+            "seed": 0, "eval_fraction": fraction, "sets": {}, "overlap": overlap}}))
+        assert needle in write_report(tmp_path).read_text()
