@@ -448,3 +448,17 @@ def test_view_report_html_escapes_markup(tmp_path) -> None:
     assert "&lt;script&gt;" in html and "<script>" not in html and "<img src=x" not in html
     assert html.count('<img src="data:image/png;base64,') == 1
     assert html.count("figure not inlined") == 2 and "example.org" not in html
+
+
+def test_view_line_index_skips_blank_lines_and_a_torn_tail(tmp_path) -> None:
+    from cai.view.runs import LineIndex, page_of
+
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(b'{"id": "a"}\n\n  \n{"id": "b"}\n{"id": "c"}\n{"id": "d", "tor')
+    idx = LineIndex(p)
+    assert len(idx) == 4
+    assert [r["id"] for _, r in idx.read([0, 1, 2])] == ["a", "b", "c"]
+    assert idx.read([3]) == []  # the torn line is skipped, not an error
+    first = page_of(p, 1, size=2)
+    assert [r["id"] for r in first.rows] == ["a", "b"]
+    assert [r["id"] for r in page_of(p, 2, size=2).rows] == ["c"]

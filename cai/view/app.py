@@ -110,7 +110,7 @@ def create_app(roots: list[str | Path]) -> Starlette:
             match = R.sl_match(flag, principle, category, q)
             page = R.page_of(path, _int(qp.get("page")), match,
                              query_key=("sl", flag, principle, category, q),
-                             prefilter=R.text_prefilter(q) if q else None)
+                             prefilter=R.sl_prefilter(flag, principle, category, q))
             # Every choice from a full scan when the file is small; on a big one, the first
             # page's choices and the manifest's flag counts (the first page must stay fast).
             if R.file_size(path) < FACET_SCAN_BYTES:
@@ -135,8 +135,7 @@ def create_app(roots: list[str | Path]) -> Starlette:
         if folder is not None:
             page = R.page_of(folder.path / "data.jsonl", _int(qp.get("page")),
                              R.label_match(flag, q), query_key=("label", flag, q, sort),
-                             prefilter=R.text_prefilter(q) if q else None,
-                             sort=R.SORTS.get(sort))
+                             prefilter=R.label_prefilter(flag, q), sort=R.SORTS.get(sort))
             for rec in page.rows:
                 rec["_orders"] = R.order_probs(rec)
                 rec["_disagreement"] = R.disagreement(rec)
