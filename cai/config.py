@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import reprlib
 import textwrap
 import types
 import typing
@@ -52,6 +53,51 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+MAX_YAML_NODES = 100_000
+"""More YAML values than this (aliases nested to expand exponentially, say) is refused."""
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to a readable length for an error message (a config value can be
+    a huge YAML structure)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 6, 6, 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _yaml_size(node: yaml.Node | None, where: str) -> None:
+    """Count the values a YAML document expands to (each alias counted at every use),
+    refusing a document over `MAX_YAML_NODES` or one that contains itself."""
+    count, stack = 0, [(node, frozenset())]
+    while stack:
+        n, active = stack.pop()
+        if n is None:
+            continue
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise CaiError(f"YAML expands to more than {MAX_YAML_NODES} values (nested aliases?)",
+                           where)
+        if id(n) in active:
+            raise CaiError("YAML value contains itself (a recursive alias)", where)
+        if isinstance(n, yaml.MappingNode):
+            inner = active | {id(n)}
+            stack.extend((x, inner) for pair in n.value for x in pair)
+        elif isinstance(n, yaml.SequenceNode):
+            inner = active | {id(n)}
+            stack.extend((x, inner) for x in n.value)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load` with alias expansion bounded (a few hundred bytes of nested aliases
+    can expand to gigabytes); syntax errors are left to the caller as `yaml.YAMLError`."""
+    try:
+        _yaml_size(yaml.compose(text), where)
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise CaiError("YAML nested too deeply", where) from None
+
+
 def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     """Check (and gently convert) one config value against the field's annotation."""
     hints = typing.get_type_hints(cls)
@@ -77,10 +123,10 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
             out = tp(value)
             # NaN and infinities pass every `x < lo` check and then poison a run silently.
             if tp is float and not math.isfinite(out):
-                raise CaiError(f"expected a finite number, got {value!r}", where or None, name)
+                raise CaiError(f"expected a finite number, got {short(value)}", where or None, name)
             return out
     except (TypeError, ValueError, OverflowError):
-        raise CaiError(f"expected {tp.__name__}, got {value!r}", where or None, name) from None
+        raise CaiError(f"expected {tp.__name__}, got {short(value)}", where or None, name) from None
     return value
 
 
@@ -88,13 +134,17 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build a config dataclass from a mapping, naming the file and field on any error."""
     kwargs = {k: coerce(cls, k, v, where) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        check = getattr(obj, "check_engine", None)  # engine fields: checked here, before any model
+        if callable(check):
+            check()
+        return obj
     except CaiError as err:
         if where and not err.where:
             err.where = where
         raise
     except (TypeError, ValueError) as exc:
-        raise CaiError(str(exc), where or None) from None
+        raise CaiError(short(str(exc), 300).strip("'"), where or None) from None
 
 
 def yaml_error(exc: yaml.YAMLError, path: str) -> CaiError:
@@ -120,11 +170,9 @@ def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
     p = Path(path)
     text = read_text(p, "config")
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_yaml(text, str(p)) or {}
     except yaml.YAMLError as exc:
         raise yaml_error(exc, str(p)) from None
-    except RecursionError:
-        raise CaiError("YAML nested too deeply", str(p)) from None
     if section is not None and isinstance(data, dict):
         data = data.get(section) or {}
     if not isinstance(data, dict):

@@ -54,6 +54,43 @@ class _RayWorker:
                                    dtype=object)}
 
 
+CONNECT_TIMEOUT_S = 10.0
+"""How long a Ray cluster address may take to accept a connection ($CAI_RAY_TIMEOUT)."""
+
+
+def check_ray_address(address: str | None = None, timeout: float | None = None) -> None:
+    """Fail fast, in one line, when the Ray cluster to join does not answer.
+
+    `ray.init` retries an unreachable address for minutes; a TCP connection to the head
+    (`host:port`, `ray://host:port`; $RAY_ADDRESS when no address is given) is tried first,
+    within `timeout` seconds. "auto", "local" and no address at all start or find a local
+    cluster and are not probed.
+    """
+    import socket
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address in ("auto", "local"):
+        return
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("CAI_RAY_TIMEOUT", CONNECT_TIMEOUT_S))
+        except ValueError:
+            timeout = CONNECT_TIMEOUT_S
+    client = address.startswith("ray://")
+    host, sep, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = address.removeprefix("ray://").rstrip("/"), "10001" if client else "6379"
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise CaiError(f"the Ray cluster at {address} does not answer ({why} within "
+                       f"{timeout:g} s); start it, fix the address, or leave --ray-address and "
+                       "$RAY_ADDRESS unset to start a local cluster", field="ray_address") from None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (or $RAY_ADDRESS) when given, else start a local cluster."""
     try:
@@ -63,6 +100,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    check_ray_address(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "ignore_reinit_error": True}
     if address:
@@ -104,4 +142,4 @@ def run_ray(todo: Sequence[Any], chunk_size: int, task: ChunkTask, store: JsonlS
     return written
 
 
-__all__ = ["ENGINES", "ChunkTask", "init_ray", "run_ray"]
+__all__ = ["ENGINES", "ChunkTask", "init_ray", "run_ray", "check_ray_address"]

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from cai.config import from_dict
+from cai.config import from_dict, safe_yaml
 from cai.errors import CaiError
 from cai.records import write_json_atomic
 from cai.stage import REGISTRY, load_registry, read_manifest
@@ -113,7 +113,7 @@ class PipelineConfig:
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        data = safe_yaml(p.read_text(encoding="utf-8-sig"), str(p)) or {}
     except OSError as exc:
         raise CaiError(f"cannot read pipeline config: {exc.strerror}", str(p)) from None
     except UnicodeDecodeError:
@@ -143,10 +143,16 @@ class Step:
     folder: Path
 
 
-def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str) -> Any:
+def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str,
+           root: Path | None = None) -> Any:
     cls = REGISTRY[REGISTERED[stage]].config
     names = {f.name for f in dataclasses.fields(cls)}
     wired = {k: v for k, v in values.items() if k in names}
+    for k in user:  # the folder a stage writes or reads from another stage is the pipeline's
+        if k == "out" or (root is not None and k in wired and str(root) in str(wired[k] or "")):
+            raise CaiError(f"is wired by the pipeline (to {wired.get(k)}); remove it from the "
+                           f"`{stage}:` section (set the run folder with `out:` at the top)",
+                           where, f"{stage}.{k}")
     return from_dict(cls, {**wired, **user}, f"{where}: {stage}")
 
 
@@ -159,7 +165,8 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
 
     def add(key: str, stage: str, values: dict[str, Any], deps: list[str]) -> Step:
         folder = root / key
-        conf = _build(stage, {**base, **values, "out": str(folder)}, getattr(cfg, stage), where)
+        conf = _build(stage, {**base, **values, "out": str(folder)}, getattr(cfg, stage), where,
+                      root)
         step = Step(key, stage, conf, [d for d in deps if any(s.key == d for s in steps)], folder)
         steps.append(step)
         return step
@@ -377,6 +384,9 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         if value is not None and value not in cfg.stages:
             raise CaiError(f"{value!r} is not one of this run's stages: {', '.join(cfg.stages)}",
                            field=name)
+    if start and until and ORDER.index(start) > ORDER.index(until):
+        raise CaiError(f"--from {start} comes after --until {until}: nothing would run",
+                       field="from")
     steps = plan(cfg, where)
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
@@ -413,6 +423,11 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
              f"; {time.time() - t_run:.0f} s elapsed")
         if step.stage in TRAINING and (prev.get("key") not in (None, key) or force):
             _clear(step.folder)
+        # The key is recorded before the stage runs, so a killed run whose config then
+        # changes is cleared too (its checkpoints would otherwise be refused, or resumed).
+        state["steps"][step.key] = {**prev, "stage": step.stage, "key": key, "data": None,
+                                    "status": "running", "folder": str(step.folder)}
+        write_json_atomic(state_path, state)
         t0 = time.time()
         REGISTRY[REGISTERED[step.stage]].run(step.config)
         seconds = round(time.time() - t0, 2)

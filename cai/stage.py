@@ -273,10 +273,12 @@ def finished_run(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
     """The manifest of a finished training run of `stage` with exactly this config (its
     saved model folder present), so a rerun returns it instead of training again."""
     m = read_manifest(out) if (out / MANIFEST).is_file() else None
-    if not m or m.get("stage") != stage:
+    if not m or m.get("stage") != stage or getattr(cfg, "force", False):
         return None
     want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    if m.get("config") != want or not (out / "config.json").is_file() \
+    want.pop("force", None)
+    have = {k: v for k, v in (m.get("config") or {}).items() if k != "force"}
+    if have != want or not (out / "config.json").is_file() \
             or not any(out.glob("*.safetensors")):
         return None
     return m
@@ -301,6 +303,16 @@ class EngineFields:
     """GPUs per Ray actor (set it to the vLLM tensor-parallel size on GPU clusters)."""
     ray_address: str | None = None
     """Ray cluster address (default $RAY_ADDRESS, else a local cluster)."""
+
+    def check_engine(self) -> None:
+        """Refuse a bad engine, worker count or GPU share when the config is read (the CLI
+        and the pipeline call it through `cai.config.from_dict`), not after a model load;
+        a Ray address that does not answer fails here too, within a timeout."""
+        eng = Engine.of(self)
+        if eng.name == "ray":
+            from cai.distributed import check_ray_address
+
+            check_ray_address(eng.address)
 
 
 @dataclass(frozen=True)

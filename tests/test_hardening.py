@@ -62,6 +62,15 @@ def f(tmp_path: Path) -> SimpleNamespace:
         "types.jsonl": '{"id": "1", "x": 1}\n{"id": "2", "x": "text"}\n',
         "pairs_ok": '{"id": "1", "prompt": "p", "response_a": "a", "response_b": "b"}\n',
         "afile": "not a folder\n",
+        "bomb.yaml": "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdef", "bcdefg"))
+        + "model: *g\n",
+        "dup_prefs": '{"id": "x", "prompt": "p", "chosen": "c", "rejected": "r", "p_chosen": 0.7}\n' * 2,
+        "empty_prompt_prefs": '{"prompt": " ", "chosen": "c", "rejected": "r", "p_chosen": 0.7}\n',
+        "pipe_wired.yaml": f"name: t\nout: {d / 'run'}\nstages: [sl, sft, label, pm]\n"
+                           "pm:\n  out: elsewhere\n",
+        "pipe_engine.yaml": f"name: t\nout: {d / 'run'}\nstages: [sl]\nsl:\n  engine: spark\n",
+        "pipe_order.yaml": f"name: t\nout: {d / 'run'}\nstages: [sl, sft, eval]\n",
     }
     ns = SimpleNamespace(root=d, out=d / "out", const=str(MINIMAL))
     for name, text in files.items():
@@ -168,6 +177,26 @@ MATRIX = [
     ("sft-learning-rate-nan", _with(SFT, learning_rate="nan"), "expected a finite number"),
     ("sft-batch-size-0", _with(SFT, batch_size="0"), "batch_size: must be at least 1"),
     ("sft-missing-model", SFT, "model folder not found"),
+    ("sft-lora-dropout-above-1", _with(SFT, lora_dropout="1.5"), "lora_dropout: must be in [0, 1)"),
+    ("sft-out-contains-data", _with(SFT, out="{root}"), "--out contains the input `data`"),
+    ("sft-config-alias-bomb", ["train", "sft", "--config", "{bomb_yaml}"], "expands to more than"),
+    # engines
+    ("sl-engine-unknown", _with(SL, engine="spark"), "engine: use local or ray"),
+    ("label-ray-address-dead", _with(LABEL, engine="ray", ray_address="127.0.0.1:9"), "does not answer"),
+    # train pm / dpo: the data is read before any model loads
+    ("pm-prefs-not-utf8", ["train", "pm", "--preferences", "{utf8_jsonl}", "--model", NO_MODEL,
+                           "--out", "{out}"], "utf8.jsonl:2: not UTF-8"),
+    ("pm-prefs-duplicate-id", ["train", "pm", "--preferences", "{dup_prefs}", "--model", NO_MODEL,
+                               "--out", "{out}"], "dup_prefs:2: id: duplicate id 'x'"),
+    ("dpo-prefs-empty-prompt", ["train", "dpo", "--preferences", "{empty_prompt_prefs}", "--model",
+                                NO_MODEL, "--out", "{out}"], "empty_prompt_prefs:1: prompt: empty"),
+    # pipeline
+    ("pipeline-wired-override", ["pipeline", "run", "{pipe_wired_yaml}"],
+     "pipe_wired.yaml: pm.out: is wired by the pipeline"),
+    ("pipeline-sl-engine-spark", ["pipeline", "run", "{pipe_engine_yaml}"],
+     "pipe_engine.yaml: sl: engine: use local or ray"),
+    ("pipeline-from-after-until", ["pipeline", "run", "{pipe_order_yaml}", "--from", "eval",
+                                   "--until", "sl"], "--from eval comes after --until sl"),
     # eval labeler / constitutions
     ("labeler-items-not-utf8", ["eval", "labeler", "{utf8_jsonl}", "--feedback-model", NO_MODEL,
                                 "--out", "{out}"], "utf8.jsonl:2: not UTF-8"),
@@ -189,6 +218,10 @@ MATRIX = [
     ("export-no-id", EXPORT, "pairs:1: id: missing"),
     ("export-types-change", ["export", "{types_jsonl}", "--out", "{out}/export"], "do not form one table"),
     ("export-out-is-a-file", ["export", "{pairs_ok}", "--out", "{afile}"], "exists and is not a folder"),
+    ("export-parquet-out-is-a-file", ["export", "{pairs_ok}", "--out", "{afile}", "--format", "parquet"],
+     "pass --overwrite"),
+    ("export-own-input", ["export", "{pairs_ok}", "--out", "{pairs_ok}", "--format", "parquet"],
+     "is the file being exported"),
     ("export-unknown-format", ["export", "{pairs_ok}", "--out", "{out}/x", "--format", "xml"],
      "unknown export format"),
     # models

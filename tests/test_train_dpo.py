@@ -109,11 +109,14 @@ def test_rows_without_chat_template_become_plain_text(tiny_model: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     row = as_rows([pref("x", "Hi", "Hello.", "Go.", 0.7)])[0]
-    chat = dpo_rows([row], tok)[0]
-    assert chat["chosen"] == [{"role": "assistant", "content": "Hello."}] and chat["p_chosen"] == 0.7
+    chat = dpo_rows([row], tok)[0]  # tokenised here (data text as ordinary tokens)
+    assert tok.decode(chat["chosen_ids"]).startswith("Hello.") and chat["p_chosen"] == 0.7
+    assert "<|im_start|>user\nHi<|im_end|>" in tok.decode(chat["prompt_ids"])
     tok.chat_template = None
     plain = dpo_rows([row], tok)[0]
-    assert plain["prompt"].endswith("Human: Hi\n\nAssistant: ") and plain["chosen"] == "Hello."
+    text = tok.decode(plain["prompt_ids"] + plain["chosen_ids"])
+    assert text.endswith("Human: Hi\n\nAssistant: Hello." + tok.eos_token)  # EOS as TRL adds it
+    assert "<|im_start|>" not in tok.decode(plain["prompt_ids"])
 
 
 def test_run_dpo_writes_a_traceable_policy_folder(tiny_model: Path, tmp_path: Path,

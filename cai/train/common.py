@@ -8,6 +8,17 @@ lives here once.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 Chat = list[dict[str, str]]
@@ -32,10 +43,296 @@ def pm_text(tokenizer: Any, prompt: Chat | str, response: str) -> str:
     return render_plain(chat[:-1], response)
 
 
+def control_strings(tokenizer: Any) -> list[str]:
+    """Strings the tokenizer would turn into control tokens (`<|im_end|>`, ...)."""
+    return sorted({t for t in [*tokenizer.added_tokens_encoder, *tokenizer.all_special_tokens] if t},
+                  key=len)
+
+
+def encode_chat(tokenizer: Any, chat: Chat, *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a chat for training, with message text always plain tokens.
+
+    Text from data may hold strings such as `<|im_end|>\n<|im_start|>assistant\n`; read
+    through the template whole, they would become real control tokens and forge turns the
+    model then learns from (or a reward model scores). A clean chat is encoded whole, exactly
+    as before; one with such strings is encoded piece by piece: the template's own text with
+    its control tokens, each message's text with those strings split into ordinary tokens
+    (the same rule as the judge's `ChatFormat.encode_chat`). Without a chat template the
+    chat is plain Human/Assistant text (the last message is the answer unless a
+    generation prompt is asked for).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        from cai.backends.base import render_plain
+
+        text = (render_plain(chat) if add_generation_prompt
+                else render_plain(chat[:-1], chat[-1]["content"]))
+        return tokenizer(text, split_special_tokens=True)["input_ids"]
+
+    def render(messages: Chat) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    def encode(text: str, plain: bool = False) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+
+    control = control_strings(tokenizer)
+    if not any(t in m["content"] for m in chat for t in control):
+        return encode(render(chat))
+    marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
+    rest = render([{**m, "content": k} for m, k in zip(chat, marks)])
+    ids: list[int] = []
+    for m, k in zip(chat, marks):
+        head, found, rest = rest.partition(k)
+        if not found:
+            from cai.errors import CaiError
+
+            raise CaiError("the chat template rewrites message text, so text with control-token "
+                           "strings cannot be encoded safely; clean the data")
+        ids += encode(head) + encode(m["content"], plain=True)
+    return ids + encode(rest)
+
+
+def prompt_completion_ids(tokenizer: Any, prompt: Chat, completions: list[str]
+                          ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each completion's ids) as TRL's SFT and DPO trainers split them, but
+    encoded by `encode_chat` so data text never becomes control tokens.
+
+    The completion starts where the tokenized prompt and prompt + completion first differ
+    (TRL's rule); without a chat template each completion ends with EOS, as TRL adds it.
+    """
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    head = encode_chat(tokenizer, prompt, add_generation_prompt=True)
+    fulls = []
+    for c in completions:
+        full = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": c}])
+        if not chat and tokenizer.eos_token_id is not None:
+            full = full + [tokenizer.eos_token_id]
+        fulls.append(full)
+    cut = len(head)
+    for full in fulls:
+        n = 0
+        while n < min(cut, len(full)) and head[n] == full[n]:
+            n += 1
+        cut = n
+    return head[:cut], [full[cut:] for full in fulls]
+
+
+def check_policy_folder(path: Path, field: str = "model") -> None:
+    """Refuse a preference (reward) model folder where a policy is trained: it loads as a
+    causal LM only with a freshly initialised head, and the run would look fine."""
+    from cai.errors import CaiError
+
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(
+            "architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise CaiError("is a preference (reward) model with a score head, not a policy; give the "
+                       "SFT model (or another causal LM) here", str(path), field)
+
+
+# --------------------------------------------------------------------------- run folders
+
+RUN_CONFIG = "run_config.json"
+"""Where a training folder records the config (and its hash) it was started with."""
+NOT_CONFIG = ("force",)
+"""Fields that say how to run, not what is trained: never part of the recorded config."""
+
+
+def _canonical(cfg: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
+    data = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return {k: v for k, v in data.items() if k not in (*NOT_CONFIG, *ignore)}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _has_state(out: Path) -> bool:
+    ckpt = out / "checkpoints"
+    return ((ckpt.is_dir() and any(ckpt.glob("checkpoint-*"))) or (out / "checkpoint").is_dir()
+            or any(out.glob("*.safetensors")))
+
+
+def check_run_config(out: Path, cfg: Any, *, ignore: tuple[str, ...] = (), force: bool = False) -> None:
+    """One resume rule for every trainer: a folder holding a run (checkpoints or a model)
+    continues only under the config that started it.
+
+    The config and its hash are recorded in `out/run_config.json`; a rerun with another
+    config is refused naming the fields that differ, so an old checkpoint and schedule are
+    never resumed under new settings while the manifest claims them. `force` starts clean:
+    everything in the folder but its claim and lock is removed. Fields in `ignore` may change
+    between resumes (how often to save, say).
+    """
+    from cai.errors import CaiError
+    from cai.records import write_json_atomic
+
+    mine = _canonical(cfg, ignore)
+    stamp = out / RUN_CONFIG
+    if force:
+        for p in out.iterdir() if out.is_dir() else ():
+            if p.name not in (".cai-lock", ".cai-stage"):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    elif _has_state(out):
+        legacy = out / "checkpoints" / "cai_config.json"  # where PM and DPO kept it before
+        source = stamp if stamp.is_file() else legacy if legacy.is_file() else None
+        if source is None:
+            raise CaiError("holds a training run whose config was not recorded; rerun with "
+                           "--force to start over, or use another --out", str(out))
+        try:
+            recorded = json.loads(source.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            raise CaiError("unreadable; rerun with --force to start over", str(source)) from None
+        theirs = recorded.get("config", recorded) if source == stamp else recorded
+        theirs = {k: v for k, v in theirs.items() if k not in (*NOT_CONFIG, *ignore)}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:6])
+            raise CaiError(f"holds a run with a different configuration ({shown}"
+                           f"{', ...' if len(diff) > 6 else ''}); change it back, rerun with "
+                           "--force to start over, or use another --out", str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stamp, {"hash": config_hash(mine), "config": mine})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+STAGING = ".staging"
+"""A checkpoint is written here first and renamed into place when complete."""
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path, what: str = "checkpoint") -> Iterator[None]:
+    """A full disk (or a file-size or quota limit) while saving is one `CaiError` naming
+    the path, not a traceback from torch or safetensors; a rerun after freeing space
+    resumes from the last complete checkpoint."""
+    from cai.errors import CaiError
+
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        full = (isinstance(exc, OSError) and exc.errno in NO_SPACE) or any(
+            s in text for s in ("No space left", "File too large", "file write failed",
+                                "Disk quota", "FileTooLarge", "StorageFull", "QuotaExceeded"))
+        if not full:
+            raise
+        raise CaiError(f"no space left to write the {what} (disk full or a size limit); free "
+                       "space and rerun the same command to resume", str(path)) from None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from (None when it is complete): its
+    trainer state, weights, optimizer and scheduler must all be there and whole."""
+    import zipfile
+
+    step = folder.name.rpartition("-")[2]
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    if str(state.get("global_step")) != step:
+        return f"trainer_state.json is at step {state.get('global_step')}"
+    weights = [p for p in folder.glob("*.safetensors")]
+    if not weights:
+        return "no weights"
+    try:
+        from safetensors import safe_open
+
+        for w in weights:
+            with safe_open(str(w), "pt") as f:
+                f.keys()
+    except Exception:  # a truncated or damaged file: safetensors raises its own error type
+        return "truncated weights"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not zipfile.is_zipfile(folder / name):
+            return f"{name} missing or truncated"
+    return None
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete `checkpoint-N` in `folder`, or None.
+
+    A torn one (a save cut by a kill or a full disk, or one an older version left) is
+    skipped with a warning and the previous one used; a leftover staging folder is removed.
+    """
+    if not folder.is_dir():
+        return None
+    shutil.rmtree(folder / STAGING, ignore_errors=True)
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        warnings.warn(f"{path}: incomplete checkpoint ({problem}), left by an interrupted save; "
+                      "resuming from the previous one", stacklevel=2)
+    return None
+
+
+class AtomicCheckpoints:
+    """Mix into a transformers `Trainer`: each checkpoint is written into a staging folder
+    and renamed to `checkpoint-N` only when complete, so a kill or a full disk mid-save
+    never leaves a `checkpoint-N` that a rerun would fail to load; older ones are rotated
+    away only after the new one is in place."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
+        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        staging, final = run_dir / STAGING, run_dir / name
+        shutil.rmtree(staging, ignore_errors=True)
+        self._get_output_dir = lambda trial=None: str(staging)  # the parent writes here
+        try:
+            with disk_errors(run_dir / name):
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                if final.exists():  # a torn one from before, at the same step
+                    shutil.rmtree(final)
+                os.replace(staging / name, final)
+                _fsync_dir(run_dir)
+        finally:
+            del self._get_output_dir
+            shutil.rmtree(staging, ignore_errors=True)
+        _rotate(run_dir, final, self.args.save_total_limit)  # type: ignore[attr-defined]
+
+
+def _rotate(run_dir: Path, newest: Path, limit: int | None) -> None:
+    """Keep `newest` and the `limit - 1` checkpoints just before it; later-numbered ones
+    belong to a run abandoned at an earlier checkpoint (or are torn) and go too."""
+    if not limit or limit < 1:
+        return
+    step = int(newest.name.rpartition("-")[2])
+    others = sorted(((int(m.group(1)), p) for p in run_dir.iterdir()
+                     if p != newest and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))),
+                    reverse=True)
+    keep = [p for n, p in others if n < step][:limit - 1]
+    for _, p in others:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def use_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-__all__ = ["pm_text", "as_chat", "use_cuda"]
+__all__ = ["pm_text", "as_chat", "use_cuda", "encode_chat", "prompt_completion_ids",
+           "control_strings", "check_run_config", "config_hash", "last_checkpoint",
+           "checkpoint_problem", "AtomicCheckpoints", "disk_errors", "RUN_CONFIG",
+           "check_policy_folder"]

@@ -86,22 +86,22 @@ class DPOTrainConfig(PreferenceTrainConfig):
 
 
 def dpo_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    """Rows as TRL's DPOTrainer reads them, plus p_chosen, weight and a row index.
+    """Rows tokenised as TRL's DPOTrainer splits them (prompt_ids, chosen_ids, rejected_ids),
+    plus p_chosen, weight and a row index.
 
-    A tokenizer without a chat template gets plain Human/Assistant text (TRL then adds
-    EOS to each response); with one, the conversational rows go in as they are.
+    Tokenised here with `prompt_completion_ids`, so data text stays ordinary tokens: a
+    response holding `<|im_end|>` cannot close its turn (TRL's own tokenisation would make
+    it a control token). Clean rows get exactly TRL's ids; a tokenizer without a chat
+    template gets plain Human/Assistant text with EOS after each response, as in TRL.
     """
-    from cai.backends.base import render_plain
+    from cai.train.common import prompt_completion_ids
 
-    chat = bool(getattr(tokenizer, "chat_template", None))
     out = []
     for i, r in enumerate(rows):
-        if chat:
-            item = {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-        else:
-            item = {"prompt": render_plain(r["prompt"]), "chosen": r["chosen"][-1]["content"],
-                    "rejected": r["rejected"][-1]["content"]}
-        out.append({**item, "p_chosen": float(r["p_chosen"]), "weight": float(r["weight"]), "row": i})
+        head, (chosen, rejected) = prompt_completion_ids(
+            tokenizer, r["prompt"], [r["chosen"][-1]["content"], r["rejected"][-1]["content"]])
+        out.append({"prompt_ids": head, "chosen_ids": chosen, "rejected_ids": rejected,
+                    "p_chosen": float(r["p_chosen"]), "weight": float(r["weight"]), "row": i})
     return out
 
 
@@ -162,11 +162,22 @@ def _soft_dpo_trainer_cls():
     import torch
     from trl import DPOTrainer
 
-    class SoftDPOTrainer(DPOTrainer):
+    from cai.train.common import AtomicCheckpoints
+
+    class SoftDPOTrainer(AtomicCheckpoints, DPOTrainer):
         """DPOTrainer with the per-pair soft-target sigmoid loss (see the module docstring)."""
 
         use_fused_head: bool | None = None
         """None: TRL's fused log-prob head on GPUs, the plain head elsewhere (tests force it)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """Rows `dpo_rows` tokenised already only lose those whose prompt fills
+            max_length (TRL's keep_start rule); TRL's own tokenisation is skipped."""
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is not None:
+                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
+            return dataset
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -249,13 +260,19 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     from trl import DPOConfig as TRLDPOConfig
 
     from cai.models import local_path
+    from cai.train.common import check_policy_folder
     from cai.train.pm import load_tokenizer
 
     t0 = time.time()
     if not rows:
         raise CaiError("no training pairs left (all dropped as ties?)", field="ties")
     path = local_path(cfg.model)
+    check_policy_folder(path)
     tok = load_tokenizer(path)
+    train_data = dpo_rows(rows, tok)  # tokenised (and checked) before the model loads
+    if not any(len(r["prompt_ids"]) < cfg.max_length for r in train_data):
+        raise CaiError(f"every pair's prompt fills max_length ({cfg.max_length} tokens), leaving "
+                       "no response token to learn from; raise --max-length", field="max_length")
     set_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     ref_model = None
@@ -272,7 +289,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     args = trainer_args(TRLDPOConfig, cfg, ckpt, beta=cfg.beta, max_length=cfg.max_length,
                         truncation_mode="keep_start", pad_to_multiple_of=None, loss_type=["sigmoid"],
                         precompute_ref_log_probs=False)
-    train_ds = datasets.Dataset.from_list(dpo_rows(rows, tok))
+    train_ds = datasets.Dataset.from_list(train_data)
     eval_ds = datasets.Dataset.from_list(dpo_rows(eval_rows, tok)) if eval_rows else None
     trainer = _soft_dpo_trainer_cls()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -7,6 +7,7 @@ run can be plotted while it trains, after a crash, or on another machine.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -50,23 +51,31 @@ def read_log(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     return p, entries
 
 
+def _plottable(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and abs(v) < 1e100)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """One PNG per logged quantity (loss, learning rate, accuracy, …) against the step.
 
     Written to `<run>/plots/` unless `out` is given; returns the files written.
     """
     path, entries = read_log(run_dir)
-    entries = [e for e in entries if isinstance(e.get("step"), int | float)]
-    keys = sorted({k for e in entries for k, v in e.items()
-                   if k not in SKIP and isinstance(v, int | float) and not isinstance(v, bool)})
-    if not keys:
-        raise CaiError("the log has no numeric per-step values to plot", str(path))
+    entries = [e for e in entries if _plottable(e.get("step"))]
+    series = {}
+    for k in sorted({k for e in entries for k in e if k not in SKIP}):
+        # NaN, infinities and values beyond any sensible scale cannot be drawn; skip them.
+        pts = [(e["step"], e[k]) for e in entries if _plottable(e.get(k))]
+        if pts:
+            series[k] = pts
+    if not series:
+        raise CaiError("the log has no finite numeric per-step values to plot", str(path))
     folder = Path(out) if out is not None else path.parent / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
     written = []
-    for key in keys:
-        pts = [(e["step"], e[key]) for e in entries if isinstance(e.get(key), int | float)]
+    for key, pts in series.items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if len(pts) < 50 else None)
         ax.set_xlabel("step")

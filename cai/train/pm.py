@@ -21,7 +21,6 @@ tie handling, the held-out split, the per-step log and checkpoint/resume helpers
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import json
@@ -29,6 +28,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,8 @@ class PreferenceTrainConfig:
     """Append a line to log.jsonl every N steps."""
     bf16: bool = False
     """bf16 mixed precision (only on a GPU that supports it; ignored on CPU)."""
+    force: bool = False
+    """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
 
 @dataclass
@@ -170,6 +172,7 @@ def load_preference_file(path: str | Path, source: str, default_name: str,
         raise CaiError(f"not found (expected {default_name} or its stage folder)", str(p))
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
+    skipped: list[str] = []
     with io.StringIO(read_text(p, "preference file")) as f:  # not UTF-8: file:line, no traceback
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -198,11 +201,20 @@ def load_preference_file(path: str | Path, source: str, default_name: str,
             if rid in seen:
                 raise CaiError(f"duplicate id {rid!r}; each pair must appear once", where, "id")
             seen.add(rid)
+            if not any(m["content"].strip() for m in prompt):
+                raise CaiError("empty prompt", where, "prompt")
+            if not texts["chosen"].strip() or not texts["rejected"].strip() \
+                    or texts["chosen"].strip() == texts["rejected"].strip():
+                skipped.append(where)  # nothing to prefer: not a training pair
+                continue
             rows.append({"id": rid, "prompt": prompt,
                          "chosen": [{"role": "assistant", "content": texts["chosen"]}],
                          "rejected": [{"role": "assistant", "content": texts["rejected"]}],
                          "p_chosen": float(pc), "weight": 1.0, "source": source,
                          "tie_flag": isinstance(flags, list) and "tie" in flags})
+    if skipped:
+        warnings.warn(f"{skipped[0]}: skipped {len(skipped)} pair(s) whose chosen and rejected "
+                      "responses are empty or identical (nothing to prefer)", stacklevel=2)
     if not rows:
         raise CaiError("no preference pairs in the file", str(p))
     return rows
@@ -302,12 +314,13 @@ def encode_pm(tokenizer: Any, prompt: Any, response: str, max_length: int | None
 
     The text is `pm_text` (chat template, or Human/Assistant text). A template already
     holds its special tokens, so none are added; plain text gets the tokenizer's usual
-    ones. Truncation keeps the end because the score is read at the last token.
+    ones. Data text stays ordinary tokens (`encode_chat`): a response holding
+    `<|im_end|>` cannot end its turn early. Truncation keeps the end because the score
+    is read at the last token.
     """
-    from cai.train.common import pm_text
+    from cai.train.common import as_chat, encode_chat
 
-    text = pm_text(tokenizer, prompt, response)
-    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    ids = encode_chat(tokenizer, as_chat(prompt) + [{"role": "assistant", "content": response}])
     return ids[-max_length:] if max_length and len(ids) > max_length else ids
 
 
@@ -349,18 +362,12 @@ def direction_accuracy(margin: Any, p: Any) -> float | None:
 
 
 def prepare_checkpoints(out: Path, cfg: Any) -> str | None:
-    """The checkpoint to resume from, if an interrupted run with this config left one."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint to resume from, if an interrupted run with this config
+    left one; a folder of a run with another config is refused (`force` starts clean)."""
+    from cai.train.common import check_run_config, last_checkpoint
 
-    ckpt = out / "checkpoints"
-    stamp = ckpt / "cai_config.json"
-    want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
-    if last and (not stamp.is_file() or json.loads(stamp.read_text(encoding="utf-8")) != want):
-        raise CaiError("holds checkpoints of a run with a different configuration; remove the folder "
-                       "to start over, or use another --out", str(ckpt))
-    write_json_atomic(stamp, want)
-    return last
+    check_run_config(out, cfg, force=bool(getattr(cfg, "force", False)))
+    return last_checkpoint(out / "checkpoints")
 
 
 def trainer_args(cls: type, cfg: Any, output_dir: Path | None, **extra: Any) -> Any:
@@ -458,7 +465,9 @@ def _collator(pad_token_id: int):
 def _soft_reward_trainer_cls():
     from trl import RewardTrainer
 
-    class SoftRewardTrainer(RewardTrainer):
+    from cai.train.common import AtomicCheckpoints
+
+    class SoftRewardTrainer(AtomicCheckpoints, RewardTrainer):
         """RewardTrainer whose loss is the soft-label cross-entropy (see the module docstring).
 
         TRL keeps its model set-up, PEFT wrapping, metrics averaging and checkpoints; only
@@ -721,10 +730,12 @@ def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, re
                         models: dict[str, str], title: str) -> dict[str, Any]:
     """What a finished PM or DPO run leaves: the model folder, log.jsonl, eval.json, the
     calibration plot and the manifest; its checkpoints are no longer needed."""
+    from cai.train.common import disk_errors
     from cai.train.plots import reliability_png
 
-    result.model.save_pretrained(str(out), safe_serialization=True)
-    result.tokenizer.save_pretrained(str(out))
+    with disk_errors(out, "model"):
+        result.model.save_pretrained(str(out), safe_serialization=True)
+        result.tokenizer.save_pretrained(str(out))
     log = write_log(out / "log.jsonl", result.log)
     write_json_atomic(out / "eval.json", report)
     if report.get("reliability") is not None:

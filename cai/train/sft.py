@@ -60,12 +60,16 @@ class SFTConfig:
     """bf16 mixed precision (GPUs that support it)."""
     save_steps: int = 50
     """Checkpoint every N steps into out/checkpoints; a rerun resumes from the last one."""
+    force: bool = False
+    """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
     def __post_init__(self) -> None:
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length",
                      "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise CaiError("must be at least 1", field=name)
+        if not 0 <= self.lora_dropout < 1:
+            raise CaiError(f"must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
         if self.learning_rate <= 0 or self.epochs <= 0:
             raise CaiError("learning_rate and epochs must be > 0", field="learning_rate")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -96,19 +100,59 @@ def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def sft_features(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
+                 ) -> tuple[list[dict[str, list[int]]], int]:
+    """Token ids and completion mask of each prompt/completion row, as TRL's SFTTrainer
+    would build them, but with data text always ordinary tokens (`encode_chat`): an answer
+    holding `<|im_end|>\n<|im_start|>assistant\n` is learnt as text, not as a new turn.
+
+    A row whose prompt alone fills `max_length` has no answer token left to learn from and
+    is dropped; returns the rows kept and how many were dropped.
+    """
+    from cai.train.common import prompt_completion_ids
+
+    kept, dropped = [], 0
+    for r in rows:
+        head, (answer,) = prompt_completion_ids(tokenizer, r["prompt"],
+                                                [r["completion"][-1]["content"]])
+        if len(head) >= max_length or not answer:
+            dropped += 1
+            continue
+        kept.append({"input_ids": head + answer,
+                     "completion_mask": [0] * len(head) + [1] * len(answer)})
+    return kept, dropped
+
+
+def _sft_trainer_cls():
+    from trl import SFTTrainer
+
+    from cai.train.common import AtomicCheckpoints
+
+    class CaiSFTTrainer(AtomicCheckpoints, SFTTrainer):
+        """SFTTrainer whose checkpoints are written whole or not at all."""
+
+    return CaiSFTTrainer
+
+
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune, save the model folder, its log and manifest; returns the manifest.
 
     A rerun with the same config returns the finished run; an interrupted one continues
-    from its last checkpoint.
+    from its last complete checkpoint; one with another config is refused (`force` starts
+    clean).
     """
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
 
     from cai.models import local_path
+    from cai.train.common import (
+        check_policy_folder,
+        check_run_config,
+        disk_errors,
+        last_checkpoint,
+    )
 
     t0 = time.time()
     rows = load_sft_rows(cfg.data)
@@ -117,8 +161,14 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     done = finished_run(out, cfg, STAGE)
     if done is not None:
         return done
+    check_run_config(out, cfg, ignore=("save_steps", "logging_steps"), force=cfg.force)
     base = local_path(cfg.model)
+    check_policy_folder(base)
     tok = AutoTokenizer.from_pretrained(str(base))
+    features, too_long = sft_features(rows, tok, cfg.max_length)
+    if not features:  # checked before the model loads
+        raise CaiError(f"every example's prompt fills max_length ({cfg.max_length} tokens), "
+                       "leaving no answer token to learn from; raise --max-length", field="max_length")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
     cuda = torch.cuda.is_available()
     ckpt_dir = out / "checkpoints"
@@ -138,25 +188,28 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=peft_config)
-    resume = any(ckpt_dir.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer = _sft_trainer_cls()(model=model, args=args,
+                                 train_dataset=datasets.Dataset.from_list(features),
+                                 processing_class=tok, peft_config=peft_config)
+    resume = last_checkpoint(ckpt_dir)
+    trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
-    if cfg.lora:
-        trained.save_pretrained(str(out / "adapter"))
-        trained = trained.merge_and_unload()
-    trained.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
+    with disk_errors(out, "model"):
+        if cfg.lora:
+            trained.save_pretrained(str(out / "adapter"))
+            trained = trained.merge_and_unload()
+        trained.save_pretrained(str(out), safe_serialization=True)
+        tok.save_pretrained(str(out))
     log = [e for e in trainer.state.log_history if "loss" in e]
     with open(out / "log.jsonl", "w", encoding="utf-8") as f:
         for e in trainer.state.log_history:
             f.write(json.dumps(e) + "\n")
     metrics = {"first_loss": log[0]["loss"] if log else None,
-               "last_loss": log[-1]["loss"] if log else None, "resumed": resume}
+               "last_loss": log[-1]["loss"] if log else None, "resumed": resume is not None}
     manifest = write_manifest(out, STAGE, config=cfg, inputs=("data",),
                               models={"base": model_identity(cfg.model)},
-                              counts={"examples": len(rows), "steps": trainer.state.global_step},
+                              counts={"examples": len(features), "too_long_dropped": too_long,
+                                      "steps": trainer.state.global_step},
                               started=t0, data=("model.safetensors",),
                               extra={"metrics": metrics, "output": str(out)})
     write_card(out, "SL-CAI model", f"`{cfg.model}` fine-tuned on SL-CAI revisions "
@@ -168,4 +221,4 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
                inputs=("data",), outputs=("model.safetensors", "log.jsonl")))
 
-__all__ = ["SFTConfig", "run_sft", "load_sft_rows"]
+__all__ = ["SFTConfig", "run_sft", "load_sft_rows", "sft_features"]
