@@ -556,10 +556,16 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
+        from cai.train.common import disk_errors
+
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        try:  # written aside and renamed: a kill or a full disk leaves the previous one whole
+            with disk_errors(self.ckpt_path):
+                torch.save(state, tmp)
+                os.replace(tmp, self.ckpt_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> int:
         """Restore a checkpoint if there is one; returns the step it was taken after."""
