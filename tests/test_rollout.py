@@ -108,3 +108,25 @@ def test_vllm_rollout_follows_the_policy_after_an_update(vllm_tiny, tmp_path, lo
     r = t.rollout(4)
     t.update(r, 4)
     assert t.rollout(5).stats["rollout_logp_abs_diff"] > 1e-2
+
+
+def test_trl_algorithms_pass_vllm_options_only_on_a_supported_vllm(monkeypatch, tmp_path) -> None:
+    import cai.train.rl as rl
+    from cai.errors import CaiError
+
+    common = dict(algo="grpo", batch_size=4, num_generations=2, out=str(tmp_path / "g"))
+    assert rl._trl_vllm_args(RLConfig(**common)) == {}  # hf: TRL generates with transformers
+    cfg = RLConfig(rollout_engine="vllm", vllm_mode="server", vllm_server_url="http://h:8000",
+                   vllm_gpu_memory_utilization=0.5, **common)
+    monkeypatch.setattr(rl, "_vllm_version", lambda: "0.31.0")
+    assert rl._trl_vllm_args(cfg) == {
+        "use_vllm": True, "vllm_mode": "server", "vllm_gpu_memory_utilization": 0.5,
+        "vllm_enable_sleep_mode": False, "vllm_server_base_url": "http://h:8000"}
+    monkeypatch.setattr(rl, "_vllm_version", lambda: "0.32.0")
+    with pytest.raises(CaiError, match=r"rollout_engine: .*supports vLLM 0\.22–0\.31; installed: 0\.32\.0"):
+        rl.run_rl(cfg)
+    assert not (tmp_path / "g").exists()  # refused before the folder was made
+    with pytest.raises(CaiError, match="vllm_mode: PPO's vLLM engine is colocated"):
+        RLConfig(algo="ppo", rollout_engine="vllm", vllm_mode="server")
+    with pytest.raises(CaiError, match="rollout_engine: must be one of"):
+        RLConfig(rollout_engine="sglang")

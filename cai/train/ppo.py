@@ -235,6 +235,17 @@ class Rollout:
     stats: dict[str, float]
 
 
+def shards_weights(accelerator: Any) -> bool:
+    """True when the accelerate config shards the parameters (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator is None:
+        return False
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind == "DEEPSPEED" and getattr(plugin, "zero_stage", 0) == 3
+
+
 class PolicyAndValue(nn.Module):
     """The trainable parts as one module, so DDP / FSDP / ZeRO wrap (and sync) them together.
     Its forward is `response_forward` with the value head."""
@@ -301,7 +312,8 @@ class PPOTrainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
         self.engine = engine if engine is not None else HFRollout(
-            policy, tokenizer.pad_token_id, self.fmt.stop_ids, self.autocast)
+            policy, tokenizer.pad_token_id, self.fmt.stop_ids, self.autocast,
+            synced=shards_weights(accelerator))
 
     def _check_split(self) -> None:
         """Across N processes every batch and minibatch must split into N equal shares."""
@@ -587,4 +599,4 @@ class PPOTrainer:
 
 __all__ = ["kl_per_token", "gae", "policy_loss", "value_loss", "token_rewards", "masked_mean",
            "masked_whiten", "AdaptiveKLController", "FixedKLController", "ValueHead",
-           "response_forward", "PPOTrainer", "PolicyAndValue", "Rollout"]
+           "response_forward", "PPOTrainer", "PolicyAndValue", "Rollout", "shards_weights"]

