@@ -125,7 +125,7 @@ def _policies(root: Path) -> list[str]:
     lines += [f"Evaluation judge: `{judge}`" + (
         f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge` in "
         "the pipeline config, `--judge` on `cai eval policies`)." if rep.get("judge_note")
-        else f"; the labeller was `{rep.get('feedback_model')}`."), ""]
+        else f"; the labeller was `{rep.get('labeller')}`."), ""]
     psets = rep.get("principle_sets") or {}
     if psets:
         column = {"red_team": "Elo red-team and harmless win rate",

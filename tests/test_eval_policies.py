@@ -312,6 +312,7 @@ def test_a_judge_of_its_own(models, tmp_path: Path) -> None:
                                   reward=None, refusal_judge=False))
     report = json.loads((tmp_path / "own" / "report.json").read_text())
     assert report["judge_is_labeller"] is False and report["judge_note"] is None
+    assert report["labeller"] == m["models"]["feedback"] != report["feedback_model"]
     assert m["models"]["judge"] != m["models"]["feedback"]
     assert m["models"]["judge"] == report["judge_model"] and str(models["b"]) in report["judge_model"]
     assert report["refusal_judged"] is None and not (tmp_path / "own" / "refusal_judgements.jsonl").exists()

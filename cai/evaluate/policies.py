@@ -664,8 +664,9 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "players": players,
         "models": identities,
-        "feedback_model": labeller_id,
+        "feedback_model": judge_id,  # the model that judged (the key's meaning since v1)
         "judge_model": judge_id,
+        "labeller": labeller_id,
         "judge_is_labeller": judge_id == labeller_id,
         "judge_note": LABELLER_NOTE if judge_id == labeller_id else None,
         "judge": judge.method(),
