@@ -202,6 +202,10 @@ def constitution_show(file: Path, as_json: bool = typer.Option(False, "--json"))
     typer.echo("RL principles:")
     for q in c.rl_principles:
         typer.echo(f"  {q.id} (w={q.weight:g}): {q.text}")
+    if c.has_helpfulness:
+        typer.echo("Helpfulness principles (the evaluation's helpful prompts):")
+        for q in c.for_set("helpfulness").rl_principles:
+            typer.echo(f"  {q.id} (w={q.weight:g}): {q.text}")
 
 
 @const_app.command("diff")

@@ -61,7 +61,8 @@ class PipelineConfig:
     model: str = "embedded:smollm2-135m"
     """The helpful base model: answers in SL, is fine-tuned by SFT."""
     feedback_model: str = "embedded:smollm2-135m"
-    """The judge of the label stage and of the policy evaluation."""
+    """The judge of the label stage (the labeller); also the policy evaluation's judge
+    unless `eval: {judge: SPEC}` gives it one of its own."""
     seed: int = 0
     """Seed given to every stage."""
     stages: list[str] = field(default_factory=lambda: list(ORDER))

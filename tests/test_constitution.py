@@ -162,3 +162,9 @@ def test_helpfulness_set_is_validated_drawn_and_diffed(tmp_path: Path) -> None:
     new.write_text(yaml.safe_dump(data))
     r = cai("constitution", "diff", str(HARMLESS), str(new), "--json")
     assert json.loads(r.stdout)["changed"]["helpfulness"] == [data["helpfulness"]["principles"][0]["id"]]
+    shown = cai("constitution", "show", str(HARMLESS)).stdout
+    assert "Helpfulness principles" in shown and "no-needless-refusal" in shown
+    data = yaml.safe_load(HARMLESS.read_text())
+    del data["helpfulness"]
+    new.write_text(yaml.safe_dump(data))
+    assert "Helpfulness principles" not in cai("constitution", "show", str(new)).stdout
