@@ -116,3 +116,39 @@ def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_pro
     assert diff < 1e-5 + moved * 1e-2, (diff, moved)  # ...and both runs changed them alike
     m = json.loads((two / "manifest.json").read_text())
     assert m["counts"]["steps"] == 3 and m["config"]["batch_size"] == 4
+
+
+def test_ppo_accelerate_vllm_rollouts_two_processes_match_one(tmp_path, embedded_path,
+                                                              pm_and_prompts) -> None:
+    """One colocated vLLM engine per process (vLLM's external launcher in accelerate's
+    process group), each sampling its share: the same samples and stats as one process."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_path))
+    torch.manual_seed(0)
+    model = tmp_path / "model"  # head size 32: vLLM's CPU attention has no size-8 kernel
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True)).save_pretrained(str(model))
+    tok.save_pretrained(str(model))
+    pm, prompts = pm_and_prompts
+    extra = ["--rollout-engine", "vllm", "--ppo-epochs", "1"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = subprocess.run([ACCELERATE, "launch", "--config_file",
+                        str(ROOT / "configs" / "accelerate" / "cpu2.yaml"), "-m", "cai.cli",
+                        *_ppo_args(model, pm, prompts, two, 2), *extra],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "cai.cli", *_ppo_args(model, pm, prompts, one, 2),
+                        *extra], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[json.loads(x) for x in (f / "log.jsonl").read_text().splitlines()] for f in (two, one)]
+    assert [x["step"] for x in rows[0]] == [1, 2]
+    for a, b in zip(*rows, strict=True):
+        assert a["rollout_logp_abs_diff"] < 1e-3  # each engine follows the policy
+        for key in ("reward_mean", "kl", "entropy", "response_length", "policy_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-3), key
+    assert rows[0][1]["kl"] != 0  # step 2 sampled from an updated policy
