@@ -130,3 +130,24 @@ def test_trl_algorithms_pass_vllm_options_only_on_a_supported_vllm(monkeypatch, 
         RLConfig(algo="ppo", rollout_engine="vllm", vllm_mode="server")
     with pytest.raises(CaiError, match="rollout_engine: must be one of"):
         RLConfig(rollout_engine="sglang")
+
+
+def test_pipeline_rl_section_sets_the_rollout_engine(tmp_path) -> None:
+    """`rl: {rollout_engine: vllm}` reaches the rl stage's config, changes its cache key,
+    and a bad value names the field."""
+    import yaml
+
+    from cai.errors import CaiError
+    from cai.pipeline import cache_key, load_pipeline_config, plan
+
+    def rl_step(extra: dict):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "stages": ["rl"],
+                                        "rl": {"model": "runs/sft", **extra}}))
+        return next(s for s in plan(load_pipeline_config(path)) if s.stage == "rl")
+
+    default, vllm = rl_step({}), rl_step({"rollout_engine": "vllm"})
+    assert default.config.rollout_engine == "hf" and vllm.config.rollout_engine == "vllm"
+    assert cache_key(default, {}) != cache_key(vllm, {})
+    with pytest.raises(CaiError, match="rollout_engine"):
+        rl_step({"rollout_engine": "fast"})
