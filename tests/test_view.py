@@ -189,6 +189,19 @@ def _count(driver) -> int:
     return int(driver.find_element(By.CSS_SELECTOR, "#count b").text)
 
 
+def _after_navigation(driver, action) -> None:
+    """Do `action` (a click that submits a form) and wait until the next page has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    action()
+    WebDriverWait(driver, 20).until(ec.staleness_of(old))
+    WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _no_script_ran(driver) -> None:
     from selenium.common.exceptions import NoAlertPresentException
 
@@ -257,7 +270,8 @@ def test_view_filters_narrow_and_sort(server, browser, tiny_run) -> None:
     sl = _lines(tiny_run / "sl" / "data.jsonl")
     browser.get(server.url + "/run/0/sl")
     Select(browser.find_element(By.NAME, "flag")).select_by_value("bare-refusal")
-    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    _after_navigation(browser, lambda: browser.find_element(By.CSS_SELECTOR,
+                                                            "form.filters button").click())
     want = sum("bare-refusal" in r["flags"] + r["filters"] for r in sl)
     assert 0 < want < len(sl)
     assert _count(browser) == want
@@ -266,7 +280,7 @@ def test_view_filters_narrow_and_sort(server, browser, tiny_run) -> None:
     browser.get(server.url + "/run/0/sl")
     box = browser.find_element(By.NAME, "q")
     box.send_keys(sl[1]["prompt"][:30])
-    box.submit()
+    _after_navigation(browser, box.submit)
     assert _count(browser) == sum(sl[1]["prompt"][:30].lower() in json.dumps(r, ensure_ascii=False)
                                   .lower() for r in sl) < len(sl)
 
@@ -412,10 +426,14 @@ def test_view_report_html_is_one_offline_file(tiny_run, browser, tmp_path) -> No
 
     # The pipeline wrote report.html beside report.md.
     assert (tiny_run / "report.html").is_file() and (tiny_run / "report.md").is_file()
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    cli = CliRunner()
     out = tmp_path / "elsewhere" / "r.html"
-    r = subprocess.run([CAI, "report", str(tiny_run), "--html", "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = cli.invoke(app, ["report", str(tiny_run), "--html", "--out", str(out)])
+    assert r.exit_code == 0, r.output
     html = out.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert html.count('src="data:image/png;base64,') >= 3
@@ -423,11 +441,12 @@ def test_view_report_html_is_one_offline_file(tiny_run, browser, tmp_path) -> No
     assert html.count("<img") == md.count("![")
     # Without --html only the markdown is written.
     (tiny_run / "report.html").unlink()
-    r = subprocess.run([CAI, "report", str(tiny_run)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and not (tiny_run / "report.html").exists()
-    r = subprocess.run([CAI, "report", str(tiny_run), "--out", str(out)], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "--html" in r.stderr
+    r = cli.invoke(app, ["report", str(tiny_run)])
+    assert r.exit_code == 0 and not (tiny_run / "report.html").exists()
+    r = cli.invoke(app, ["report", str(tiny_run), "--out", str(out)])
+    assert r.exit_code == 2 and "add --html" in r.output
+    r = cli.invoke(app, ["report", str(tmp_path / "missing"), "--html"])
+    assert r.exit_code == 2 and "not a run folder" in r.output
     # Moved away from the run, it still shows every figure (nothing is fetched).
     browser.get(out.as_uri())
     assert "Run report" in browser.title
