@@ -86,14 +86,22 @@ def register(stage: Stage) -> Stage:
     if stage.name in _RUNS and _RUNS[stage.name] is not stage.run:
         raise RuntimeError(f"stage {stage.name!r} registered twice")
     _RUNS[stage.name] = stage.run
-    REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run))
+    reads = (*stage.inputs, *(f.name for f in dataclasses.fields(stage.config)
+                              if f.name in MODEL_FIELDS and f.name not in stage.inputs))
+    REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run, reads))
     return REGISTRY[stage.name]
 
 
-def _guarded(run: Callable[[Any], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge", "constitution",
+                "old", "new", "best_of_base")
+"""Config fields naming models or constitutions a stage reads (besides its `inputs`)."""
+
+
+def _guarded(run: Callable[[Any], dict[str, Any]], reads: Sequence[str]
+             ) -> Callable[..., dict[str, Any]]:
     def run_stage(cfg: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if getattr(cfg, "out", None):
-            check_out_over_inputs(cfg.out, cfg)
+            check_out_over_inputs(cfg.out, cfg, reads)
         return run(cfg, *args, **kwargs)
 
     run_stage.__doc__, run_stage.__name__ = run.__doc__, run.__name__
@@ -218,16 +226,14 @@ def _spec_paths(value: str) -> list[Path]:
     return paths
 
 
-def check_out_over_inputs(out: str | Path, cfg: Any) -> None:
-    """Refuse an output folder equal to, inside or containing anything the stage reads (a
-    data file or folder, a model folder, the embedded model cache), before any work: a
-    stage writing there would replace the input it is reading."""
+def check_out_over_inputs(out: str | Path, cfg: Any, fields: Sequence[str]) -> None:
+    """Refuse an output folder equal to, inside or containing anything the stage reads (the
+    config `fields` naming data files or folders, model folders, the embedded model
+    cache), before any work: a stage writing there would replace the input it reads."""
     from cai.models import cache_root
 
-    if not dataclasses.is_dataclass(cfg):
-        return
-    found = [(f.name, p) for f in dataclasses.fields(cfg) if f.name != "out"
-             and isinstance(getattr(cfg, f.name), str) for p in _spec_paths(getattr(cfg, f.name))]
+    found = [(name, p) for name in fields if isinstance(getattr(cfg, name, None), str)
+             for p in _spec_paths(getattr(cfg, name))]
     found.append(("model cache", cache_root()))
     o = Path(out).expanduser().resolve()
     for name, path in found:
