@@ -311,9 +311,19 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
         from cai.view.app import create_app
     except ImportError as exc:
         raise CaiError(f"the viewer needs the view extra (pip install 'cai[view]'): {exc}") from None
+    import socket
+
     import uvicorn
 
     app_ = create_app(runs)
+    try:  # a busy port or an unknown address is one clear line, before uvicorn starts
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise CaiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                       field="port") from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host}, not only to this machine", err=True)
     typer.echo(f"cai view: http://{host}:{port}/  (Ctrl-C stops it)", err=True)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 

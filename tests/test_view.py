@@ -413,6 +413,9 @@ def test_view_cli_serves_and_rejects_bad_input(tiny_run, tmp_path) -> None:
         if listening:  # where `ss` exists: bound to loopback only
             local = [line.split()[3] for line in listening.splitlines()]
             assert local == [f"127.0.0.1:{port}"]
+        busy = subprocess.run([CAI, "view", str(tiny_run), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
     finally:
         proc.terminate()
         proc.wait(10)
