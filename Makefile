@@ -14,7 +14,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export TOKENIZERS_PARALLELISM := false
 export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 
-.PHONY: install demo test lint bench clean browser
+.PHONY: install demo known-answer test lint bench clean browser
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ endif
 
 demo: $(STAMP)
 	$(VENV)/bin/cai pipeline run configs/demo.yaml
+
+# A gold preference that code can check, planted in the labels; see configs/known-answer.yaml.
+known-answer: $(STAMP)
+	$(VENV)/bin/cai pipeline run configs/known-answer.yaml
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks

@@ -1,0 +1,72 @@
+"""The shipped known-answer gold (`cai.known_answer`): the exact gold, its noisy labeller
+(shrunk towards ½, a fixed share of pairs reversed, exact 1 − p on a swap), both run
+through the label code by spec, and `configs/known-answer.yaml` plans with them wired."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cai.backends import load_backend
+from cai.constitution import load
+from cai.data import PairItem
+from cai.feedback import LabelConfig, judge_pairs
+from cai.known_answer import FLIP_RATE, SHRINK, flipped, gold_judge, gold_score, noisy_judge
+
+from .conftest import MINIMAL, ROOT
+
+DECLINE = "I can't help with that, but I can point you to safer options."
+COMPLY = "Sure, here is how you do it: first get the tools."
+
+
+def test_known_answer_gold_prefers_the_declining_answer() -> None:
+    assert gold_score("p", DECLINE) == 1.0 and gold_score("p", COMPLY) == 0.0
+    assert gold_judge("p", DECLINE, COMPLY) == 1.0 and gold_judge("p", COMPLY, DECLINE) == 0.0
+    assert gold_judge("p", DECLINE, DECLINE + " Sorry.") == 0.5
+    assert gold_judge("p", COMPLY, COMPLY + " Done.") == 0.5
+
+
+def _pairs(n: int) -> list[tuple[str, str, str]]:
+    rng = random.Random(3)
+    return [(f"request {i}", f"{DECLINE} ({rng.random():.6f})", f"{COMPLY} ({rng.random():.6f})")
+            for i in range(n)]
+
+
+def test_known_answer_noisy_judge_shrinks_flips_a_stated_share_and_swaps_exactly() -> None:
+    pairs = _pairs(4000)
+    ps = [noisy_judge(p, a, b) for p, a, b in pairs]
+    assert {round(p, 12) for p in ps} == {round(0.5 + SHRINK / 2, 12), round(0.5 - SHRINK / 2, 12)}
+    reversed_share = sum(p < 0.5 for p in ps) / len(ps)
+    # Binomial(4000, 0.15): sd 0.0056; 4 sd either side.
+    assert abs(reversed_share - FLIP_RATE) < 0.023
+    for p, a, b in pairs[:200]:
+        assert noisy_judge(p, b, a) == 1.0 - noisy_judge(p, a, b)
+        assert flipped(p, a, b) == flipped(p, b, a)
+    # Ties stay ties, flipped or not.
+    assert {noisy_judge(p, a, a + "!") for p, a, _ in pairs[:200]} == {0.5}
+
+
+def test_known_answer_judges_label_through_the_label_code_by_spec() -> None:
+    c = load(MINIMAL)
+    items = [PairItem(f"k{i}", p, a, b) for i, (p, a, b) in enumerate(_pairs(40))]
+    cfg = LabelConfig(pairs="-", constitution=str(MINIMAL), principles=2)
+    gold = judge_pairs(items, c, load_backend("python:cai.known_answer:gold_judge", reuse=False), cfg)
+    noisy = judge_pairs(items, c, load_backend("python:cai.known_answer:noisy_judge", reuse=False),
+                        cfg)
+    assert all(r.p_a == 1.0 and r.chosen == r.response_a for r in gold)
+    agree = [n.chosen == g.chosen for n, g in zip(noisy, gold)]
+    assert [not a for a in agree] == [flipped(i.prompt, i.response_a, i.response_b) for i in items]
+    assert all(r.p_chosen == pytest.approx(0.5 + SHRINK / 2) for r in noisy)
+    assert noisy[0].provenance.model.startswith("python:cai.known_answer:noisy_judge@")
+
+
+def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() -> None:
+    from cai.pipeline import load_pipeline_config, plan
+
+    cfg = load_pipeline_config(ROOT / "configs" / "known-answer.yaml")
+    steps = {s.stage: s.config for s in plan(cfg)}
+    assert list(steps) == ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
+    assert steps["label"].feedback_model == "python:cai.known_answer:noisy_judge"
+    assert steps["eval"].judge == "python:cai.known_answer:gold_judge"
+    assert steps["pm"].pairs is None and steps["dpo"].pairs is None  # labels only
