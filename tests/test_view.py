@@ -215,6 +215,7 @@ def _no_script_ran(driver) -> None:
 # --------------------------------------------------------------------------- pages
 
 
+@pytest.mark.slow
 def test_view_every_page_opens(server, browser, tiny_run) -> None:
     from selenium.webdriver.common.by import By
 
@@ -263,6 +264,7 @@ def test_view_every_page_opens(server, browser, tiny_run) -> None:
     browser.save_screenshot(str(tiny_run.parent / "eval.png"))
 
 
+@pytest.mark.slow
 def test_view_filters_narrow_and_sort(server, browser, tiny_run) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -304,6 +306,7 @@ def test_view_filters_narrow_and_sort(server, browser, tiny_run) -> None:
     assert conf == sorted(conf, reverse=True)
 
 
+@pytest.mark.slow
 def test_view_markup_in_records_shows_as_text_and_runs_nothing(server, browser) -> None:
     from selenium.webdriver.common.by import By
 
@@ -325,6 +328,7 @@ def test_view_markup_in_records_shows_as_text_and_runs_nothing(server, browser) 
         "default-src 'none'" in resp.getheader("Content-Security-Policy")
 
 
+@pytest.mark.slow
 def test_view_two_runs_show_flipped_label_and_constitution_diff(server2, browser, tiny_run,
                                                                  new_run) -> None:
     from selenium.webdriver.common.by import By
@@ -346,6 +350,7 @@ def test_view_two_runs_show_flipped_label_and_constitution_diff(server2, browser
     assert _count(browser) == len(_lines(new_run / "label" / "data.jsonl"))
 
 
+@pytest.mark.slow
 def test_view_serves_only_files_inside_the_run(server, browser, tiny_run) -> None:
     outside = tiny_run.parent / "secret.txt"
     outside.write_text("secret")
@@ -389,6 +394,7 @@ def test_view_pages_large_stage(tmp_path) -> None:
     assert odd.count('class="card sl-record"') == 10 and "p0119" in odd and "p0118" not in odd
 
 
+@pytest.mark.slow
 def test_view_cli_serves_and_rejects_bad_input(tiny_run, tmp_path) -> None:
     r = subprocess.run([CAI, "view", str(tmp_path / "nothing")], capture_output=True, text=True,
                        timeout=60)
@@ -424,6 +430,7 @@ def test_view_cli_serves_and_rejects_bad_input(tiny_run, tmp_path) -> None:
 # --------------------------------------------------------------------------- html report
 
 
+@pytest.mark.slow
 def test_view_report_html_is_one_offline_file(tiny_run, browser, tmp_path) -> None:
     from selenium.webdriver.common.by import By
 
