@@ -4,7 +4,10 @@ RewardTrainer — side by side in one run, on the same prompts, reward and model
     python benchmarks/bench_train.py [--steps 6] [--model SPEC] [--quick]
 
 RL: both go through `cai train rl` (`run_rl`) with LoRA, 8 responses per step, the same
-random preference model as reward. Reported per algorithm: samples/s and the split of a
+random preference model as reward. PPO also runs with its rollouts sampled by vLLM
+(`--rollout-engine vllm`, weights synced after every update) beside transformers' generate;
+`ppo_vllm_over_hf` is its samples/s over the hf run's (it runs last, after the PM part:
+vLLM's CPU worker pins the process's threads). Reported per algorithm: samples/s and the split of a
 step into generation, reward and the rest (policy/reference forwards and the update);
 PPO also reports its own finer split from log.jsonl. PPO runs twice: with its defaults
 (4 epochs × 2 minibatches = 8 gradient steps per rollout) and "matched" (1 epoch, one
@@ -111,10 +114,13 @@ def bench_rl(name: str, cfg, reward, gen: Timer) -> dict:
     n = len(log)
     if cfg.algo == "ppo":
         step_s = sum(r["time_generation_s"] + r["time_reference_reward_s"] + r["time_update_s"]
-                     for r in log) / n
+                     + r.get("time_sync_s", 0.0) for r in log) / n
+        # PPO times its own sampling (whichever engine); transformers' generate is not
+        # called at all with vLLM rollouts.
+        gen_s = sum(r["time_generation_s"] for r in log) / n
     else:
         step_s = sum(r["trl"]["step_time"] for r in log) / n
-    gen_s = sum(gen.calls[1:]) / max(1, len(gen.calls) - 1)
+        gen_s = sum(gen.calls[1:]) / max(1, len(gen.calls) - 1)
     rew_s = sum(rtimer.calls[1:]) / max(1, len(rtimer.calls) - 1)
     row = {"name": name, "algo": cfg.algo, "measured_steps": n, "samples_per_step": cfg.batch_size,
            "step_s": round(step_s, 3), "samples_per_s": round(cfg.batch_size / step_s, 3),
@@ -122,8 +128,11 @@ def bench_rl(name: str, cfg, reward, gen: Timer) -> dict:
            "other_s": round(step_s - gen_s - rew_s, 3),
            "generation_share": round(gen_s / step_s, 3), "run_wall_s": round(wall, 1)}
     if cfg.algo == "ppo":
-        row["ppo_split_s"] = {k: round(sum(r[f"time_{k}_s"] for r in log) / n, 3)
-                              for k in ("generation", "reference_reward", "update")}
+        row["rollout_engine"] = cfg.rollout_engine
+        row["ppo_split_s"] = {k: round(sum(r.get(f"time_{k}_s", 0.0) for r in log) / n, 3)
+                              for k in ("generation", "reference_reward", "update", "sync")}
+        if "rollout_logp_abs_diff" in log[0]:
+            row["rollout_logp_abs_diff_max"] = max(r["rollout_logp_abs_diff"] for r in log)
         row["gradient_steps_per_step"] = cfg.ppo_epochs * -(-cfg.batch_size // cfg.minibatch_size)
     else:
         row["gradient_steps_per_step"] = 1
@@ -209,6 +218,7 @@ def main() -> None:
     from cai.train.rl import RLConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
+    load_start = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         hidden, layers = (64, 2) if args.quick else (256, 4)
@@ -231,17 +241,25 @@ def main() -> None:
                 ("rloo", RLConfig(algo="rloo", out=str(tmp / "rloo"), num_generations=4, **base))]
         rl_rows = {name: bench_rl(name, cfg, reward, gen) for name, cfg in runs}
         pm_row = bench_pm(policy, args.pm_steps, 32, tmp, 1 if args.quick else 2)
+        vllm_cfg = RLConfig(algo="ppo", out=str(tmp / "ppo-vllm"), rollout_engine="vllm", **base)
+        rl_rows["ppo_vllm"] = bench_rl("ppo_vllm", vllm_cfg, reward, gen)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     model_desc = args.model or f"random-llama(layers={layers}, hidden={hidden}, vocab=49152)"
     summary = {"bench": "train", "model": model_desc, "threads": torch.get_num_threads(),
                "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "max_new_tokens": args.max_new_tokens, "rl": rl_rows, "pm": pm_row,
+               "max_new_tokens": args.max_new_tokens,
+               "loadavg_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
+               "rl": rl_rows, "pm": pm_row,
                "ppo_vs_rloo_samples_per_s": round(rl_rows["ppo"]["samples_per_s"]
                                                   / rl_rows["rloo"]["samples_per_s"], 3),
                "ppo_matched_vs_rloo_samples_per_s": round(rl_rows["ppo_matched"]["samples_per_s"]
-                                                          / rl_rows["rloo"]["samples_per_s"], 3)}
+                                                          / rl_rows["rloo"]["samples_per_s"], 3),
+               "ppo_vllm_over_hf": round(rl_rows["ppo_vllm"]["samples_per_s"]
+                                         / rl_rows["ppo"]["samples_per_s"], 3),
+               "ppo_vllm_over_hf_generation": round(rl_rows["ppo"]["generation_s"]
+                                                    / rl_rows["ppo_vllm"]["generation_s"], 3)}
     out = ROOT / "benchmarks" / "results" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -249,7 +267,8 @@ def main() -> None:
             **{f"{k}_samples_per_s": r["samples_per_s"] for k, r in rl_rows.items()},
             **{f"{k}_generation_share": r["generation_share"] for k, r in rl_rows.items()},
             "ppo_vs_rloo": summary["ppo_vs_rloo_samples_per_s"],
-            "ppo_matched_vs_rloo": summary["ppo_matched_vs_rloo_samples_per_s"]}
+            "ppo_matched_vs_rloo": summary["ppo_matched_vs_rloo_samples_per_s"],
+            "ppo_vllm_over_hf": summary["ppo_vllm_over_hf"]}
     if pm_row:
         line.update({"pm_soft_pairs_per_s": pm_row["soft_pairs_per_s"],
                      "pm_plain_pairs_per_s": pm_row["plain_pairs_per_s"],

@@ -83,6 +83,7 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_prompts) -> None:
     """`accelerate launch` with 2 processes (torchrun, gloo on the CPU), stopped after step 2
     and resumed to step 3, gives the samples, stats and weights of one process run straight."""
@@ -118,6 +119,7 @@ def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_pro
     assert m["counts"]["steps"] == 3 and m["config"]["batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_ppo_accelerate_vllm_rollouts_two_processes_match_one(tmp_path, embedded_path,
                                                               pm_and_prompts) -> None:
     """One colocated vLLM engine per process (vLLM's external launcher in accelerate's

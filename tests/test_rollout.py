@@ -88,6 +88,7 @@ def test_hf_samples_depend_on_their_seed_not_on_the_batch(tiny_model, tmp_path) 
     assert hf.sample(t.prompt_ids, [s + 100 for s in seeds], 8, 1.0).tokens != together
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False])
 def test_vllm_rollout_follows_the_policy_after_an_update(vllm_tiny, tmp_path, lora) -> None:
     t = _trainer(vllm_tiny, tmp_path / "rl", "vllm", lora=lora)
