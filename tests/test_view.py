@@ -252,6 +252,14 @@ def test_view_every_page_opens(server, browser, tiny_run) -> None:
         assert key in text
     assert browser.find_elements(By.CSS_SELECTOR, "table.by-source")
     assert "sqrt_kl" in text
+    rl_log = _lines(tiny_run / "rl" / "log.jsonl")
+    curve = browser.find_element(By.XPATH, "//figure[contains(@class,'curve')][.//b[text()='reward']]")
+    assert f"{len(rl_log)} steps" in curve.text  # the RL reward curve, drawn from log.jsonl
+    points = curve.find_element(By.TAG_NAME, "polyline").get_attribute("points").split()
+    assert len(points) == len(rl_log)
+    pngs = browser.find_elements(By.CSS_SELECTOR, "section.train-stage figure img")
+    assert any("rl/plots/reward.png" in i.get_attribute("src") for i in pngs)
+    assert all(browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in pngs)
 
     browser.get(server.url + "/run/0/eval")
     report = json.loads((tiny_run / "eval" / "report.json").read_text())

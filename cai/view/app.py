@@ -35,6 +35,7 @@ def _env() -> Environment:
     env = Environment(loader=PackageLoader("cai.view", "templates"),
                       autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["num"] = _num
+    env.filters["sig"] = lambda v: f"{v:.4g}" if isinstance(v, float) else _num(v)
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f} %"
     return env
 

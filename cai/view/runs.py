@@ -450,6 +450,31 @@ SORTS: dict[str, Callable[[dict[str, Any]], float]] = {
 # --------------------------------------------------------------------------- training
 
 
+CURVE_KEYS = ("reward", "kl", "sqrt_kl", "loss", "accuracy", "rewards/margins", "mean_p",
+              "abs_error", "entropy", "response_length")
+"""Logged values drawn as curves on the training page, in this order when present."""
+
+
+def curves(log: list[dict[str, Any]], width: int = 240, height: int = 70) -> list[dict[str, Any]]:
+    """SVG polyline points of each logged value over the steps: curves for every run, even
+    one whose PNGs were never drawn (the viewer writes nothing)."""
+    out = []
+    for key in CURVE_KEYS:
+        ys = [(i, float(r[key])) for i, r in enumerate(log)
+              if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)
+              and math.isfinite(float(r[key]))]
+        if not ys:
+            continue
+        lo, hi = min(y for _, y in ys), max(y for _, y in ys)
+        span_x = max(1, len(log) - 1)
+        span_y = (hi - lo) or 1.0
+        pts = " ".join(f"{4 + (width - 8) * i / span_x:.1f},"
+                       f"{height - 4 - (height - 8) * (y - lo) / span_y:.1f}" for i, y in ys)
+        out.append({"key": key, "points": pts, "lo": lo, "hi": hi, "first": ys[0][1],
+                    "last": ys[-1][1], "n": len(ys), "width": width, "height": height})
+    return out
+
+
 def training(run: Run) -> list[dict[str, Any]]:
     """Per training folder: its kind, eval numbers, the last log line and its PNGs."""
     out = []
@@ -466,7 +491,7 @@ def training(run: Run) -> list[dict[str, Any]]:
                                   for k, v in by_source.items()},
                     "reliability": ev.get("reliability") or [],
                     "log_first": log[0] if log else None, "log_last": log[-1] if log else None,
-                    "log_steps": len(log),
+                    "log_steps": len(log), "curves": curves(log),
                     "pngs": run.pngs(s.path, recurse=True)})
     return out
 
