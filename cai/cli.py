@@ -308,14 +308,14 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
     if not 0 < port < 65536:
         raise CaiError("must be from 1 to 65535", field="port")
     try:
-        from cai.view.app import create_app
+        from cai.view.app import allowed_hosts, create_app
     except ImportError as exc:
         raise CaiError(f"the viewer needs the view extra (pip install 'cai[view]'): {exc}") from None
     import socket
 
     import uvicorn
 
-    app_ = create_app(runs)
+    app_ = create_app(runs, allowed_hosts(host))
     try:  # a busy port or an unknown address is one clear line, before uvicorn starts
         with socket.create_server((host, port)):
             pass

@@ -379,6 +379,13 @@ def test_view_serves_only_files_inside_the_run(server, browser, tiny_run) -> Non
     assert status("/run/0/file/eval/elo.png") == 200
     assert status("/run/0/file/sl/data.jsonl") == 200
     assert status("/run/0/sl", "POST") == 405  # read-only: nothing but GET is routed
+    # Another name for this address (DNS rebinding by a page elsewhere) is refused.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/run/0/sl", headers={"Host": f"attacker.example:{server.port}"})
+    assert conn.getresponse().status == 400
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/run/0/sl", headers={"Host": f"localhost:{server.port}"})
+    assert conn.getresponse().status == 200
 
 
 def test_view_pages_large_stage(tmp_path) -> None:
@@ -394,7 +401,7 @@ def test_view_pages_large_stage(tmp_path) -> None:
              "category": "odd" if i % 2 else "even", "initial": "x", "rounds": [],
              "final": "x", "filters": [], "flags": [], "keep": True} for i in range(120)]
     _write_lines(folder / "data.jsonl", rows)
-    client = TestClient(create_app([folder]))
+    client = TestClient(create_app([folder]), base_url="http://127.0.0.1")
     assert client.get("/run/0/sl").text.count('class="card sl-record"') == 50
     page3 = client.get("/run/0/sl?page=3").text
     assert page3.count('class="card sl-record"') == 20 and "p0119" in page3 and "p0099" not in page3
@@ -499,3 +506,11 @@ def test_view_line_index_skips_blank_lines_and_a_torn_tail(tmp_path) -> None:
     first = page_of(p, 1, size=2)
     assert [r["id"] for r in first.rows] == ["a", "b"]
     assert [r["id"] for r in page_of(p, 2, size=2).rows] == ["c"]
+
+
+def test_view_allowed_hosts_follow_the_bound_address() -> None:
+    from cai.view.app import LOCAL_HOSTS, allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == list(LOCAL_HOSTS)
+    assert allowed_hosts("10.1.2.3") == [*LOCAL_HOSTS, "10.1.2.3"]
+    assert allowed_hosts("0.0.0.0") == ["*"]

@@ -6,11 +6,11 @@ Needs the `view` extra (Starlette, Jinja2, uvicorn): `pip install 'cai[view]'`.
 from __future__ import annotations
 
 
-def create_app(roots):  # noqa: ANN001, ANN201 - thin re-export, typed in cai.view.app
+def create_app(roots, hosts=None):  # noqa: ANN001, ANN201 - thin re-export, typed in cai.view.app
     """The ASGI app over one run folder, or two (old, new)."""
     from cai.view.app import create_app as make
 
-    return make(roots)
+    return make(roots, hosts)
 
 
 def serve(roots, host: str = "127.0.0.1", port: int = 8765) -> None:  # noqa: ANN001

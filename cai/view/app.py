@@ -15,6 +15,8 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
@@ -69,8 +71,22 @@ def report_figures(run: R.Run) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def create_app(roots: list[str | Path]) -> Starlette:
-    """The viewer over one run, or two (old, new) with a compare page."""
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+"""Host headers the viewer answers by default: a page elsewhere that rebinds its own name
+to 127.0.0.1 (DNS rebinding) gets 400, not the run's data."""
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """Host headers to answer when bound to `host`: loopback names, plus that address; any
+    host when bound to all interfaces (the user chose to serve the network)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return list(dict.fromkeys([*LOCAL_HOSTS, host]))
+
+
+def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starlette:
+    """The viewer over one run, or two (old, new) with a compare page; `hosts` are the Host
+    headers it answers (default: loopback names only)."""
     if not 1 <= len(roots) <= 2:
         raise ValueError("give one run folder, or two to compare")
     runs = [R.Run(r) for r in roots]
@@ -185,7 +201,9 @@ def create_app(roots: list[str | Path]) -> Starlette:
         Route("/run/{i:int}/eval", evaluation, methods=["GET"]),
         Route("/run/{i:int}/file/{path:path}", file, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+                     middleware=[Middleware(TrustedHostMiddleware,
+                                            allowed_hosts=hosts or list(LOCAL_HOSTS))])
 
 
 def _first_page_facets(rows: list[dict[str, Any]], fields: Any) -> dict[str, list[str]]:
@@ -206,7 +224,7 @@ def serve(roots: list[str | Path], host: str = "127.0.0.1", port: int = 8765) ->
     """Serve the viewer with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(roots)
+    app = create_app(roots, allowed_hosts(host))
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
