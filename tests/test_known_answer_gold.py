@@ -70,3 +70,28 @@ def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() 
     assert steps["label"].feedback_model == "python:cai.known_answer:noisy_judge"
     assert steps["eval"].judge == "python:cai.known_answer:gold_judge"
     assert steps["pm"].pairs is None and steps["dpo"].pairs is None  # labels only
+
+
+def test_known_answer_pipeline_takes_python_judges_end_to_end(tiny_model, tmp_path) -> None:
+    """The tiny run with the noisy labeller as the pipeline's feedback model and the gold as
+    the evaluation's judge: each stage names the function's identity."""
+    import json
+
+    import yaml
+
+    from cai.models import model_identity
+    from cai.pipeline import load_pipeline_config, run_pipeline
+
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data.update(model=str(tiny_model), feedback_model="python:cai.known_answer:noisy_judge",
+                out=str(tmp_path / "run"))
+    data["eval"] = {**data.get("eval", {}), "judge": "python:cai.known_answer:gold_judge"}
+    path = tmp_path / "ka.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_pipeline(load_pipeline_config(path))
+    root = tmp_path / "run"
+    label = json.loads((root / "label" / "manifest.json").read_text())
+    assert label["models"]["feedback"] == model_identity("python:cai.known_answer:noisy_judge")
+    assert label["counts"]["records"] > 0
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert report["feedback_model"] == model_identity("python:cai.known_answer:gold_judge")
