@@ -117,6 +117,7 @@ def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_pro
     assert diff < 1e-5 + moved * 1e-2, (diff, moved)  # ...and both runs changed them alike
     m = json.loads((two / "manifest.json").read_text())
     assert m["counts"]["steps"] == 3 and m["config"]["batch_size"] == 4
+    assert m["rollout"]["engine"] == "hf" and "vllm" not in m["rollout"]
 
 
 @pytest.mark.slow
@@ -154,3 +155,5 @@ def test_ppo_accelerate_vllm_rollouts_two_processes_match_one(tmp_path, embedded
         for key in ("reward_mean", "kl", "entropy", "response_length", "policy_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-3), key
     assert rows[0][1]["kl"] != 0  # step 2 sampled from an updated policy
+    rollout = json.loads((two / "manifest.json").read_text())["rollout"]
+    assert rollout["engine"] == "vllm" and rollout["vllm"] and rollout["seed"] == 0

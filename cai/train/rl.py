@@ -222,13 +222,25 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         models={"policy": cfg.model, "reference": cfg.model, "reward": reward_spec},
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
-        extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo]})
+        extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo],
+               "rollout": _rollout_provenance(cfg)})
     write_card(out, "RL-CAI policy",
                f"The SL-CAI model `{cfg.model}` trained with {cfg.algo.upper()} against "
                f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "
                f"{len(log)} steps on `{cfg.prompts}`. Load this folder as a model spec "
                f"(`hf:{out}`); the per-step reward and KL are in `log.jsonl`.", manifest)
     return manifest
+
+
+def _rollout_provenance(cfg: RLConfig) -> dict[str, Any]:
+    """Which engine sampled the rollouts, its version, and the sampling parameters."""
+    row: dict[str, Any] = {"engine": cfg.rollout_engine, "temperature": cfg.temperature,
+                           "top_p": 1.0, "top_k": 0, "max_new_tokens": cfg.max_new_tokens,
+                           "seed": cfg.seed}
+    if cfg.rollout_engine == "vllm":
+        row["vllm"] = _vllm_version()
+        row["mode"] = cfg.vllm_mode
+    return row
 
 
 def _process_group():
