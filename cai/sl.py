@@ -342,6 +342,12 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Run (or resume) the SL stage; returns the manifest."""
     t0 = time.time()
     c = load(cfg.constitution)
+    if cfg.few_shot is not None and cfg.few_shot > len(c.few_shot):
+        # Refused, not clamped: few_shot is part of every record id, so a clamped 10 would
+        # give the records of 3 under other ids.
+        raise CaiError(f"{cfg.few_shot} is more than the {len(c.few_shot)} worked examples of "
+                       f"{c.path} (sl.few_shot); give 0 to {len(c.few_shot)}, or leave it unset "
+                       "for all", field="few_shot")
     rounds = cfg.rounds or c.spec.sl.rounds
     items = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
     helpful = load_prompts(cfg.helpful_prompts, cfg.text_field) if cfg.helpful_prompts else []

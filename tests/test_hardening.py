@@ -149,6 +149,9 @@ MATRIX = [
     ("sl-helpful-ratio-inf", _with(SL, helpful_ratio="inf"), "expected a finite number"),
     ("sl-top-p-above-1", _with(SL, top_p="1.5"), "top_p: must be in (0, 1]"),
     ("sl-few-shot-negative", _with(SL, few_shot="-1"), "few_shot: must be >= 0"),
+    # refused, not clamped: minimal.yaml has one worked example (few_shot is in every record id)
+    ("sl-few-shot-above-examples", _with(SL, few_shot="2"),
+     "few_shot: 2 is more than the 1 worked examples of"),
     ("sl-overlong-unknown", _with(SL, overlong="wrap"), "overlong: must be one of"),
     ("sl-out-is-a-file", _with(SL, out="{afile}"), "exists and is not a folder"),
     ("sl-out-below-a-file", _with(SL, out="{below_file}"), "cannot write the output folder"),
@@ -180,6 +183,15 @@ MATRIX = [
     ("sft-lora-dropout-above-1", _with(SFT, lora_dropout="1.5"), "lora_dropout: must be in [0, 1)"),
     ("sft-out-contains-data", _with(SFT, out="{root}"), "--out contains the input `data`"),
     ("sft-config-alias-bomb", ["train", "sft", "--config", "{bomb_yaml}"], "expands to more than"),
+    # train rl: minibatch_size is PPO's; RLOO with a batch of 2 gets past the config to the reward
+    ("rl-ppo-minibatch-above-batch", ["train", "rl", "--algo", "ppo", "--batch-size", "2",
+                                      "--model", NO_MODEL, "--reward", "{root}/no-pm", "--out",
+                                      "{out}"], "minibatch_size: must be between 1 and batch_size"),
+    ("rl-rloo-batch-2-not-refused-for-minibatch", ["train", "rl", "--algo", "rloo", "--batch-size",
+                                                   "2", "--num-generations", "2", "--model", NO_MODEL,
+                                                   "--prompts", "{prompts}", "--reward",
+                                                   "{root}/no-pm", "--out", "{out}"],
+     "reward: reward folder not found"),
     # engines
     ("sl-engine-unknown", _with(SL, engine="spark"), "engine: use local or ray"),
     ("label-ray-address-dead", _with(LABEL, engine="ray", ray_address="127.0.0.1:9"), "does not answer"),

@@ -381,6 +381,109 @@ def test_resume_config_change_sft_is_refused_naming_the_fields(tmp_path: Path, t
     assert json.loads((out / "run_config.json").read_text())["config"]["learning_rate"] == 2e-3
 
 
+def _rl_cfg(tmp_path: Path, tiny_model: Path, **kw):
+    from cai.train.rl import RLConfig
+
+    prompts = tmp_path / "rl_prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(4)))
+    reward = tmp_path / "reward.py"
+    if not reward.exists():  # a real python: reward, longer answers score higher
+        reward.write_text("def score(prompt, response):\n    return float(len(response)) / 10\n")
+    base = dict(algo="ppo", model=str(tiny_model), reward=f"python:{reward}:score",
+                prompts=str(prompts), out=str(tmp_path / "rl"), steps=1, batch_size=2,
+                minibatch_size=2, ppo_epochs=1, max_new_tokens=4, save_every=1, lora=False,
+                learning_rate=1e-3)
+    return RLConfig(**{**base, **kw})
+
+
+def test_resume_config_change_rl_is_refused_naming_the_fields(tmp_path: Path, tiny_model: Path) -> None:
+    import torch
+
+    from cai.train.rl import run_rl
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from the second shared core
+    try:
+        cfg = _rl_cfg(tmp_path, tiny_model)
+        out = Path(cfg.out)
+        first = run_rl(cfg)
+        recorded = json.loads((out / "run_config.json").read_text())
+        assert recorded["hash"].startswith("sha256:") and recorded["config"]["beta"] == 0.05
+        assert "steps" not in recorded["config"] and "force" not in recorded["config"]
+        with pytest.raises(CaiError, match=r"different configuration \(beta: 0\.05 -> 0\.3\)"):
+            run_rl(_rl_cfg(tmp_path, tiny_model, beta=0.3))
+        assert run_rl(cfg)["written"] == first["written"]  # the same config: the finished run
+        # Killed after a checkpoint (no model, no manifest yet): the same rule.
+        for p in [out / "manifest.json", *out.glob("*.safetensors")]:
+            p.unlink()
+        assert (out / "checkpoint").is_dir()
+        with pytest.raises(CaiError, match=r"different configuration \(learning_rate: 0\.001 -> 0\.002\)"):
+            run_rl(_rl_cfg(tmp_path, tiny_model, learning_rate=2e-3))
+        # From the command line: one line, exit 2, the field named, the folder untouched.
+        before = _tree(out)
+        r = CliRunner().invoke(app, ["train", "rl", "--model", cfg.model, "--reward", cfg.reward,
+                                     "--prompts", cfg.prompts, "--out", cfg.out, "--steps", "1",
+                                     "--batch-size", "2", "--minibatch-size", "2", "--ppo-epochs",
+                                     "1", "--max-new-tokens", "4", "--no-lora", "--learning-rate",
+                                     "0.001", "--seed", "7"])
+        assert r.exit_code == 2 and "seed: 0 -> 7" in r.stderr, r.stderr
+        assert len([x for x in r.stderr.splitlines() if x.startswith("error:")]) == 1
+        assert _tree(out) == before
+        # The same config with more steps resumes the checkpoint (steps may change).
+        resumed = run_rl(_rl_cfg(tmp_path, tiny_model, steps=2))
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in log] == [1, 2] and resumed["counts"]["steps"] == 2
+        # --force starts clean under the new config: the old log is gone.
+        fresh = run_rl(_rl_cfg(tmp_path, tiny_model, beta=0.3, force=True))
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in log] == [1] and fresh["config"]["beta"] == 0.3
+        assert json.loads((out / "run_config.json").read_text())["config"]["beta"] == 0.3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rl_ppo_only_fields_are_checked_for_ppo_only() -> None:
+    from cai.train.rl import RLConfig
+
+    # The default minibatch_size (4) above a batch of 2: PPO splits the batch, so it refuses...
+    with pytest.raises(CaiError, match=r"minibatch_size: must be between 1 and batch_size"):
+        RLConfig(algo="ppo", batch_size=2)
+    with pytest.raises(CaiError, match=r"gamma: must be in \[0, 1\]"):
+        RLConfig(algo="ppo", gamma=2.0)
+    # ...RLOO and GRPO never read it (nor the other PPO-only fields).
+    for algo in ("rloo", "grpo"):
+        cfg = RLConfig(algo=algo, batch_size=2, num_generations=2, gamma=2.0, ppo_epochs=0)
+        assert cfg.minibatch_size == 4 and cfg.batch_size == 2
+        # Their own checks still hold.
+        with pytest.raises(CaiError, match="num_generations: must divide batch_size"):
+            RLConfig(algo=algo, batch_size=3, num_generations=2)
+
+
+def test_sl_few_shot_above_the_constitution_is_refused_before_the_model(
+        tmp_path: Path, tiny_backend) -> None:
+    from cai.constitution import load
+    from cai.sl import SLConfig, run_sl
+
+    n = len(load(MINIMAL).few_shot)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    base = dict(prompts=str(prompts), constitution=str(MINIMAL), rounds=1, max_new_tokens=4,
+                model="hf:/no/such/model")
+    # One above: refused naming the field and the constitution file, before any model
+    # loads (the model here does not exist) and before the folder is made.
+    with pytest.raises(CaiError, match=rf"few_shot: {n + 1} is more than the {n} worked "
+                                       rf"examples of .*minimal\.yaml"):
+        run_sl(SLConfig(**base, out=str(tmp_path / "over"), few_shot=n + 1))
+    assert not (tmp_path / "over").exists()
+    # All of them (and unset) run, and the records say how many were shown.
+    for k in (n, None):
+        out = tmp_path / f"sl-{k}"
+        run_sl(SLConfig(**base, out=str(out), few_shot=k), tiny_backend)
+        row = json.loads((out / "data.jsonl").read_text().splitlines()[0])
+        assert row["provenance"]["sampling"]["few_shot"] == k
+
+
 def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: Path) -> None:
     """The pipeline records a training stage's key before it runs, so a stage killed mid-run
     whose config then changes is cleared (not refused, not resumed)."""

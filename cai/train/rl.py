@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.config import to_dict
 from cai.errors import CaiError
-from cai.records import write_json_atomic
 from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.train.common import check_run_config
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
@@ -39,8 +38,9 @@ not the same leash across algorithms."""
 KL_ESTIMATOR = {"rloo": "k1", "grpo": "k3"}
 """The per-token KL TRL logs as "kl" for each of its algorithms."""
 ROLLOUT_ENGINES = ("hf", "vllm")
-# Fields a checkpoint may be continued under with a different value.
 RESUMABLE = ("steps", "save_every", "out")
+"""Fields a checkpoint may be continued under with a different value (more steps, another
+save interval, the folder moved); any other change is refused by the shared resume rule."""
 
 
 @dataclass
@@ -128,23 +128,28 @@ class RLConfig:
     during each update, so the update has the memory; costs a wake-up per step."""
     vllm_server_url: str | None = None
     """RLOO/GRPO with vllm_mode server: the server's base URL (default TRL's localhost:8000)."""
+    force: bool = False
+    """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
     def __post_init__(self) -> None:
+        # PPO-only fields are checked only for PPO: RLOO/GRPO never read them, so their
+        # defaults (minibatch_size 4) must not refuse a small RLOO/GRPO batch.
+        ppo = self.algo == "ppo"
         checks = [
             (self.algo in ALGOS, "algo", f"must be one of {ALGOS}"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
             (self.judge_principles >= 1, "judge_principles", "must be at least 1"),
             (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
-            (self.target_kl > 0, "target_kl", "must be > 0"),
+            (not ppo or self.target_kl > 0, "target_kl", "must be > 0"),
             (self.steps >= 1, "steps", "must be at least 1"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
-            (1 <= self.minibatch_size <= self.batch_size, "minibatch_size",
-             "must be between 1 and batch_size"),
-            (self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
+            (not ppo or 1 <= self.minibatch_size <= self.batch_size, "minibatch_size",
+             "must be between 1 and batch_size (PPO)"),
+            (not ppo or self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
             (self.cliprange > 0, "cliprange", "must be > 0"),
-            (self.cliprange_value > 0, "cliprange_value", "must be > 0"),
-            (0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
-            (0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
+            (not ppo or self.cliprange_value > 0, "cliprange_value", "must be > 0"),
+            (not ppo or 0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
+            (not ppo or 0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
             (self.temperature > 0, "temperature", "must be > 0 (RL samples; log-probs use it)"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
@@ -192,8 +197,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     if main:  # one writer per folder: under accelerate launch, process 0
         claim_dir(out, STAGE)
         done = finished_run(out, cfg, STAGE)
-        if done is None:
-            _check_resumable(cfg, out)
+        if done is None:  # the shared resume rule of every trainer (run_config.json)
+            check_run_config(out, cfg, ignore=RESUMABLE, force=cfg.force)
     if state is not None:
         state.wait_for_everyone()
         done = finished_run(out, cfg, STAGE)
@@ -277,23 +282,6 @@ def _lora_config(cfg: RLConfig):
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       task_type="CAUSAL_LM", target_modules="all-linear")
-
-
-def _check_resumable(cfg: RLConfig, out: Path) -> None:
-    """A folder holding a checkpoint or a model continues only under the config that made
-    it (steps and save_every aside), so two runs are never mixed into one."""
-    stamp = out / "run_config.json"
-    mine = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
-    has_state = ((out / "checkpoint").is_dir() or (out / "checkpoints").is_dir()
-                 or any(out.glob("*.safetensors")))
-    if stamp.exists() and has_state:
-        theirs = {k: v for k, v in json.loads(stamp.read_text(encoding="utf-8")).items()
-                  if k not in RESUMABLE}
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise CaiError(f"holds a run with a different config ({', '.join(diff)}); change it "
-                           "back or use another --out", str(out))
-    write_json_atomic(stamp, mine)
 
 
 def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
