@@ -47,6 +47,7 @@ from cai.backends.base import (
     render_plain,
 )
 from cai.errors import CaiError
+from cai.models import ModelSpec
 
 PREFIX = "python:"
 LOG_ZERO = -1000.0
@@ -201,8 +202,8 @@ def as_float(value: Any, f: PythonFunction, item: str, field: str) -> float:
 class PythonJudge:
     """A judge function behind the `Backend` protocol (see the module docstring)."""
 
-    def __init__(self, spec: str | Any):
-        raw = str(getattr(spec, "raw", spec))
+    def __init__(self, spec: str | ModelSpec):
+        raw = spec if isinstance(spec, str) else spec.raw
         self.function = load_function(raw, "feedback_model")
         self.spec = self.function.spec
         self.identity = self.function.identity
