@@ -533,9 +533,10 @@ def rl_plot(rl: dict[str, Any], path: Path) -> None:
     pts = rl["points"]
     xs, ys = np.array([q["sqrt_kl"] for q in pts]), np.array([q["reward"] for q in pts])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sc = ax.scatter(xs, ys, c=np.arange(len(pts)), cmap="viridis", s=18, zorder=3)
+    steps = [q["step"] if isinstance(q["step"], int | float) else n for n, q in enumerate(pts)]
+    sc = ax.scatter(xs, ys, c=steps, cmap="viridis", s=18, zorder=3)
     if len(pts) > 1:
-        fig.colorbar(sc, ax=ax, label="logged step (order)")
+        fig.colorbar(sc, ax=ax, label="step")
     slope = rl.get("slope_reward_per_sqrt_kl")
     if slope is not None:
         b = float(np.mean(ys) - slope * np.mean(xs))
