@@ -353,6 +353,12 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
         from cai.records import file_sha256
 
         parts["prompt_files"] = {n: file_sha256(Path(v)) for n, v in sorted(files.items())}
+    # A python: judge or reward by its source's hash: an edited function reruns the stage.
+    funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith("python:")}
+    if funcs:
+        from cai.models import model_identity
+
+        parts["functions"] = {n: model_identity(v) for n, v in sorted(funcs.items())}
     return _digest(parts)
 
 

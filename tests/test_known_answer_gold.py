@@ -98,3 +98,29 @@ def test_known_answer_pipeline_takes_python_judges_end_to_end(tiny_model, tmp_pa
     assert label["counts"]["records"] > 0
     report = json.loads((root / "eval" / "report.json").read_text())
     assert report["feedback_model"] == model_identity("python:cai.known_answer:gold_judge")
+
+
+def test_known_answer_pipeline_cache_key_follows_the_judge_source(tmp_path) -> None:
+    """Editing a python: labeller's file reruns the label stage (its spec string is the
+    same, its identity is not); an unrelated edit elsewhere does not."""
+    import yaml
+
+    from cai.pipeline import cache_key, load_pipeline_config, plan
+
+    judge = tmp_path / "judge.py"
+    judge.write_text("def f(prompt, a, b, principle):\n    return 0.5\n")
+    other = tmp_path / "other.py"
+    other.write_text("X = 1\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "k", "stages": ["label"], "out": str(tmp_path / "run"),
+                                    "feedback_model": f"python:{judge}:f"}))
+
+    def key() -> str:
+        (step,) = plan(load_pipeline_config(path))
+        return cache_key(step, {})
+
+    first = key()
+    other.write_text("X = 2\n")
+    assert key() == first
+    judge.write_text("def f(prompt, a, b, principle):\n    return 0.25\n")
+    assert key() != first
