@@ -55,16 +55,38 @@ class _RayWorker:
 
 
 CONNECT_TIMEOUT_S = 10.0
-"""How long a Ray cluster address may take to accept a connection ($CAI_RAY_TIMEOUT)."""
+"""How long a Ray cluster address may take to accept a connection and answer the gRPC
+handshake ($CAI_RAY_TIMEOUT)."""
+INIT_TIMEOUT_S = 120.0
+"""How long joining a cluster (`ray.init` with an address) may take ($CAI_RAY_INIT_TIMEOUT):
+past the handshake, Ray's own GCS client retries a silent peer without end."""
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS and its
+client server both are) must answer with a SETTINGS frame of its own."""
+
+
+def _seconds(env: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(env, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def _unreachable(address: str, why: str, answer: str = "does not answer") -> CaiError:
+    return CaiError(f"the Ray cluster at {address} {answer} ({why}); start it, fix the "
+                    "address, or leave --ray-address and $RAY_ADDRESS unset to start a local "
+                    "cluster", field="ray_address")
 
 
 def check_ray_address(address: str | None = None, timeout: float | None = None) -> None:
     """Fail fast, in one line, when the Ray cluster to join does not answer.
 
-    `ray.init` retries an unreachable address for minutes; a TCP connection to the head
-    (`host:port`, `ray://host:port`; $RAY_ADDRESS when no address is given) is tried first,
-    within `timeout` seconds. "auto", "local" and no address at all start or find a local
-    cluster and are not probed.
+    `ray.init` retries an unreachable or silent address for minutes (its GCS client without
+    end); so the head (`host:port`, `ray://host:port`; $RAY_ADDRESS when no address is
+    given) must accept a TCP connection and answer the HTTP/2 handshake every gRPC server
+    answers, each within `timeout` seconds. "auto", "local" and no address at all start or
+    find a local cluster and are not probed; with $RAY_USE_TLS only the connection is tried.
     """
     import socket
 
@@ -72,27 +94,49 @@ def check_ray_address(address: str | None = None, timeout: float | None = None) 
     if not address or address in ("auto", "local"):
         return
     if timeout is None:
-        try:
-            timeout = float(os.environ.get("CAI_RAY_TIMEOUT", CONNECT_TIMEOUT_S))
-        except ValueError:
-            timeout = CONNECT_TIMEOUT_S
+        timeout = _seconds("CAI_RAY_TIMEOUT", CONNECT_TIMEOUT_S)
     client = address.startswith("ray://")
     host, sep, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
         host, port = address.removeprefix("ray://").rstrip("/"), "10001" if client else "6379"
     host = host.strip("[]")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        conn = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise CaiError(f"the Ray cluster at {address} does not answer ({why} within "
-                       f"{timeout:g} s); start it, fix the address, or leave --ray-address and "
-                       "$RAY_ADDRESS unset to start a local cluster", field="ray_address") from None
+        raise _unreachable(address, f"{why} within {timeout:g} s") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS handshake is Ray's own business
+        try:
+            conn.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                got = conn.recv(9 - len(head))
+                if not got:
+                    break
+                head += got
+        except TimeoutError:
+            raise _unreachable(address, f"it accepts connections but says nothing to the gRPC "
+                                        f"handshake within {timeout:g} s") from None
+        except OSError as exc:
+            raise _unreachable(address, f"the connection failed: {exc.strerror or exc}") from None
+    if len(head) < 9 or head[3] != 4:  # frame type 4: SETTINGS
+        raise _unreachable(address, "something else listens there, not a gRPC server; Ray's "
+                                    "ports are GCS 6379 and ray:// 10001", "does not answer as Ray")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (or $RAY_ADDRESS) when given, else start a local cluster."""
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             timeout: float | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS) when given, else start a local cluster.
+
+    Joining is bounded by `timeout` seconds ($CAI_RAY_INIT_TIMEOUT, default INIT_TIMEOUT_S):
+    `ray.init` runs in a daemon thread, so a cluster that passes the handshake but never
+    lets Ray connect is one error line, not a hang (the stuck thread dies with the process).
+    A connection error from Ray is one line too.
+    """
+    import threading
+
     try:
         import ray
     except ImportError:
@@ -107,7 +151,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["address"] = address
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
-    ray.init(**kwargs)
+    if not address or address in ("auto", "local"):
+        ray.init(**kwargs)  # a local cluster: nothing remote to wait for
+        return
+    if timeout is None:
+        timeout = _seconds("CAI_RAY_INIT_TIMEOUT", INIT_TIMEOUT_S)
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=join, name="cai-ray-init", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _unreachable(address, f"Ray could not join it within {timeout:g} s; raise "
+                                    "$CAI_RAY_INIT_TIMEOUT if the cluster is just slow")
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, ConnectionError | TimeoutError | RuntimeError):
+            raise _unreachable(address, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                               if str(exc) else type(exc).__name__) from None
+        raise exc
 
 
 def run_ray(todo: Sequence[Any], chunk_size: int, task: ChunkTask, store: JsonlStore, *,

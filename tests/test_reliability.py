@@ -727,8 +727,106 @@ def test_dead_ray_address_fails_fast_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(CaiError, match=f"ray_address: the Ray cluster at 127.0.0.1:{port} does not answer"):
         check_ray_address(f"127.0.0.1:{port}", timeout=2)
     assert time.time() - t0 < 5
-    with socket.socket() as s:  # a listening head answers
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        check_ray_address(f"ray://127.0.0.1:{s.getsockname()[1]}", timeout=2)
     check_ray_address(None)  # no address: a local cluster, nothing to probe
+
+
+def _serve(answer: bytes | None) -> tuple[int, list]:
+    """A local TCP server that accepts every connection and then says nothing (None) or
+    sends `answer` and closes."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held: list = [srv]
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if answer is not None:
+                conn.recv(64)
+                conn.sendall(answer)
+                conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv.getsockname()[1], held
+
+
+def test_ray_address_that_accepts_but_says_nothing_fails_within_the_timeout(tmp_path: Path) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    from cai.distributed import check_ray_address
+
+    port, held = _serve(None)
+    try:
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            t0 = time.time()
+            with pytest.raises(CaiError, match=r"ray_address: .* does not answer \(it accepts "
+                                               r"connections but says nothing to the gRPC handshake "
+                                               r"within 2 s\)"):
+                check_ray_address(address, timeout=2)
+            assert time.time() - t0 < 5
+        # From the command line: checked when the config is read, one line, exit 2, no folder.
+        t0 = time.time()
+        out = tmp_path / "out"
+        r = CliRunner().invoke(app, ["label", "--pairs", str(_pairs(tmp_path / "p.jsonl", 2)),
+                                     "--constitution", str(MINIMAL), "--feedback-model",
+                                     "hf:/no/such/model", "--engine", "ray", "--ray-address",
+                                     f"127.0.0.1:{port}", "--out", str(out)],
+                               env={"CAI_RAY_TIMEOUT": "2"})
+        assert r.exit_code == 2 and time.time() - t0 < 10, (r.exit_code, r.stderr)
+        lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "says nothing to the gRPC handshake within 2 s" in lines[0]
+        assert "Traceback" not in r.stderr and not out.exists()
+    finally:
+        for s in held:
+            s.close()
+    # Something that answers, but not HTTP/2: not Ray either.
+    port, held = _serve(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with pytest.raises(CaiError, match="does not answer as Ray .*not a gRPC server"):
+        check_ray_address(f"127.0.0.1:{port}", timeout=2)
+    held[0].close()
+    # A gRPC server answers the handshake, so it passes the probe (a Ray head does too).
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    gport = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        check_ray_address(f"127.0.0.1:{gport}", timeout=2)
+        check_ray_address(f"ray://127.0.0.1:{gport}", timeout=2)
+    finally:
+        server.stop(None)
+
+
+def test_ray_init_is_bounded_when_the_peer_passes_the_handshake_but_is_not_ray() -> None:
+    """A gRPC server without Ray's services passes the handshake; Ray's own client would
+    then retry it without end. `ray.init` runs under a timeout: one line, and the process
+    (its stuck init thread included) exits at once."""
+    script = (
+        "import sys, grpc\n"
+        "from concurrent import futures\n"
+        "from cai.distributed import init_ray\n"
+        "from cai.errors import CaiError\n"
+        "srv = grpc.server(futures.ThreadPoolExecutor(2))\n"
+        "port = srv.add_insecure_port('127.0.0.1:0')\n"
+        "srv.start()\n"
+        "try:\n"
+        "    init_ray(f'{sys.argv[1]}127.0.0.1:{port}', timeout=3)\n"
+        "except CaiError as e:\n"
+        "    print('error:', e)\n"
+        "    sys.exit(2)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", script, ""], capture_output=True, text=True,
+                       timeout=60, env=env)
+    took = time.time() - t0
+    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    assert "does not answer (Ray could not join it within 3 s" in r.stdout, r.stdout
+    assert took < 30, took
