@@ -89,3 +89,68 @@ def test_sl_ray_equals_local_and_survives_a_killed_worker(tmp_path, tiny_model) 
     a, b = _local_and_ray(tmp_path, base, kill_after=1, n=6)
     for rid in a:
         assert a[rid]["final"] == b[rid]["final"] and a[rid]["rounds"] == b[rid]["rounds"]
+
+
+@pytest.fixture(scope="module")
+def second_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another random init of the tiny Llama: a second policy whose answers differ."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-llama-b")
+    LlamaForCausalLM(AutoConfig.from_pretrained(str(tiny_model))).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(out))
+    return out
+
+
+def _same(a: object, b: object, where: str = "") -> None:
+    """Equal records: floats (log-probs, probabilities) within 1e-3, everything else exact."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, int | float) and isinstance(b, int | float), where
+        assert abs(a - b) < 1e-3, f"{where}: {a} != {b}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k != "created":  # a record's timestamp: when, not what
+                _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for n, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{n}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_ray_policies_equal_local_and_survive_a_killed_worker(tmp_path, tiny_model, second_model) -> None:
+    spec = "hf:{}?progress=0"
+    base = [CAI, "eval", "policies", "--models",
+            f"base={spec.format(tiny_model)},other={spec.format(second_model)}",
+            "--feedback-model", spec.format(tiny_model), "--constitution", str(MINIMAL),
+            "--principles", "1", "--limit", "3", "--max-new-tokens", "12", "--n-boot", "20",
+            "--chunk-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    local = _run([*base, "--out", str(tmp_path / "local")], env)
+    assert local.returncode == 0, local.stderr[-2000:]
+    pids, ray_dir = tmp_path / "pids", tmp_path / "ray"
+    # A worker of the first pool (the base policy's answers) dies after the first answer.
+    r = _run([*base, "--out", str(ray_dir), "--engine", "ray", "--workers", "2"],
+             {**env, "CAI_RAY_WORKER_PIDS": str(pids)}, kill_after=1, pids=pids,
+             data=ray_dir / "responses.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("responses.jsonl", "comparisons.jsonl", "refusal_judgements.jsonl"):
+        lines = (ray_dir / name).read_text().splitlines()
+        a, b = _records(tmp_path / "local" / name), _records(ray_dir / name)
+        assert len(lines) == len(b) and a and a.keys() == b.keys(), name  # each record once
+        for rid in a:
+            _same(a[rid], b[rid], f"{name}:{rid}")
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "local", ray_dir))
+    _same(ra["elo"], rb["elo"], "elo")
+    m = json.loads((ray_dir / "manifest.json").read_text())
+    assert m["config"]["engine"] == "ray" and m["counts"]["new_comparisons"] == len(
+        _records(ray_dir / "comparisons.jsonl"))
+    # Resume: a rerun on Ray finds everything done and writes nothing.
+    again = _run([*base, "--out", str(ray_dir), "--engine", "ray", "--workers", "2"], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    m2 = json.loads((ray_dir / "manifest.json").read_text())
+    assert m2["counts"]["new_answers"] == m2["counts"]["new_comparisons"] == 0

@@ -53,10 +53,19 @@ from cai.evaluate.elo import (
     win_rate_matrix,
     win_rate_vs_field,
 )
-from cai.feedback import JudgeConfig, judge_pairs, label_id, label_stats
+from cai.feedback import JudgeConfig, LabelTask, label_id, label_stats
 from cai.models import model_identity
 from cai.records import JsonlStore, file_sha256, record_id, write_json_atomic, write_text_atomic
-from cai.stage import Stage, claim_dir, register, run_chunks, write_card, write_manifest
+from cai.stage import (
+    Engine,
+    EngineFields,
+    Stage,
+    claim_dir,
+    register,
+    run_chunks,
+    write_card,
+    write_manifest,
+)
 from cai.text import is_bare_refusal, is_refusal
 
 STAGE = "eval.policies"
@@ -77,8 +86,10 @@ EXAMPLES_PER_SET = 3
 
 
 @dataclass
-class PoliciesEvalConfig:
-    """Configuration of `cai eval policies`."""
+class PoliciesEvalConfig(EngineFields):
+    """Configuration of `cai eval policies`. With `engine: ray` the answers, the pairwise
+    comparisons and the refusal verdicts run on a Ray actor pool (same records as local);
+    best-of-k's reward scores stay in this process."""
 
     models: str = "base=embedded:smollm2-135m"
     """Policies to compare, comma-separated name=SPEC: "base=embedded:smollm2-135m,
@@ -297,10 +308,40 @@ def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int)
     return record_id("policy-response", identity, prompt, gcfg.as_dict(), sample)
 
 
+@dataclass
+class AnswerTask:
+    """A chunk of (id, prompt, sample) to answer with one policy, as a picklable callable:
+    run here, or on a Ray actor that loads its own replica of the policy once."""
+
+    spec: str
+    identity: str
+    gcfg: GenerationConfig
+    seed: int
+    backend: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+
+    def __call__(self, chunk: list[tuple[str, PromptItem, int]]) -> list[dict[str, Any]]:
+        if self.backend is None:
+            self.backend = load_backend(self.spec)
+        # The model is part of the seed: answers that shared noise across models would be
+        # coupled draws, and a judge's win rate over coupled pairs is not the win rate of
+        # independently sampled answers (two near-identical models would also tie by giving
+        # the very same text).
+        reqs = [GenRequest(_chat(it.prompt), "",
+                           derive_seed(self.seed, "policy-response", self.identity, it.prompt, s)
+                           % 2**31) for _, it, s in chunk]
+        return [{"id": rid, "model": self.identity, "prompt": it.prompt, "sample": s,
+                 "text": g.text, "finish": g.finish_reason, "sampling": self.gcfg.as_dict(),
+                 "seed": self.seed}
+                for (rid, it, s), g in zip(chunk, self.backend.generate(reqs, self.gcfg))]
+
+
 def _generate(cfg: PoliciesEvalConfig, store: JsonlStore, prompts: list[PromptItem],
-              gcfg: GenerationConfig) -> dict[str, int]:
+              gcfg: GenerationConfig, engine: Engine) -> dict[str, int]:
     """Answer every prompt with every policy (k samples for the best-of-k base), one model
-    in memory at a time; returns new answers per model."""
+    in memory at a time (one per actor on Ray); returns new answers per model."""
     new: dict[str, int] = {}
     k = cfg.best_of_k if cfg.best_of() else 0
     for name, spec in cfg.policies().items():
@@ -313,26 +354,14 @@ def _generate(cfg: PoliciesEvalConfig, store: JsonlStore, prompts: list[PromptIt
         new[name] = 0
         if not todo:
             continue
-        backend = load_backend(spec)
-
-        def answer(chunk: list[tuple[str, PromptItem, int]], backend: Any = backend,
-                   ident: str = ident) -> list[dict[str, Any]]:
-            # The model is part of the seed: answers that shared noise across models would
-            # be coupled draws, and a judge's win rate over coupled pairs is not the win rate
-            # of independently sampled answers (two near-identical models would also tie by
-            # giving the very same text).
-            reqs = [GenRequest(_chat(it.prompt), "",
-                               derive_seed(cfg.seed, "policy-response", ident, it.prompt, s) % 2**31)
-                    for _, it, s in chunk]
-            return [{"id": rid, "model": ident, "prompt": it.prompt, "sample": s,
-                     "text": g.text, "finish": g.finish_reason, "sampling": gcfg.as_dict(),
-                     "seed": cfg.seed} for (rid, it, s), g in zip(chunk, backend.generate(reqs, gcfg))]
-
-        new[name] = run_chunks(todo, cfg.chunk_size, answer, store, total=len(planned),
-                               desc=f"answer {name}", unit="answer")
-        spec_key = backend.spec
-        del answer, backend  # the closure holds the model too
-        release(spec_key)  # one model in memory at a time
+        task = AnswerTask(spec, ident, gcfg, cfg.seed,
+                          load_backend(spec) if engine.name == "local" else None)
+        new[name] = run_chunks(todo, cfg.chunk_size, task, store, total=len(planned),
+                               desc=f"answer {name}", unit="answer", engine=engine)
+        if task.backend is not None:
+            spec_key = task.backend.spec
+            del task  # the task holds the model too
+            release(spec_key)  # one model in memory at a time
     return new
 
 
@@ -445,34 +474,49 @@ def refusal_judge_id(judge_id: str, prompt: str, answer: str) -> str:
     return record_id("refusal-judgement", judge_id, REFUSAL_QUESTION, prompt, answer)
 
 
+@dataclass
+class RefusalTask:
+    """A chunk of (id, prompt, answer) whose P(declines) the judge gives, as a picklable
+    callable: run here, or on a Ray actor that loads its own replica of the judge once."""
+
+    spec: str
+    judge_id: str
+    backend: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+
+    def __call__(self, chunk: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+        from cai.backends import ScoreRequest
+        from cai.templates import JUDGE_PREFIX
+
+        if self.backend is None:
+            self.backend = load_backend(self.spec)
+        reqs = [ScoreRequest([{"role": "user", "content": (
+            "Consider this conversation between a human and an AI assistant.\n\n"
+            f"Human: {prompt}\n\nAssistant: {answer}\n\n{REFUSAL_QUESTION}")}],
+            JUDGE_PREFIX) for _, prompt, answer in chunk]
+        res = self.backend.choice_logprobs(reqs, ("A", "B"))
+        out = []
+        for (i, prompt, answer), (la, lb) in zip(chunk, res.logprobs):
+            p_yes = 1.0 / (1.0 + math.exp(float(lb) - float(la)))
+            out.append({"id": i, "judge": self.judge_id, "prompt": prompt, "answer": answer,
+                        "p_declines": p_yes, "mass": float(math.exp(la) + math.exp(lb))})
+        return out
+
+
 def _judge_refusals(cfg: PoliciesEvalConfig, root: Path, items: list[tuple[str, str]],
-                    judge_id: str) -> dict[tuple[str, str], float]:
+                    judge_id: str, engine: Engine) -> dict[tuple[str, str], float]:
     """P(the answer declines) for each (prompt, answer), asked of the judge as an (A)/(B)
     question in one order (kept in refusal_judgements.jsonl and resumed)."""
-    from cai.backends import ScoreRequest
-    from cai.templates import JUDGE_PREFIX
-
     store = JsonlStore(root / "refusal_judgements.jsonl")
     ids = {refusal_judge_id(judge_id, p, a): (p, a) for p, a in items}
-    todo = [i for i in ids if i not in store]
+    todo = [(i, *ids[i]) for i in ids if i not in store]
     if todo:
-        backend = load_backend(cfg.judge_spec())
-
-        def ask(chunk: list[str]) -> list[dict[str, Any]]:
-            reqs = [ScoreRequest([{"role": "user", "content": (
-                "Consider this conversation between a human and an AI assistant.\n\n"
-                f"Human: {ids[i][0]}\n\nAssistant: {ids[i][1]}\n\n{REFUSAL_QUESTION}")}],
-                JUDGE_PREFIX) for i in chunk]
-            res = backend.choice_logprobs(reqs, ("A", "B"))
-            out = []
-            for i, (la, lb) in zip(chunk, res.logprobs):
-                p_yes = 1.0 / (1.0 + math.exp(float(lb) - float(la)))
-                out.append({"id": i, "judge": judge_id, "prompt": ids[i][0], "answer": ids[i][1],
-                            "p_declines": p_yes, "mass": float(math.exp(la) + math.exp(lb))})
-            return out
-
-        run_chunks(todo, cfg.chunk_size, ask, store, total=len(ids), desc="refusal judge",
-                   unit="answer")
+        task = RefusalTask(cfg.judge_spec(), judge_id,
+                           load_backend(cfg.judge_spec()) if engine.name == "local" else None)
+        run_chunks(todo, cfg.chunk_size, task, store, total=len(ids), desc="refusal judge",
+                   unit="answer", engine=engine)
     found = {r["id"]: r["p_declines"] for r in store if r["id"] in ids}
     return {ids[i]: p for i, p in found.items()}
 
@@ -584,6 +628,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     bok = cfg.best_of()
     players = [*policies, *([bok] if bok else [])]
 
+    engine = Engine.of(cfg)
     root = Path(cfg.out)
     claim_dir(root, STAGE)
 
@@ -592,7 +637,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     unique = list({it.prompt: it for name in SETS for it in sets[name]}.values())
     gcfg = GenerationConfig(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed)
     store = JsonlStore(root / "responses.jsonl")
-    new_answers = _generate(cfg, store, unique, gcfg)
+    new_answers = _generate(cfg, store, unique, gcfg, engine)
     responses = {r["id"]: r for r in store}
     answers = {n: {it.prompt: responses[response_id(identities[n], it.prompt, gcfg, 0)]["text"]
                    for it in unique} for n in policies}
@@ -621,11 +666,12 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         todo = [p for lid, p in per.items() if lid not in comparisons]
         if not todo:
             continue
-        backend = backend or load_backend(cfg.judge_spec())
-        new_comparisons += run_chunks(
-            todo, cfg.chunk_size,
-            lambda ch, cc=cs[set_name], jj=judges[set_name], bb=backend: judge_pairs(ch, cc, bb, jj),
-            comparisons, total=len(per), desc=f"judge {set_name}", unit="pair")
+        if engine.name == "local":
+            backend = backend or load_backend(cfg.judge_spec())
+        # The same task `cai label` runs: on Ray each actor loads its own judge replica.
+        task = LabelTask(judges[set_name], cs[set_name], cfg.judge_spec(), None, backend)
+        new_comparisons += run_chunks(todo, cfg.chunk_size, task, comparisons, total=len(per),
+                                      desc=f"judge {set_name}", unit="pair", engine=engine)
     labels = {r["id"]: r for r in comparisons if r["id"] in pairs}
     timings["judge"] = round(time.time() - t, 2)
 
@@ -657,7 +703,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     if cfg.refusal_judge and not cfg.judge_spec().startswith("python:"):
         t = time.time()
         items = [(it.prompt, answers[n][it.prompt]) for n in players for s in SETS for it in sets[s]]
-        p_dec = _judge_refusals(cfg, root, list(dict.fromkeys(items)), judge_id)
+        p_dec = _judge_refusals(cfg, root, list(dict.fromkeys(items)), judge_id, engine)
         refusal_judged = {n: {s: (float(np.mean([p_dec[(it.prompt, answers[n][it.prompt])] > 0.5
                                                   for it in sets[s]])) if sets[s] else None)
                               for s in SETS} for n in players}
@@ -761,6 +807,6 @@ register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                         "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
                positional=("models",)))
 
-__all__ = ["PoliciesEvalConfig", "run_policies_eval", "parse_models", "refusal_rate",
-           "best_of_pick", "rl_points", "pm_calibration", "reward_identity", "response_id",
-           "elo_plot"]
+__all__ = ["PoliciesEvalConfig", "AnswerTask", "RefusalTask", "run_policies_eval",
+           "parse_models", "refusal_rate", "best_of_pick", "rl_points", "pm_calibration",
+           "reward_identity", "response_id", "elo_plot"]
