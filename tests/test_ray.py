@@ -154,3 +154,38 @@ def test_ray_policies_equal_local_and_survive_a_killed_worker(tmp_path, tiny_mod
     assert again.returncode == 0, again.stderr[-2000:]
     m2 = json.loads((ray_dir / "manifest.json").read_text())
     assert m2["counts"]["new_answers"] == m2["counts"]["new_comparisons"] == 0
+
+
+def test_eval_policies_takes_the_engine_fields_from_cli_and_pipeline(tmp_path) -> None:
+    """The same engine fields as sl/label: set or unset, from a YAML section, and refused in
+    one line when bad (before any model loads)."""
+    import yaml
+
+    from cai.config import from_dict
+    from cai.errors import CaiError
+    from cai.evaluate.policies import PoliciesEvalConfig
+    from cai.pipeline import load_pipeline_config, plan
+
+    unset = from_dict(PoliciesEvalConfig, {"models": "a=x,b=y"})
+    assert (unset.engine, unset.workers, unset.ray_address) == ("local", 2, None)
+    ray = from_dict(PoliciesEvalConfig, {"models": "a=x,b=y", "engine": "ray", "workers": 3,
+                                         "gpus_per_worker": 0.5})
+    assert (ray.engine, ray.workers, ray.gpus_per_worker) == ("ray", 3, 0.5)
+
+    def pipeline(section: dict) -> Path:
+        path = tmp_path / "pipe.yaml"
+        path.write_text(yaml.safe_dump({"name": "t", "out": str(tmp_path / "run"), "model": "hf:/a",
+                                        "stages": ["sl", "sft", "eval"], "eval": section}))
+        return path
+
+    step = plan(load_pipeline_config(pipeline({"engine": "ray", "workers": 3})))[-1]
+    assert step.stage == "eval" and (step.config.engine, step.config.workers) == ("ray", 3)
+    assert plan(load_pipeline_config(pipeline({})))[-1].config.engine == "local"
+    with pytest.raises(CaiError, match="eval: engine: use local or ray"):
+        plan(load_pipeline_config(pipeline({"engine": "spark"})))
+    r = subprocess.run([CAI, "eval", "policies", "a=hf:/x,b=hf:/y", "--engine", "spark",
+                        "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "engine: use local or ray" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+    r = subprocess.run([CAI, "eval", "policies", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--engine" in r.stdout and "--ray-address" in r.stdout and "--workers" in r.stdout
