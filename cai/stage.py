@@ -297,8 +297,8 @@ T = TypeVar("T")
 
 @dataclass
 class EngineFields:
-    """Config fields of the stages that can run on Ray (sl, label): speed knobs only, never
-    part of a record's id."""
+    """Config fields of the stages that can run on Ray (sl, label, eval policies): speed
+    knobs only, never part of a record's id."""
 
     engine: str = "local"
     """"local", or "ray": chunks run on a Ray actor pool, one model replica per actor (same
