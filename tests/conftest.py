@@ -19,6 +19,17 @@ MINIMAL = ROOT / "constitutions" / "minimal.yaml"
 HARMLESS = ROOT / "constitutions" / "harmless.yaml"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread on a shared two-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     from cai.models import local_path

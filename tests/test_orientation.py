@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cai.backends import GenerationConfig, GenRequest, load_backend
 from cai.feedback import LabelConfig, run_label
@@ -69,13 +68,7 @@ GOOD = ("gently", "safely", "kindly", "calmly")
 BAD = ("violently", "cruelly", "harshly", "recklessly")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -39,13 +39,7 @@ class TokenCountReward:
         return [float(r.count(self.text)) for r in responses]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_log(out: Path) -> list[dict]:
