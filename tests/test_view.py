@@ -266,6 +266,13 @@ def test_view_every_page_opens(server, browser, tiny_run) -> None:
     elo = browser.find_element(By.ID, "elo").text
     for player in report["players"]:
         assert player in elo
+    # The grading judge is named, and flagged when it is the labeller (the tiny run's default).
+    assert report["judge_is_labeller"] is True
+    notes = browser.find_elements(By.ID, "judge-note")
+    assert len(notes) == 1 and "trained the PM" in notes[0].text
+    sets = browser.find_element(By.ID, "principle-sets").text
+    for col, ps in report["principle_sets"].items():
+        assert col in sets and ps["set"] in sets
     prompts = browser.find_elements(By.CSS_SELECTOR, "article.eval-prompt")
     assert len(prompts) == len({(g["set"], g["prompt_id"])
                                 for g in _lines(tiny_run / "eval" / "games.jsonl")})
