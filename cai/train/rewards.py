@@ -104,7 +104,7 @@ class PythonReward:
     file), so manifests and best-of-k score ids change when the function does."""
 
     def __init__(self, spec: str):
-        from cai.backends.pyfunc import load_function
+        from cai.pyfunc import load_function
 
         self.function = load_function(spec, "reward")
         self.spec = self.function.identity
@@ -112,7 +112,7 @@ class PythonReward:
     def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
         import math
 
-        from cai.backends.pyfunc import as_float, call
+        from cai.pyfunc import as_float, call
 
         out = []
         for n, (p, r) in enumerate(zip(prompts, responses)):
