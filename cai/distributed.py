@@ -34,6 +34,27 @@ class ChunkTask(Protocol):
     def __call__(self, chunk: list[Any]) -> list[dict[str, Any]]: ...
 
 
+class ReplicaTask:
+    """Base of the chunk tasks that hold a model: `backend` is left out when the task is
+    pickled, so each Ray actor loads its own replica (of `model_spec()`) on its first
+    chunk, while a local run keeps the one it was given or loads it once."""
+
+    backend: Any
+
+    def model_spec(self) -> str:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}
+
+    def replica(self) -> Any:
+        if self.backend is None:
+            from cai.backends import load_backend
+
+            self.backend = load_backend(self.model_spec())
+        return self.backend
+
+
 class _RayWorker:
     """One actor: holds one copy of the task (and so one backend replica)."""
 
@@ -210,4 +231,4 @@ def run_ray(todo: Sequence[Any], chunk_size: int, task: ChunkTask, store: JsonlS
     return written
 
 
-__all__ = ["ENGINES", "ChunkTask", "init_ray", "run_ray", "check_ray_address"]
+__all__ = ["ENGINES", "ChunkTask", "ReplicaTask", "init_ray", "run_ray", "check_ray_address"]

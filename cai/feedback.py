@@ -45,6 +45,7 @@ from cai.backends import (
 from cai.backends.base import OVERLONG_MODES, JudgeQuestion, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, RLPrinciple, derive_seed, load, sample_rl_principles
 from cai.data import PairItem, PromptItem, load_pairs, load_prompts
+from cai.distributed import ReplicaTask
 from cai.errors import CaiError
 from cai.models import model_identity
 from cai.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
@@ -603,7 +604,7 @@ def _fit_policy_prompts(todo: list[tuple[str, PromptItem, int]], policy: Backend
 
 
 @dataclass
-class LabelTask:
+class LabelTask(ReplicaTask):
     """A chunk of pairs to judge as a picklable callable: run here, or on a Ray actor that
     loads its own judge replica once."""
 
@@ -613,13 +614,11 @@ class LabelTask:
     policy: str | None = None
     backend: Backend | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+    def model_spec(self) -> str:
+        return self.feedback_model
 
     def __call__(self, chunk: list[PairItem]) -> list[LabelRecord]:
-        if self.backend is None:
-            self.backend = load_backend(self.feedback_model)
-        return judge_pairs(chunk, self.c, self.backend, self.judge, self.policy)
+        return judge_pairs(chunk, self.c, self.replica(), self.judge, self.policy)
 
 
 def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
 from cai.data import PromptItem, load_prompts
+from cai.distributed import ReplicaTask
 from cai.errors import CaiError
 from cai.records import Provenance, Record, record_id, write_text_atomic
 from cai.stage import (
@@ -319,7 +320,7 @@ def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, ro
 
 
 @dataclass
-class SLTask:
+class SLTask(ReplicaTask):
     """A chunk of SL work as a picklable callable: run here, or on a Ray actor that loads
     its own backend replica once."""
 
@@ -328,14 +329,13 @@ class SLTask:
     rounds: int
     backend: Backend | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+    def model_spec(self) -> str:
+        return self.cfg.model
 
     def __call__(self, chunk: list[_Work]) -> list[SLRecord]:
-        if self.backend is None:
-            self.backend = load_backend(self.cfg.model)
-        run_chunk(chunk, self.c, self.backend, self.cfg, self.rounds)
-        return [_to_record(w, self.c, self.cfg, self.backend.identity) for w in chunk]
+        backend = self.replica()
+        run_chunk(chunk, self.c, backend, self.cfg, self.rounds)
+        return [_to_record(w, self.c, self.cfg, backend.identity) for w in chunk]
 
 
 def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:

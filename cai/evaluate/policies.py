@@ -45,6 +45,7 @@ import numpy as np
 from cai.backends import GenerationConfig, GenRequest, load_backend, release
 from cai.constitution import Constitution, derive_seed, load
 from cai.data import PairItem, PromptItem, load_prompts
+from cai.distributed import ReplicaTask
 from cai.errors import CaiError
 from cai.evaluate.elo import (
     Game,
@@ -309,7 +310,7 @@ def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int)
 
 
 @dataclass
-class AnswerTask:
+class AnswerTask(ReplicaTask):
     """A chunk of (id, prompt, sample) to answer with one policy, as a picklable callable:
     run here, or on a Ray actor that loads its own replica of the policy once."""
 
@@ -319,12 +320,10 @@ class AnswerTask:
     seed: int
     backend: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+    def model_spec(self) -> str:
+        return self.spec
 
     def __call__(self, chunk: list[tuple[str, PromptItem, int]]) -> list[dict[str, Any]]:
-        if self.backend is None:
-            self.backend = load_backend(self.spec)
         # The model is part of the seed: answers that shared noise across models would be
         # coupled draws, and a judge's win rate over coupled pairs is not the win rate of
         # independently sampled answers (two near-identical models would also tie by giving
@@ -335,7 +334,7 @@ class AnswerTask:
         return [{"id": rid, "model": self.identity, "prompt": it.prompt, "sample": s,
                  "text": g.text, "finish": g.finish_reason, "sampling": self.gcfg.as_dict(),
                  "seed": self.seed}
-                for (rid, it, s), g in zip(chunk, self.backend.generate(reqs, self.gcfg))]
+                for (rid, it, s), g in zip(chunk, self.replica().generate(reqs, self.gcfg))]
 
 
 def _generate(cfg: PoliciesEvalConfig, store: JsonlStore, prompts: list[PromptItem],
@@ -475,7 +474,7 @@ def refusal_judge_id(judge_id: str, prompt: str, answer: str) -> str:
 
 
 @dataclass
-class RefusalTask:
+class RefusalTask(ReplicaTask):
     """A chunk of (id, prompt, answer) whose P(declines) the judge gives, as a picklable
     callable: run here, or on a Ray actor that loads its own replica of the judge once."""
 
@@ -483,20 +482,18 @@ class RefusalTask:
     judge_id: str
     backend: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backend": None}  # each actor loads its own replica
+    def model_spec(self) -> str:
+        return self.spec
 
     def __call__(self, chunk: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
         from cai.backends import ScoreRequest
         from cai.templates import JUDGE_PREFIX
 
-        if self.backend is None:
-            self.backend = load_backend(self.spec)
         reqs = [ScoreRequest([{"role": "user", "content": (
             "Consider this conversation between a human and an AI assistant.\n\n"
             f"Human: {prompt}\n\nAssistant: {answer}\n\n{REFUSAL_QUESTION}")}],
             JUDGE_PREFIX) for _, prompt, answer in chunk]
-        res = self.backend.choice_logprobs(reqs, ("A", "B"))
+        res = self.replica().choice_logprobs(reqs, ("A", "B"))
         out = []
         for (i, prompt, answer), (la, lb) in zip(chunk, res.logprobs):
             p_yes = 1.0 / (1.0 + math.exp(float(lb) - float(la)))
