@@ -7,6 +7,8 @@ live here once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cai.backends.base import Chat, render_plain
 from cai.errors import CaiError
 
@@ -62,6 +64,27 @@ def check_fits(lengths: list[int], extra: int, limit: int | None, what: str) -> 
                        "option skips or truncates such inputs) or lower max_new_tokens")
 
 
+def encode_segments(chat: Chat, render: Callable[[Chat], str], encode: Callable[[str], list[int]],
+                    encode_plain: Callable[[str], list[int]]) -> list[int]:
+    """Token ids of a rendered chat whose message texts are encoded as plain text.
+
+    The chat is rendered with a placeholder in place of each message's text; the template's
+    own text between placeholders is encoded with its control tokens (`encode`), each
+    message's text with them split into ordinary pieces (`encode_plain`). One rule for the
+    judge (`ChatFormat.encode_chat`) and the trainers (`cai.train.common.encode_chat`).
+    """
+    marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
+    rest = render([{**m, "content": k} for m, k in zip(chat, marks)])
+    ids: list[int] = []
+    for m, k in zip(chat, marks):
+        head, found, rest = rest.partition(k)
+        if not found:
+            raise CaiError("the chat template rewrites message text, so text with control-"
+                           "token strings cannot be encoded safely; clean the input")
+        ids += encode(head) + encode_plain(m["content"])
+    return ids + encode(rest)
+
+
 class ChatFormat:
     """Renders chats with a tokenizer's chat template (or as plain text for a base model)."""
 
@@ -110,18 +133,9 @@ class ChatFormat:
                             split_special_tokens=True)["input_ids"]
         if not self.has_control(chat) or not self.protect_data:
             return self.encode(self.render(chat, answer_prefix))
-        marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
-        skeleton = self.render([{**m, "content": k} for m, k in zip(chat, marks)], answer_prefix)
-        ids: list[int] = []
-        rest = skeleton
-        for m, k in zip(chat, marks):
-            head, found, rest = rest.partition(k)
-            if not found:
-                raise CaiError("the chat template rewrites message text, so text with control-"
-                               "token strings cannot be encoded safely; clean the input")
-            ids += self.encode(head) + self.tok(m["content"], add_special_tokens=False,
-                                                split_special_tokens=True)["input_ids"]
-        return ids + self.encode(rest)
+        return encode_segments(
+            chat, lambda c: self.render(c, answer_prefix), self.encode,
+            lambda t: self.tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def count_tokens(self, chat: Chat, answer_prefix: str = "") -> int:
         """How many tokens the model reads for this chat (exactly what is encoded)."""

@@ -78,18 +78,9 @@ def encode_chat(tokenizer: Any, chat: Chat, *, add_generation_prompt: bool = Fal
     control = control_strings(tokenizer)
     if not any(t in m["content"] for m in chat for t in control):
         return encode(render(chat))
-    marks = [f"\ue000{i}\ue001" for i in range(len(chat))]
-    rest = render([{**m, "content": k} for m, k in zip(chat, marks)])
-    ids: list[int] = []
-    for m, k in zip(chat, marks):
-        head, found, rest = rest.partition(k)
-        if not found:
-            from cai.errors import CaiError
+    from cai.backends.chat import encode_segments
 
-            raise CaiError("the chat template rewrites message text, so text with control-token "
-                           "strings cannot be encoded safely; clean the data")
-        ids += encode(head) + encode(m["content"], plain=True)
-    return ids + encode(rest)
+    return encode_segments(chat, render, encode, lambda t: encode(t, plain=True))
 
 
 def prompt_completion_ids(tokenizer: Any, prompt: Chat, completions: list[str]
