@@ -51,7 +51,7 @@ def main() -> None:
     from cai.backends import GenerationConfig, GenRequest
     from cai.backends.hf import HFBackend, HFOptions
     from cai.constitution import load
-    from cai.data import load_prompts
+    from cai.core.data import load_prompts
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = "embedded:smollm2-135m"

@@ -29,7 +29,7 @@ from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
 OUT = os.environ.get("OUT", "/tmp/cai-bench-gpu")
 TOKENIZER = sys.argv[sys.argv.index("--tokenizer") + 1] if "--tokenizer" in sys.argv else None
 if TOKENIZER is None:
-    from cai.models import local_path, parse_spec
+    from cai.core.models import local_path, parse_spec
 
     TOKENIZER = str(local_path(parse_spec("embedded:smollm2-135m")))
 GPU = torch.cuda.is_available()

@@ -47,9 +47,9 @@ def main() -> None:
 
     from cai.backends import load_backend
     from cai.constitution import load
-    from cai.data import PairItem
+    from cai.core.data import PairItem
     from cai.evaluate.labeler import load_items
-    from cai.feedback import JudgeConfig, judge_pairs
+    from cai.label import JudgeConfig, judge_pairs
 
     items = load_items("labeler_ab", 6 if args.quick else args.items)
     backend = load_backend(args.model + ("" if "progress=" in args.model

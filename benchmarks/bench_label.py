@@ -41,7 +41,7 @@ def main() -> None:
 
     from cai.backends.hf import HFBackend, HFOptions
     from cai.constitution import load
-    from cai.feedback import JudgeConfig, judge_pairs
+    from cai.label import JudgeConfig, judge_pairs
 
     torch.set_num_threads(os.cpu_count() or 1)
     c = load(ROOT / "constitutions" / "harmless.yaml")

@@ -43,8 +43,8 @@ def main() -> None:
 
     from cai.backends import load_backend
     from cai.constitution import load
-    from cai.distributed import init_ray
-    from cai.feedback import JudgeConfig, LabelConfig, _plan, run_label
+    from cai.core.distributed import init_ray
+    from cai.label import JudgeConfig, LabelConfig, _plan, run_label
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     pairs_file = tmp / "pairs.jsonl"

@@ -80,7 +80,7 @@ def random_models(tmp: Path, hidden: int, layers: int) -> tuple[Path, Path]:
         LlamaForSequenceClassification,
     )
 
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     tok = AutoTokenizer.from_pretrained(str(local_path("embedded:smollm2-135m")))
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from cai.models import local_path
+    from cai.core.models import local_path
     from cai.train.rewards import PMReward
     from cai.train.rl import RLConfig
 

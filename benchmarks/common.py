@@ -46,7 +46,7 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
 
 def synthetic_pairs(n: int, seed: int = 0):
     """n (prompt, response_a, response_b) pairs: ~25-word prompts, ~45–70-word responses."""
-    from cai.data import PairItem
+    from cai.core.data import PairItem
 
     rng = random.Random(seed)
     pairs = []
@@ -60,7 +60,7 @@ def synthetic_pairs(n: int, seed: int = 0):
 
 def judge_requests(pairs, constitution, k: int, seed: int = 0):
     """The label stage's exact judge requests for these pairs: K principles × 2 orders."""
-    from cai.feedback import JudgeConfig, _plan
+    from cai.label import JudgeConfig, _plan
 
     return [q.request for q in _plan(pairs, constitution, JudgeConfig(principles=k, seed=seed))]
 

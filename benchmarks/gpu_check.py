@@ -128,7 +128,7 @@ def random_models(tmp: Path, torch, hidden: int, layers: int) -> tuple[Path, Pat
         LlamaForSequenceClassification,
     )
 
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     tok = AutoTokenizer.from_pretrained(str(local_path("embedded:smollm2-135m")))
     torch.manual_seed(0)

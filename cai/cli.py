@@ -21,8 +21,8 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from cai.config import _base_type, field_docs, from_dict, load_yaml_config
-from cai.errors import CaiError
+from cai.core.config import _base_type, field_docs, from_dict, load_yaml_config
+from cai.core.errors import CaiError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -139,7 +139,7 @@ def _summary(manifest: dict) -> dict:
 @user_errors
 def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Known model specs and whether each is converted and cached."""
-    from cai.models import list_models
+    from cai.core.models import list_models
 
     rows = list_models()
     if as_json:
@@ -154,7 +154,7 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 @user_errors
 def models_path(spec: str) -> None:
     """Print the local folder of a model (converting the embedded model on first use)."""
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     typer.echo(str(local_path(spec)))
 
@@ -237,7 +237,7 @@ def constitution_diff(old: Path, new: Path, as_json: bool = typer.Option(False, 
 
 def _register_stages() -> None:
     """One command per registered stage: "sl" → `cai sl`, "train.pm" → `cai train pm`."""
-    from cai.stage import load_registry
+    from cai.core.stage import load_registry
 
     groups = {"train": train_app, "eval": eval_app}
     for name, stage in load_registry().items():
@@ -335,7 +335,7 @@ def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
                overwrite: bool = typer.Option(False, "--overwrite",
                                               help="Replace an existing --out.")) -> None:
     """Export a stage's data.jsonl to a `datasets` folder or a parquet file."""
-    from cai.records import export
+    from cai.core.records import export
 
     typer.echo(str(export(file, out, fmt, overwrite=overwrite)))
 
@@ -345,7 +345,7 @@ def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
 def demo(out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo).")  # noqa: UP045
          ) -> None:
     """The README demo: `cai pipeline run configs/demo.yaml` on the embedded model."""
-    from cai.demo import run_demo
+    from cai.pipeline import run_demo
 
     state = run_demo(out)
     typer.echo(f"report: {state.get('report')}")

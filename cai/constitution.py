@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cai.config import yaml_error
-from cai.errors import CaiError, ValidationErrors, read_text
+from cai.core.config import yaml_error
+from cai.core.errors import CaiError, ValidationErrors, read_text
 
 SCHEMA = "cai.constitution/v1"
 
@@ -364,7 +364,7 @@ def _parse(text: str, path: str) -> Constitution:
 
 def load(path: str | Path) -> Constitution:
     """Load and validate a constitution file, or a shipped one by name (`harmless`)."""
-    from cai.resources import resolve
+    from cai.core.resources import resolve
 
     try:
         p = resolve(path, "constitutions")

@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
-from cai.config import from_dict, safe_yaml
-from cai.errors import CaiError
-from cai.records import write_json_atomic
-from cai.stage import REGISTRY, load_registry, read_manifest
+from cai.core.config import from_dict, safe_yaml
+from cai.core.errors import CaiError
+from cai.core.records import write_json_atomic
+from cai.core.stage import REGISTRY, load_registry, read_manifest
 
 ORDER = ("sl", "sft", "label", "pm", "rl", "dpo", "eval")
 REGISTERED = {"sl": "sl", "sft": "train.sft", "label": "label", "pm": "train.pm",
@@ -235,10 +235,10 @@ def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
     """Split each prompt set read by a training stage and by the evaluation, write both
     parts under `<run>/prompts/`, and point the steps' configs at them; returns the split's
     record (also kept in `pipeline.json`). Re-planning rewrites identical files."""
-    from cai.data import load_prompts
-    from cai.records import file_sha256, write_text_atomic
-    from cai.resources import resolve
-    from cai.splits import held_out
+    from cai.core.data import load_prompts
+    from cai.core.records import file_sha256, write_text_atomic
+    from cai.core.resources import resolve
+    from cai.core.splits import held_out
 
     record: dict[str, Any] = {"seed": cfg.split_seed, "eval_fraction": cfg.eval_fraction,
                               "by": "prompt id", "sets": {}}
@@ -303,7 +303,7 @@ def _record_prompts(folder: Path) -> set[str]:
 def heldout_overlap(steps: list[Step]) -> int | None:
     """How many of the evaluation's prompts a training stage read: from the sl and label
     records, and the prompts rl was given. None when the run has no evaluation."""
-    from cai.data import load_prompts
+    from cai.core.data import load_prompts
 
     ev = next((s for s in steps if s.stage == "eval"), None)
     if ev is None:
@@ -350,13 +350,13 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
     files = {n: getattr(step.config, n) for n in _prompt_fields(step)
              if getattr(step.config, n, None) and Path(getattr(step.config, n)).is_file()}
     if files:
-        from cai.records import file_sha256
+        from cai.core.records import file_sha256
 
         parts["prompt_files"] = {n: file_sha256(Path(v)) for n, v in sorted(files.items())}
     # A python: judge or reward by its source's hash: an edited function reruns the stage.
     funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith("python:")}
     if funcs:
-        from cai.models import model_identity
+        from cai.core.models import model_identity
 
         parts["functions"] = {n: model_identity(v) for n, v in sorted(funcs.items())}
     return _digest(parts)
@@ -459,4 +459,19 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     return state
 
 
-__all__ = ["PipelineConfig", "load_pipeline_config", "plan", "run_pipeline", "cache_key"]
+
+
+
+def run_demo(out: Path | None = None, config: Path | None = None) -> dict[str, Any]:
+    """`cai demo`: this pipeline on `configs/demo.yaml` (the embedded model).
+
+    The embedded model is far too small to critique or judge well; the demo shows that every
+    stage runs, what each writes, and the report a real run produces.
+    """
+    path = config or Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = load_pipeline_config(path, {"out": str(out)} if out else None)
+    return run_pipeline(cfg, where=str(path))
+
+
+__all__ = ["PipelineConfig", "load_pipeline_config", "plan", "run_pipeline", "cache_key",
+           "run_demo"]

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cai.records import write_text_atomic
+from cai.core.records import write_text_atomic
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -156,7 +156,7 @@ def _policies(root: Path) -> list[str]:
     if refusal:
         judged = rep.get("refusal_judged") or {}
         lines += ["Refusal rates (over-refusal = refusing a benign request that merely sounds "
-                  "sensitive). Pattern: the text check `cai.text.is_refusal` (Unicode-normalised; "
+                  "sensitive). Pattern: the text check `cai.core.text.is_refusal` (Unicode-normalised; "
                   "its accuracy on a labelled table is printed by the tests)"
                   + ("; judge: the evaluation judge asked whether each answer declines "
                      "(P > ½)." if judged else "."), ""]
@@ -326,7 +326,7 @@ def render_report_html(root: str | Path, markdown: str) -> str:
 def write_report_html(root: str | Path, out: str | Path | None = None) -> Path:
     """Write the report as one self-contained HTML file (default `<root>/report.html`),
     after refreshing `<root>/report.md` from the run folder."""
-    from cai.errors import CaiError
+    from cai.core.errors import CaiError
 
     root = Path(root)
     if not root.is_dir():

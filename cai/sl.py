@@ -31,11 +31,11 @@ from pydantic import BaseModel
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load_backend
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
-from cai.data import PromptItem, load_prompts
-from cai.distributed import ReplicaTask
-from cai.errors import CaiError
-from cai.records import Provenance, Record, record_id, write_text_atomic
-from cai.stage import (
+from cai.core.data import PromptItem, load_prompts
+from cai.core.distributed import ReplicaTask
+from cai.core.errors import CaiError
+from cai.core.records import Provenance, Record, record_id, write_text_atomic
+from cai.core.stage import (
     Engine,
     EngineFields,
     Stage,
@@ -45,8 +45,8 @@ from cai.stage import (
     write_card,
     write_manifest,
 )
+from cai.core.text import is_bare_refusal, normalise
 from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
-from cai.text import is_bare_refusal, normalise
 
 STAGE = "sl"
 

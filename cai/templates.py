@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cai.backends.base import Chat
 from cai.constitution import Constitution, FewShot, RLPrinciple, SLPrinciple
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 CRITIQUE_PREFIX = "Critique:"
 REVISION_PREFIX = "Revision:"

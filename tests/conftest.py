@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     return local_path("embedded:smollm2-135m")
 

@@ -20,7 +20,7 @@ import pytest
 
 from cai.backends.base import GenerationConfig, GenRequest
 from cai.backends.openai import OpenAIBackend
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 from .test_backend_vllm import choice_requests
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cai.constitution import load, parse, sample_rl_principles, sample_sl_principle
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 from .conftest import HARMLESS, MINIMAL, ROOT
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.data import load_pairs, load_prompts
-from cai.errors import CaiError
+from cai.core.data import load_pairs, load_prompts
+from cai.core.errors import CaiError
 from cai.evaluate.labeler import load_items
 
 from .conftest import ROOT

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.evaluate.constitutions import ConstitutionsEvalConfig, compare, run_constitutions_eval
 from cai.evaluate.labeler import (
     LabelerEvalConfig,

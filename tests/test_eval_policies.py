@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.evaluate.elo import (
     bootstrap_intervals,
     elo_ratings,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cai.constitution import load
-from cai.data import PairItem
-from cai.errors import CaiError
-from cai.feedback import COT_CLAMP, LabelConfig, judge_pairs, run_label
+from cai.core.data import PairItem
+from cai.core.errors import CaiError
+from cai.label import COT_CLAMP, LabelConfig, judge_pairs, run_label
 
 from .conftest import HARMLESS, MINIMAL
 
@@ -152,6 +152,6 @@ def test_kept_prompt_recomputes_with_plain_transformers(tmp_path: Path, embedded
             lp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)[target]
         assert abs(lp[0].item() - j.logprob_a) < 1e-3 and abs(lp[1].item() - j.logprob_b) < 1e-3
     # And the label follows from those numbers.
-    from cai.feedback import p_response_a
+    from cai.label import p_response_a
 
     assert abs(p_response_a(rec.judgements) - rec.p_a) < 1e-12

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from cai.backends.base import Overlong, fit_texts  # noqa: E402
-from cai.config import load_yaml_config  # noqa: E402
 from cai.constitution import (  # noqa: E402
     WEIGHT_RANGE,
     RLPrinciple,
@@ -26,9 +25,10 @@ from cai.constitution import (  # noqa: E402
     sample_rl_principles,
     sample_sl_principle,
 )
-from cai.data import load_pairs, load_prompts  # noqa: E402
-from cai.errors import CaiError  # noqa: E402
-from cai.records import JsonlStore, read_records  # noqa: E402
+from cai.core.config import load_yaml_config  # noqa: E402
+from cai.core.data import load_pairs, load_prompts  # noqa: E402
+from cai.core.errors import CaiError  # noqa: E402
+from cai.core.records import JsonlStore, read_records  # noqa: E402
 from cai.sl import SLConfig  # noqa: E402
 from cai.templates import LAYOUTS, SLConversation, judge_chat, rating_chat  # noqa: E402
 

@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 from cai.backends import GenerationConfig, GenRequest, ScoreRequest
 from cai.backends.base import Overlong, fit_texts
 from cai.cli import app
-from cai.config import coerce, from_dict, load_yaml_config
 from cai.constitution import load, parse, weighted_sample
-from cai.data import load_pairs, load_prompts
-from cai.errors import CaiError
-from cai.feedback import JudgeConfig, LabelConfig, fit_pairs, run_label
-from cai.records import JsonlStore, read_records
+from cai.core.config import coerce, from_dict, load_yaml_config
+from cai.core.data import load_pairs, load_prompts
+from cai.core.errors import CaiError
+from cai.core.records import JsonlStore, read_records
+from cai.label import JudgeConfig, LabelConfig, fit_pairs, run_label
 from cai.sl import SLConfig, run_sl
 
 from .conftest import MINIMAL, ROOT

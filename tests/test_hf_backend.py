@@ -8,7 +8,7 @@ import torch
 
 from cai.backends.base import GenerationConfig, GenRequest, ScoreRequest, render_plain
 from cai.backends.hf import HFBackend, HFOptions
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 
 def _judge_requests(n_pairs: int = 3, k: int = 3) -> list[ScoreRequest]:

@@ -1,4 +1,4 @@
-"""The shipped known-answer gold (`cai.known_answer`): the exact gold, its noisy labeller
+"""The shipped known-answer gold (`cai.evaluate.known_answer`): the exact gold, its noisy labeller
 (shrunk towards ½, a fixed share of pairs reversed, exact 1 − p on a swap), both run
 through the label code by spec, and `configs/known-answer.yaml` plans with them wired."""
 
@@ -10,9 +10,9 @@ import pytest
 
 from cai.backends import load_backend
 from cai.constitution import load
-from cai.data import PairItem
-from cai.feedback import LabelConfig, judge_pairs
-from cai.known_answer import FLIP_RATE, SHRINK, flipped, gold_judge, gold_score, noisy_judge
+from cai.core.data import PairItem
+from cai.evaluate.known_answer import FLIP_RATE, SHRINK, flipped, gold_judge, gold_score, noisy_judge
+from cai.label import LabelConfig, judge_pairs
 
 from .conftest import MINIMAL, ROOT
 
@@ -54,14 +54,15 @@ def test_known_answer_judges_label_through_the_label_code_by_spec() -> None:
     c = load(MINIMAL)
     items = [PairItem(f"k{i}", p, a, b) for i, (p, a, b) in enumerate(_pairs(40))]
     cfg = LabelConfig(pairs="-", constitution=str(MINIMAL), principles=2)
-    gold = judge_pairs(items, c, load_backend("python:cai.known_answer:gold_judge", reuse=False), cfg)
-    noisy = judge_pairs(items, c, load_backend("python:cai.known_answer:noisy_judge", reuse=False),
+    gold = judge_pairs(items, c, load_backend("python:cai.evaluate.known_answer:gold_judge",
+                                              reuse=False), cfg)
+    noisy = judge_pairs(items, c, load_backend("python:cai.evaluate.known_answer:noisy_judge", reuse=False),
                         cfg)
     assert all(r.p_a == 1.0 and r.chosen == r.response_a for r in gold)
     agree = [n.chosen == g.chosen for n, g in zip(noisy, gold)]
     assert [not a for a in agree] == [flipped(i.prompt, i.response_a, i.response_b) for i in items]
     assert all(r.p_chosen == pytest.approx(0.5 + SHRINK / 2) for r in noisy)
-    assert noisy[0].provenance.model.startswith("python:cai.known_answer:noisy_judge@")
+    assert noisy[0].provenance.model.startswith("python:cai.evaluate.known_answer:noisy_judge@")
 
 
 def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() -> None:
@@ -70,8 +71,8 @@ def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() 
     cfg = load_pipeline_config(ROOT / "configs" / "known-answer.yaml")
     steps = {s.stage: s.config for s in plan(cfg)}
     assert list(steps) == ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
-    assert steps["label"].feedback_model == "python:cai.known_answer:noisy_judge"
-    assert steps["eval"].judge == "python:cai.known_answer:gold_judge"
+    assert steps["label"].feedback_model == "python:cai.evaluate.known_answer:noisy_judge"
+    assert steps["eval"].judge == "python:cai.evaluate.known_answer:gold_judge"
     assert steps["pm"].pairs is None and steps["dpo"].pairs is None  # labels only
 
 
@@ -82,22 +83,22 @@ def test_known_answer_pipeline_takes_python_judges_end_to_end(tiny_model, tmp_pa
 
     import yaml
 
-    from cai.models import model_identity
+    from cai.core.models import model_identity
     from cai.pipeline import load_pipeline_config, run_pipeline
 
     data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    data.update(model=str(tiny_model), feedback_model="python:cai.known_answer:noisy_judge",
+    data.update(model=str(tiny_model), feedback_model="python:cai.evaluate.known_answer:noisy_judge",
                 out=str(tmp_path / "run"))
-    data["eval"] = {**data.get("eval", {}), "judge": "python:cai.known_answer:gold_judge"}
+    data["eval"] = {**data.get("eval", {}), "judge": "python:cai.evaluate.known_answer:gold_judge"}
     path = tmp_path / "ka.yaml"
     path.write_text(yaml.safe_dump(data))
     run_pipeline(load_pipeline_config(path))
     root = tmp_path / "run"
     label = json.loads((root / "label" / "manifest.json").read_text())
-    assert label["models"]["feedback"] == model_identity("python:cai.known_answer:noisy_judge")
+    assert label["models"]["feedback"] == model_identity("python:cai.evaluate.known_answer:noisy_judge")
     assert label["counts"]["records"] > 0
     report = json.loads((root / "eval" / "report.json").read_text())
-    assert report["feedback_model"] == model_identity("python:cai.known_answer:gold_judge")
+    assert report["feedback_model"] == model_identity("python:cai.evaluate.known_answer:gold_judge")
 
 
 def test_known_answer_pipeline_cache_key_follows_the_judge_source(tmp_path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import CaiError
-from cai.models import parse_spec
+from cai.core.errors import CaiError
+from cai.core.models import parse_spec
 
 CAI = str(Path(sys.executable).parent / "cai")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cai.backends import GenerationConfig, GenRequest, load_backend
-from cai.feedback import LabelConfig, run_label
+from cai.label import LabelConfig, run_label
 from cai.train.pm import PMConfig, load_reward_model, pm_scores, run_pm
 from cai.train.rl import RLConfig, run_rl
 from tests.test_train_rl import PROMPTS, boosted_model  # noqa: F401  (a fixture)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.evaluate.overopt import bon_sqrt_kl, fit_bon, fit_overopt, fit_rl, kl_best_of_n
 
 NS = [1, 2, 4, 8, 16, 32, 64, 128, 256]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.pipeline import load_pipeline_config, plan, run_pipeline
 
 from .conftest import HARMLESS, ROOT
@@ -85,7 +85,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_heldout_eval_prompts_never_reach_training(tiny_run, tiny_model, tmp_path) -> None:
-    from cai.data import load_prompts
+    from cai.core.data import load_prompts
 
     root = tiny_run["root"]
     split = tiny_run["first"]["prompt_split"]["sets"]["red_team"]

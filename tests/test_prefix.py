@@ -216,8 +216,8 @@ def test_label_stage_with_packed_scoring_equals_the_naive_loop(tiny_model) -> No
     """Labels (log-probs of both choices in both orders) from the packed schedule, in
     chunks small enough to split pairs, equal a one-prompt-per-forward loop."""
     from cai.constitution import load
-    from cai.data import PairItem
-    from cai.feedback import JudgeConfig, judge_pairs
+    from cai.core.data import PairItem
+    from cai.label import JudgeConfig, judge_pairs
 
     from .conftest import HARMLESS
 

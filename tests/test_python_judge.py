@@ -15,10 +15,10 @@ import pytest
 
 from cai.backends import load_backend
 from cai.constitution import load
-from cai.data import PairItem
-from cai.errors import CaiError
-from cai.feedback import LabelConfig, judge_pairs, run_label
-from cai.models import model_identity
+from cai.core.data import PairItem
+from cai.core.errors import CaiError
+from cai.core.models import model_identity
+from cai.label import LabelConfig, judge_pairs, run_label
 from cai.train.rewards import PythonReward, load_reward
 
 from .conftest import MINIMAL
@@ -158,8 +158,8 @@ def test_python_judge_identity_follows_the_source_file(judge_file: Path) -> None
     assert model_identity(f"python:{judge_file}:always") != first  # another function
     judge_file.write_text(JUDGE + "\n# edited\n", encoding="utf-8")
     assert model_identity(spec) != first  # same spec, edited file: another judge
-    mod = model_identity("python:cai.text:is_refusal")
-    assert mod.startswith("python:cai.text:is_refusal@")
+    mod = model_identity("python:cai.core.text:is_refusal")
+    assert mod.startswith("python:cai.core.text:is_refusal@")
 
 
 def test_python_judge_cli_labels_a_pairs_file_and_resumes(judge_file: Path, tmp_path: Path) -> None:

@@ -161,8 +161,8 @@ def test_eval_policies_takes_the_engine_fields_from_cli_and_pipeline(tmp_path) -
     one line when bad (before any model loads)."""
     import yaml
 
-    from cai.config import from_dict
-    from cai.errors import CaiError
+    from cai.core.config import from_dict
+    from cai.core.errors import CaiError
     from cai.evaluate.policies import PoliciesEvalConfig
     from cai.pipeline import load_pipeline_config, plan
 

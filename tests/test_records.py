@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import CaiError
-from cai.records import JsonlStore, export, to_dataset
-from cai.stage import StageDir, write_card, write_manifest
+from cai.core.errors import CaiError
+from cai.core.records import JsonlStore, export, to_dataset
+from cai.core.stage import StageDir, write_card, write_manifest
 
 WRITER = """
 import sys, time
-from cai.records import JsonlStore
+from cai.core.records import JsonlStore
 store = JsonlStore(sys.argv[1])
 for start in range(0, 500, 10):
     store.append({"id": str(i), "value": i, "pad": "x" * 200} for i in range(start, start + 10))

@@ -1,11 +1,11 @@
-"""Refusal detection (`cai.text.is_refusal`) measured on a labelled table of answers."""
+"""Refusal detection (`cai.core.text.is_refusal`) measured on a labelled table of answers."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
-from cai.text import is_bare_refusal, is_refusal, normalise_text
+from cai.core.text import is_bare_refusal, is_refusal, normalise_text
 
 from .conftest import ROOT
 

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.errors import CaiError
-from cai.records import JsonlStore, read_records
-from cai.stage import LOCK, claim_dir
+from cai.core.errors import CaiError
+from cai.core.records import JsonlStore, read_records
+from cai.core.stage import LOCK, claim_dir
 
 from .conftest import MINIMAL
 
@@ -72,14 +72,14 @@ def test_lock_two_concurrent_writers_one_refused_no_duplicates(tmp_path: Path, t
 def test_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
     """A writer killed with SIGKILL leaves no stale lock: the next one takes the folder."""
     out = tmp_path / "folder"
-    code = ("import sys, time; from pathlib import Path; from cai.stage import claim_dir; "
+    code = ("import sys, time; from pathlib import Path; from cai.core.stage import claim_dir; "
             "claim_dir(Path(sys.argv[1]), 'sl'); print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE,
                               text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        probe = ("import sys; from pathlib import Path; from cai.stage import claim_dir; "
-                 "from cai.errors import CaiError\n"
+        probe = ("import sys; from pathlib import Path; from cai.core.stage import claim_dir; "
+                 "from cai.core.errors import CaiError\n"
                  "try:\n    claim_dir(Path(sys.argv[1]), 'sl')\n"
                  "except CaiError as e:\n    print(e); sys.exit(2)\n")
         busy = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True,
@@ -692,7 +692,7 @@ def test_plot_skips_non_finite_values_and_leaves_nothing_when_nothing_is_plottab
 
 
 def test_config_values_and_errors_are_bounded(tmp_path: Path) -> None:
-    from cai.config import coerce, load_yaml_config
+    from cai.core.config import coerce, load_yaml_config
     from cai.train.sft import SFTConfig
 
     with pytest.raises(CaiError) as err:
@@ -718,7 +718,7 @@ def test_config_values_and_errors_are_bounded(tmp_path: Path) -> None:
 def test_dead_ray_address_fails_fast_in_one_line(tmp_path: Path) -> None:
     import socket
 
-    from cai.distributed import check_ray_address
+    from cai.core.distributed import check_ray_address
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
@@ -762,7 +762,7 @@ def test_ray_address_that_accepts_but_says_nothing_fails_within_the_timeout(tmp_
 
     import grpc
 
-    from cai.distributed import check_ray_address
+    from cai.core.distributed import check_ray_address
 
     port, held = _serve(None)
     try:
@@ -811,8 +811,8 @@ def test_ray_init_is_bounded_when_the_peer_passes_the_handshake_but_is_not_ray()
     script = (
         "import sys, grpc\n"
         "from concurrent import futures\n"
-        "from cai.distributed import init_ray\n"
-        "from cai.errors import CaiError\n"
+        "from cai.core.distributed import init_ray\n"
+        "from cai.core.errors import CaiError\n"
         "srv = grpc.server(futures.ThreadPoolExecutor(2))\n"
         "port = srv.add_insecure_port('127.0.0.1:0')\n"
         "srv.start()\n"

@@ -113,7 +113,7 @@ def test_vllm_rollout_follows_the_policy_after_an_update(vllm_tiny, tmp_path, lo
 
 def test_trl_algorithms_pass_vllm_options_only_on_a_supported_vllm(monkeypatch, tmp_path) -> None:
     import cai.train.rl as rl
-    from cai.errors import CaiError
+    from cai.core.errors import CaiError
 
     common = dict(algo="grpo", batch_size=4, num_generations=2, out=str(tmp_path / "g"))
     assert rl._trl_vllm_args(RLConfig(**common)) == {}  # hf: TRL generates with transformers
@@ -138,7 +138,7 @@ def test_pipeline_rl_section_sets_the_rollout_engine(tmp_path) -> None:
     and a bad value names the field."""
     import yaml
 
-    from cai.errors import CaiError
+    from cai.core.errors import CaiError
     from cai.pipeline import cache_key, load_pipeline_config, plan
 
     def rl_step(extra: dict):

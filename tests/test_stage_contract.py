@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from cai.backends import GenerationConfig, GenRequest
-from cai.errors import CaiError
-from cai.feedback import JudgeConfig, Judgement, LabelConfig, label_flags, label_stats, run_label
-from cai.feedback import split_reasoning as split
-from cai.models import model_identity
-from cai.stage import REGISTRY, load_registry, read_manifest, write_manifest
+from cai.core.errors import CaiError
+from cai.core.models import model_identity
+from cai.core.stage import REGISTRY, load_registry, read_manifest, write_manifest
+from cai.label import JudgeConfig, Judgement, LabelConfig, label_flags, label_stats, run_label
+from cai.label import split_reasoning as split
 
 from .conftest import MINIMAL
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.train.dpo import (
     DPOTrainConfig,
     _soft_dpo_trainer_cls,

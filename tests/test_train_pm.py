@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.errors import CaiError
-from cai.stage import write_manifest
+from cai.core.errors import CaiError
+from cai.core.stage import write_manifest
 from cai.train.plots import plot_run, reliability_png
 from cai.train.pm import (
     PMConfig,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.train.ppo import (
     AdaptiveKLController,
     gae,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cai.backends import GenerationConfig, GenRequest
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.train.sft import SFTConfig, load_sft_rows, run_sft
 
 

@@ -7,8 +7,8 @@ import numpy as np
 
 from cai.backends import ScoreRequest
 from cai.constitution import load
-from cai.data import PairItem
-from cai.feedback import JudgeConfig, judge_pairs
+from cai.core.data import PairItem
+from cai.label import JudgeConfig, judge_pairs
 from cai.templates import JUDGE_PREFIX
 
 from .conftest import MINIMAL

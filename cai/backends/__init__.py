@@ -11,8 +11,8 @@ from cai.backends.base import (
     ScoreRequest,
     ScoreResult,
 )
-from cai.errors import CaiError
-from cai.models import ModelSpec
+from cai.core.errors import CaiError
+from cai.core.models import ModelSpec
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
            "ScoreResult", "load_backend", "release", "cached_specs"]
@@ -29,7 +29,7 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
     cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
-    from cai.models import parse_spec
+    from cai.core.models import parse_spec
 
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     key = parsed.raw

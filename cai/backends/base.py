@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 Message = dict[str, str]
 Chat = list[Message]
@@ -246,9 +246,9 @@ left out of a model's identity; `api_key` is also a secret that must never be re
 def parse_options(cls: type[OptionsT], options: dict[str, str], backend: str) -> OptionsT:
     """Build a backend's options dataclass from spec `?key=value` pairs, one clear error each.
 
-    Values are checked with the same coercion as every config file (`cai.config.coerce`).
+    Values are checked with the same coercion as every config file (`cai.core.config.coerce`).
     """
-    from cai.config import coerce
+    from cai.core.config import coerce
 
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(options) - known)

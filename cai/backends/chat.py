@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cai.backends.base import Chat, render_plain
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 _NO_LIMIT = 10**8

@@ -41,8 +41,8 @@ from cai.backends.prefix import (
     plan_chunks,
 )
 from cai.constitution import derive_seed
-from cai.errors import CaiError
-from cai.models import ModelSpec
+from cai.core.errors import CaiError
+from cai.core.models import ModelSpec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -149,7 +149,7 @@ class HFBackend:
 
     def __init__(self, spec: str | ModelSpec, path: str | Path | None = None,
                  options: HFOptions | None = None, model=None, tokenizer=None):
-        from cai.models import local_path, model_identity, parse_spec
+        from cai.core.models import local_path, model_identity, parse_spec
 
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         self.spec = parsed.raw

@@ -32,8 +32,8 @@ from cai.backends.base import (
 )
 from cai.backends.chat import check_fits
 from cai.constitution import derive_seed
-from cai.errors import CaiError
-from cai.models import ModelSpec
+from cai.core.errors import CaiError
+from cai.core.models import ModelSpec
 
 
 @dataclass
@@ -85,7 +85,7 @@ class OpenAIBackend:
     def __init__(self, spec: str | ModelSpec, options: OpenAIOptions | None = None):
         import os
 
-        from cai.models import model_identity, parse_spec
+        from cai.core.models import model_identity, parse_spec
 
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         self.spec = parsed.raw
@@ -99,7 +99,7 @@ class OpenAIBackend:
         self.truncated_choices = 0
 
     def _local_format(self):
-        from cai.models import local_path
+        from cai.core.models import local_path
 
         candidates = [self.options.tokenizer] if self.options.tokenizer else []
         if self.model:

@@ -37,9 +37,9 @@ from cai.backends.base import (
     ScoreResult,
     render_plain,
 )
-from cai.errors import CaiError
-from cai.models import ModelSpec
-from cai.pyfunc import (
+from cai.core.errors import CaiError
+from cai.core.models import ModelSpec
+from cai.core.pyfunc import (
     PythonFunction,
     as_float,
     call,

@@ -27,8 +27,8 @@ from cai.backends.base import (
 )
 from cai.backends.chat import ChatFormat, check_fits
 from cai.constitution import derive_seed
-from cai.errors import CaiError
-from cai.models import ModelSpec
+from cai.core.errors import CaiError
+from cai.core.models import ModelSpec
 
 
 def _cpu_only() -> bool:
@@ -94,7 +94,7 @@ class VLLMBackend:
     """A model in an in-process vLLM engine. Implements `cai.backends.base.Backend`."""
 
     def __init__(self, spec: str | ModelSpec, options: VLLMOptions | None = None):
-        from cai.models import local_path, model_identity, parse_spec
+        from cai.core.models import local_path, model_identity, parse_spec
 
         parsed = parse_spec(spec) if isinstance(spec, str) else spec
         self.spec = parsed.raw

@@ -14,10 +14,10 @@ import numpy as np
 
 from cai.backends import Backend, load_backend
 from cai.constitution import diff, load
-from cai.errors import CaiError
-from cai.feedback import JudgeConfig, LabelConfig, run_label
-from cai.records import JsonlStore, read_records, write_json_atomic
-from cai.stage import Stage, claim_dir, register, write_manifest
+from cai.core.errors import CaiError
+from cai.core.records import JsonlStore, read_records, write_json_atomic
+from cai.core.stage import Stage, claim_dir, register, write_manifest
+from cai.label import JudgeConfig, LabelConfig, run_label
 
 STAGE = "eval.constitutions"
 

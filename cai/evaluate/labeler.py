@@ -16,11 +16,11 @@ import numpy as np
 
 from cai.backends import Backend, load_backend
 from cai.constitution import load
-from cai.data import PairItem, _rows
-from cai.errors import CaiError, ValidationErrors
-from cai.feedback import JudgeConfig, judge_pairs
-from cai.records import write_json_atomic
-from cai.stage import Stage, claim_dir, register, write_manifest
+from cai.core.data import PairItem, _rows
+from cai.core.errors import CaiError, ValidationErrors
+from cai.core.records import write_json_atomic
+from cai.core.stage import Stage, claim_dir, register, write_manifest
+from cai.label import JudgeConfig, judge_pairs
 
 STAGE = "eval.labeler"
 
@@ -74,7 +74,7 @@ class ABItem:
 
 
 def load_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
-    from cai.resources import resolve
+    from cai.core.resources import resolve
 
     items, errors = [], []
     for where, row in _rows(resolve(path, "prompts")):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 FORMS = ("bon", "rl")
 

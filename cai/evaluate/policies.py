@@ -13,7 +13,7 @@ Red-team answers are compared under the constitution's harmlessness principles
 (`helpfulness.principles`, or the rl ones when it has none; the report says which). When
 the judge is the labeller — the model whose labels trained the preference model — RL-CAI
 and best-of-k are judged by the model they were optimised against, and the report says
-so. Refusals are counted with the text check the SL stage uses (`cai.text.is_refusal`)
+so. Refusals are counted with the text check the SL stage uses (`cai.core.text.is_refusal`)
 and, unless turned off, by asking the judge whether each answer declines.
 
 Best-of-k (rejection sampling) joins as one more player: the base model samples k more
@@ -44,20 +44,12 @@ import numpy as np
 
 from cai.backends import GenerationConfig, GenRequest, load_backend, release
 from cai.constitution import Constitution, derive_seed, load
-from cai.data import PairItem, PromptItem, load_prompts
-from cai.distributed import ReplicaTask
-from cai.errors import CaiError
-from cai.evaluate.elo import (
-    Game,
-    bootstrap_intervals,
-    elo_ratings,
-    win_rate_matrix,
-    win_rate_vs_field,
-)
-from cai.feedback import JudgeConfig, LabelTask, label_id, label_stats
-from cai.models import model_identity
-from cai.records import JsonlStore, file_sha256, record_id, write_json_atomic, write_text_atomic
-from cai.stage import (
+from cai.core.data import PairItem, PromptItem, load_prompts
+from cai.core.distributed import ReplicaTask
+from cai.core.errors import CaiError
+from cai.core.models import model_identity
+from cai.core.records import JsonlStore, file_sha256, record_id, write_json_atomic, write_text_atomic
+from cai.core.stage import (
     Engine,
     EngineFields,
     Stage,
@@ -67,7 +59,15 @@ from cai.stage import (
     write_card,
     write_manifest,
 )
-from cai.text import is_bare_refusal, is_refusal
+from cai.core.text import is_bare_refusal, is_refusal
+from cai.evaluate.elo import (
+    Game,
+    bootstrap_intervals,
+    elo_ratings,
+    win_rate_matrix,
+    win_rate_vs_field,
+)
+from cai.label import JudgeConfig, LabelTask, label_id, label_stats
 
 STAGE = "eval.policies"
 SETS = ("red_team", "helpful", "benign")
@@ -733,7 +733,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         "win_rate_hard": {JUDGED[s]: win_rate_matrix(games[s], players, hard=True) for s in JUDGED},
         "win_rate_vs_field": {JUDGED[s]: win_rate_vs_field(games[s], players) for s in JUDGED},
         "refusal": refusal,
-        "refusal_detector": "pattern: cai.text.is_refusal (Unicode-normalised; "
+        "refusal_detector": "pattern: cai.core.text.is_refusal (Unicode-normalised; "
                             "tests/fixtures/refusals.jsonl measures it)",
         "refusal_judged": refusal_judged,
         "over_refusal": {n: refusal[n]["benign"] for n in players},
@@ -791,7 +791,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
 def _source(value: str) -> dict[str, Any]:
     """The file a prompt-set name resolved to, with its hash (the manifest's `upstream`
     only hashes paths that exist as given)."""
-    from cai.resources import resolve
+    from cai.core.resources import resolve
 
     p = resolve(value, "prompts", announce=False)
     return {"path": str(p), "sha256": file_sha256(p) if p.is_file() else None}

@@ -111,7 +111,7 @@ def prompt_completion_ids(tokenizer: Any, prompt: Chat, completions: list[str]
 def check_policy_folder(path: Path, field: str = "model") -> None:
     """Refuse a preference (reward) model folder where a policy is trained: it loads as a
     causal LM only with a freshly initialised head, and the run would look fine."""
-    from cai.errors import CaiError
+    from cai.core.errors import CaiError
 
     try:
         archs = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(
@@ -157,8 +157,8 @@ def check_run_config(out: Path, cfg: Any, *, ignore: tuple[str, ...] = (), force
     everything in the folder but its claim and lock is removed. Fields in `ignore` may change
     between resumes (how often to save, say).
     """
-    from cai.errors import CaiError
-    from cai.records import write_json_atomic
+    from cai.core.errors import CaiError
+    from cai.core.records import write_json_atomic
 
     mine = _canonical(cfg, ignore)
     stamp = out / RUN_CONFIG
@@ -200,7 +200,7 @@ def disk_errors(path: Path, what: str = "checkpoint") -> Iterator[None]:
     """A full disk (or a file-size or quota limit) while saving is one `CaiError` naming
     the path, not a traceback from torch or safetensors; a rerun after freeing space
     resumes from the last complete checkpoint."""
-    from cai.errors import CaiError
+    from cai.core.errors import CaiError
 
     try:
         yield

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
-from cai.stage import Stage, claim_dir, finished_run, register, write_card
+from cai.core.errors import CaiError
+from cai.core.stage import Stage, claim_dir, finished_run, register, write_card
 from cai.train.pm import (
     PreferenceTrainConfig,
     TrainResult,
@@ -259,7 +259,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     from transformers import AutoModelForCausalLM, set_seed
     from trl import DPOConfig as TRLDPOConfig
 
-    from cai.models import local_path
+    from cai.core.models import local_path
     from cai.train.common import check_policy_folder
     from cai.train.pm import load_tokenizer
 

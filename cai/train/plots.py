@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 LOG_NAMES = ("log.jsonl", "training_log.jsonl")
 SKIP = {"step", "epoch", "total_flos", "num_tokens"}

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError, read_text
-from cai.records import write_json_atomic, write_text_atomic
-from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.core.errors import CaiError, read_text
+from cai.core.records import write_json_atomic, write_text_atomic
+from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 
 STAGE = "train.pm"
 TIES = ("keep", "drop", "weight")
@@ -276,7 +276,7 @@ def apply_ties(rows: list[dict[str, Any]], mode: str, threshold: float
 def prompt_key(prompt: Any) -> str:
     """What makes two rows "the same prompt": the text of the user's turns (a label pair and
     an SL pair of one red-team prompt share it, whatever else their chats hold)."""
-    from cai.splits import text_key
+    from cai.core.splits import text_key
 
     turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"] \
         if isinstance(prompt, list) else [str(prompt)]
@@ -290,7 +290,7 @@ def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int
     to it, with a training pair. round(fraction × prompts) prompts are held out, chosen by
     a seeded hash of the prompt text (the same prompts whatever the row order); at least
     one training prompt is always left."""
-    from cai.splits import held_out
+    from cai.core.splits import held_out
 
     keys = [prompt_key(r["prompt"]) for r in rows]
     held = held_out(keys, fraction, seed)
@@ -535,7 +535,7 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig as TRLRewardConfig
 
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     t0 = time.time()
     base = local_path(cfg.model)
@@ -592,7 +592,7 @@ def load_reward_model(path: str | Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     p = local_path(str(path))
     tok = load_tokenizer(p)

@@ -317,7 +317,7 @@ class PPOTrainer:
 
     def _check_split(self) -> None:
         """Across N processes every batch and minibatch must split into N equal shares."""
-        from cai.errors import CaiError
+        from cai.core.errors import CaiError
 
         cfg, n = self.cfg, self.world
         if n == 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 from cai.train.common import Chat, as_chat
 
 
@@ -84,7 +84,7 @@ class JudgeReward:
 
         from cai.backends import ScoreRequest
         from cai.constitution import sample_rl_principles
-        from cai.feedback import expected_ratings
+        from cai.label import expected_ratings
         from cai.templates import RATING_PREFIX, rating_chat
 
         reqs = []
@@ -104,7 +104,7 @@ class PythonReward:
     file), so manifests and best-of-k score ids change when the function does."""
 
     def __init__(self, spec: str):
-        from cai.pyfunc import load_function
+        from cai.core.pyfunc import load_function
 
         self.function = load_function(spec, "reward")
         self.spec = self.function.identity
@@ -112,7 +112,7 @@ class PythonReward:
     def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
         import math
 
-        from cai.pyfunc import as_float, call
+        from cai.core.pyfunc import as_float, call
 
         out = []
         for n, (p, r) in enumerate(zip(prompts, responses)):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
-from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.core.errors import CaiError
+from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 from cai.train.common import check_run_config
 from cai.train.rewards import RewardSource, load_reward
 
@@ -185,7 +185,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
 
     `reward` overrides `cfg.reward` (a test's toy reward, or a source already loaded).
     """
-    from cai.data import load_prompts
+    from cai.core.data import load_prompts
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -288,7 +288,7 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cai.models import local_path
+    from cai.core.models import local_path
     from cai.train.ppo import PPOTrainer
 
     path = str(local_path(cfg.model))
@@ -359,7 +359,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from cai.models import local_path
+    from cai.core.models import local_path
 
     if cfg.algo == "grpo":
         from trl import GRPOConfig as TRLConfig

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 ENGINES = ("hf", "vllm")
 

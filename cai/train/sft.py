@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
-from cai.models import model_identity
-from cai.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.core.errors import CaiError
+from cai.core.models import model_identity
+from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 
 STAGE = "train.sft"
 
@@ -146,7 +146,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
 
-    from cai.models import local_path
+    from cai.core.models import local_path
     from cai.train.common import (
         check_policy_folder,
         check_run_config,

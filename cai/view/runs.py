@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 PAGE_SIZE = 50
 """Records per page."""

@@ -44,12 +44,12 @@ from cai.backends import (
 )
 from cai.backends.base import OVERLONG_MODES, JudgeQuestion, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, RLPrinciple, derive_seed, load, sample_rl_principles
-from cai.data import PairItem, PromptItem, load_pairs, load_prompts
-from cai.distributed import ReplicaTask
-from cai.errors import CaiError
-from cai.models import model_identity
-from cai.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
-from cai.stage import (
+from cai.core.data import PairItem, PromptItem, load_pairs, load_prompts
+from cai.core.distributed import ReplicaTask
+from cai.core.errors import CaiError
+from cai.core.models import model_identity
+from cai.core.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
+from cai.core.stage import (
     Engine,
     EngineFields,
     Stage,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def parse_spec(spec: str) -> ModelSpec:
     if not raw:
         raise CaiError("empty model spec", field="model")
     if raw.startswith("python:"):  # a function judge: python:TARGET:FUNCTION, no options
-        from cai.pyfunc import split_spec
+        from cai.core.pyfunc import split_spec
 
         target, function = split_spec(raw)
         return ModelSpec(raw, "python", target, function)
@@ -104,7 +104,7 @@ def model_identity(spec: str | ModelSpec) -> str:
 
     s = parse_spec(spec) if isinstance(spec, str) else spec
     if s.backend == "python":  # the spec and a hash of the function's source file
-        from cai.pyfunc import python_identity
+        from cai.core.pyfunc import python_identity
 
         return python_identity(s.raw)
     body = s.raw.split("?", 1)[0]

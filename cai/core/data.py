@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.errors import CaiError, ValidationErrors, read_text
+from cai.core.errors import CaiError, ValidationErrors, read_text
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def load_prompts(source: str | Path, text_field: str = "prompt",
                  limit: int | None = None) -> list[PromptItem]:
     """Prompts from jsonl (`prompt`, optional `id`, `category`) or a local dataset folder;
     a bare name (`red_team`) picks a shipped prompt set."""
-    from cai.resources import resolve
+    from cai.core.resources import resolve
 
     _check_limit(limit)
     items, errors, seen = [], [], set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the `cai` package
 KINDS = {"constitutions": ".yaml", "prompts": ".jsonl"}
 
 

@@ -1,8 +1,8 @@
 """Loading a Python function named by a spec: `python:MODULE:FUNCTION` or
 `python:path/to/file.py:FUNCTION`.
 
-Low in the stack (it needs only `cai.errors`) because three layers read these specs: the
-model registry names them (`cai.models`), the judge backend calls them
+Low in the stack (it needs only `cai.core.errors`) because three layers read these specs: the
+model registry names them (`cai.core.models`), the judge backend calls them
 (`cai.backends.pyfunc`) and the RL reward calls them (`cai.train.rewards`).
 
 Identity: the spec plus the first 12 hex digits of the sha256 of the function's source file
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 PREFIX = "python:"
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from cai.errors import CaiError
-from cai.records import (
+from cai.core.errors import CaiError
+from cai.core.records import (
     JsonlStore,
     cai_version,
     file_sha256,
@@ -67,7 +67,7 @@ REGISTRY: dict[str, Stage] = {}
 # Modules that register stages when imported; the CLI and the pipeline import them all.
 STAGE_MODULES = (
     "cai.sl",
-    "cai.feedback",
+    "cai.label",
     "cai.train.sft",
     "cai.train.pm",
     "cai.train.dpo",
@@ -206,7 +206,7 @@ def lock_dir(root: Path) -> None:
 def _spec_paths(value: str) -> list[Path]:
     """The local files or folders a config value names: a path, a model spec's folder
     (`hf:`, `vllm:`, `pm:`, `embedded:` in the cache), `name=spec` lists; others none."""
-    from cai.models import embedded_dir
+    from cai.core.models import embedded_dir
 
     paths = []
     for part in value.split(","):
@@ -230,7 +230,7 @@ def check_out_over_inputs(out: str | Path, cfg: Any, fields: Sequence[str]) -> N
     """Refuse an output folder equal to, inside or containing anything the stage reads (the
     config `fields` naming data files or folders, model folders, the embedded model
     cache), before any work: a stage writing there would replace the input it reads."""
-    from cai.models import cache_root
+    from cai.core.models import cache_root
 
     found = [(name, p) for name in fields if isinstance(getattr(cfg, name, None), str)
              for p in _spec_paths(getattr(cfg, name))]
@@ -312,11 +312,11 @@ class EngineFields:
 
     def check_engine(self) -> None:
         """Refuse a bad engine, worker count or GPU share when the config is read (the CLI
-        and the pipeline call it through `cai.config.from_dict`), not after a model load;
+        and the pipeline call it through `cai.core.config.from_dict`), not after a model load;
         a Ray address that does not answer fails here too, within a timeout."""
         eng = Engine.of(self)
         if eng.name == "ray":
-            from cai.distributed import check_ray_address
+            from cai.core.distributed import check_ray_address
 
             check_ray_address(eng.address)
 
@@ -354,13 +354,13 @@ def run_chunks(todo: Sequence[T], chunk_size: int, process: Callable[[list[T]], 
     """Process work not yet stored in chunks; each chunk is appended (and fsynced) at once.
 
     A kill loses at most the chunks in flight; the caller's rerun skips stored ids. With a
-    Ray engine `process` must be picklable (a `cai.distributed.ChunkTask`). Returns how many
+    Ray engine `process` must be picklable (a `cai.core.distributed.ChunkTask`). Returns how many
     records were written.
     """
     if chunk_size < 1:
         raise CaiError("must be at least 1", field="chunk_size")
     if engine is not None and engine.name == "ray":
-        from cai.distributed import run_ray
+        from cai.core.distributed import run_ray
 
         return run_ray(todo, chunk_size, process, store, workers=engine.workers,
                        gpus_per_worker=engine.gpus_per_worker, address=engine.address,
@@ -478,7 +478,7 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
         *[f"- {k}: {v}" for k, v in manifest.get("counts", {}).items()],
     ]
     if manifest["data"].get("file", "").endswith(".jsonl"):
-        lines += ["", "## Load", "", "```python", "from cai.records import to_dataset",
+        lines += ["", "## Load", "", "```python", "from cai.core.records import to_dataset",
                   f"ds = to_dataset('{root / manifest['data']['file']}')", "```"]
     lines += ["", "The exact configuration is in `manifest.json`; rerunning it with the same",
               "output folder resumes and reproduces this.", ""]

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from cai.errors import CaiError
-from cai.records import JsonlStore
+from cai.core.errors import CaiError
+from cai.core.records import JsonlStore
 
 ENGINES = ("local", "ray")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cai.errors import CaiError, read_text
+from cai.core.errors import CaiError, read_text
 
 
 @cache

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai.errors import CaiError
+from cai.core.errors import CaiError
 
 RECORD_SCHEMA = "cai.record/v1"
 
@@ -182,7 +182,7 @@ class JsonlStore:
 
 def git_revision() -> dict[str, Any]:
     """The git commit of the toolkit's checkout and whether it had local edits."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
@@ -242,7 +242,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     Unlike opening a `JsonlStore`, this never repairs (truncates) the file: a user's own
     file is left exactly as it is, and a torn or malformed line is reported by number.
     """
-    from cai.data import _rows
+    from cai.core.data import _rows
 
     p = Path(path)
     if p.exists() and not p.is_file():
