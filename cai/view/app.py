@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
+from cai.view import compare as C
+from cai.view import results as V
 from cai.view import runs as R
 
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
@@ -164,20 +166,20 @@ def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starl
     async def training(request: Request) -> Response:
         i, run = run_of(request)
         return render("training.html", request, i=i, run=run, page="training",
-                      folders=R.training(run))
+                      folders=V.training(run))
 
     async def evaluation(request: Request) -> Response:
         i, run = run_of(request)
         return render("eval.html", request, i=i, run=run, page="eval",
-                      ev=R.evaluation(run, request.query_params.get("stage")))
+                      ev=V.evaluation(run, request.query_params.get("stage")))
 
     async def compare(request: Request) -> Response:
         if len(runs) != 2:
             raise HTTPException(404)
         old, new = runs
         return render("compare.html", request, i=None, run=None, page="compare",
-                      cdiff=R.constitution_diff(old, new), sl=R.compare_sl(old, new),
-                      labels=R.compare_labels(old, new), counts=R.compare_counts(old, new))
+                      cdiff=C.constitution_diff(old, new), sl=C.compare_sl(old, new),
+                      labels=C.compare_labels(old, new), counts=C.compare_counts(old, new))
 
     async def file(request: Request) -> Response:
         _, run = run_of(request)
