@@ -120,7 +120,7 @@ def test_heldout_eval_prompts_never_reach_training(tiny_run, tiny_model, tmp_pat
 
 
 def test_heldout_pm_split_in_the_pipeline(tiny_run) -> None:
-    from cai.train.pm import load_preference_file, prompt_key
+    from cai.train.prefs import load_preference_file, prompt_key
 
     root = tiny_run["root"]
     rows = (load_preference_file(root / "label", "labels", "preferences.jsonl")

@@ -117,7 +117,7 @@ def test_lock_foreign_folder_is_refused_untouched(tmp_path: Path) -> None:
 
 
 def test_lock_loaders_refuse_duplicate_ids(tmp_path: Path) -> None:
-    from cai.train.pm import load_preference_file
+    from cai.train.prefs import load_preference_file
 
     store = tmp_path / "data.jsonl"
     store.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n')
@@ -662,7 +662,7 @@ def test_a_preference_model_is_refused_as_a_policy(tmp_path: Path, tiny_model: P
 
 
 def test_identical_or_empty_pairs_are_skipped_with_a_warning(tmp_path: Path) -> None:
-    from cai.train.pm import load_preference_file
+    from cai.train.prefs import load_preference_file
 
     prefs = tmp_path / "preferences.jsonl"
     rows = [{"id": "a", "prompt": "p", "chosen": "same", "rejected": "same", "p_chosen": 0.6},

@@ -12,16 +12,12 @@ import pytest
 from cai.core.errors import CaiError
 from cai.core.stage import write_manifest
 from cai.train.plots import plot_run, reliability_png
-from cai.train.pm import (
-    PMConfig,
+from cai.train.pm import PMConfig, load_reward_model, pm_scores, run_pm, train_pm
+from cai.train.prefs import (
     apply_ties,
     load_preference_file,
-    load_reward_model,
     load_training_rows,
-    pm_scores,
-    run_pm,
     soft_preference_loss,
-    train_pm,
 )
 
 STAMP = {"name": "minimal", "version": "1.2.3", "hash": "sha256:" + "ab" * 32}
@@ -146,7 +142,7 @@ def test_tie_weight_is_continuous_and_monotone() -> None:
 def test_accuracy_follows_the_label_direction() -> None:
     import torch
 
-    from cai.train.pm import direction_accuracy, preference_report
+    from cai.train.prefs import direction_accuracy, preference_report
 
     rows = as_rows([pref("a", "q1", "x", "y", 0.3), pref("b", "q2", "x", "y", 0.9),
                     pref("c", "q3", "x", "y", 0.5), pref("d", "q4", "x", "y", 0.52)])
@@ -167,7 +163,7 @@ def test_accuracy_follows_the_label_direction() -> None:
 
 
 def test_heldout_pm_split_never_puts_one_prompt_on_both_sides() -> None:
-    from cai.train.pm import prompt_key, split_rows
+    from cai.train.prefs import prompt_key, split_rows
 
     # 20 prompts with 3 labelled pairs each (3 responses per prompt) and one SL pair each,
     # the SL pair's chat holding no system turn: a split by pair would cut most prompts.
@@ -229,7 +225,7 @@ def test_bad_line_names_file_line_and_field(tmp_path: Path, line: str, field: st
 def test_broken_json_and_missing_inputs(tmp_path: Path) -> None:
     p = tmp_path / "pairs.jsonl"
     p.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": \n', encoding="utf-8")
-    with pytest.raises(CaiError, match=r"pairs\.jsonl:2: not valid JSON"):
+    with pytest.raises(CaiError, match=r"pairs\.jsonl:2: invalid JSON"):
         load_preference_file(p, "sl-pairs", "pairs.jsonl", default_p=1.0)
     # SL pairs may leave p_chosen out: it is 1.
     ok = tmp_path / "ok.jsonl"

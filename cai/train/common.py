@@ -1,5 +1,13 @@
-"""What every trainer shares: how a (prompt, response) is shown to a reward model, LoRA
-settings, device choice and the saved-folder manifest.
+"""What every trainer (sft, pm, dpo, rl with PPO, RLOO or GRPO) shares: how a (prompt,
+response) is shown to a model, and the training core of a run folder:
+
+- `start_run`: claim the folder; a finished run with the same config is returned as it is,
+  a run with another config is refused (`check_run_config`, `force` starts clean);
+- checkpoints: `checkpoints/checkpoint-N`, written whole or not at all
+  (`write_checkpoint`; `AtomicCheckpoints` for transformers Trainers), resumed from the
+  newest complete one (`resume_point`);
+- `log.jsonl`: one JSON line per step, appended as it happens and trimmed or rewritten on
+  resume (`append_step`, `read_steps`, `rewrite_steps`).
 
 The preference model, the reward used in RL and best-of-k must read a response exactly
 the same way, or a reward model scores text it was never trained on; so the rendering
@@ -11,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +198,30 @@ def check_run_config(out: Path, cfg: Any, *, ignore: tuple[str, ...] = (), force
     write_json_atomic(stamp, {"hash": config_hash(mine), "config": mine})
 
 
+def start_run(out: Path, cfg: Any, stage: str, *, ignore: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """How every trainer enters its folder: claim it for `stage`; the manifest of a run of
+    this stage finished with exactly this config (nothing to train: the caller returns it),
+    else None once the folder is checked against the config that started it (`force` starts
+    clean); training then continues from `resume_point(out)`."""
+    from cai.core.stage import claim_dir, finished_run
+
+    claim_dir(out, stage)
+    done = finished_run(out, cfg, stage)
+    if done is None:
+        check_run_config(out, cfg, ignore=ignore, force=bool(getattr(cfg, "force", False)))
+    return done
+
+
 # --------------------------------------------------------------------------- checkpoints
 
+CHECKPOINTS = "checkpoints"
+"""Every trainer's checkpoints: `<out>/checkpoints/checkpoint-N` (N: the optimizer step)."""
 STAGING = ".staging"
 """A checkpoint is written here first and renamed into place when complete."""
+TRAINER_STATE = "trainer_state.json"
+"""In each checkpoint: at least {"global_step": N}, the step it was taken after."""
+STATE = "state.pt"
+"""The one-file state (weights, optimizer, RNG) of a checkpoint of our own PPO trainer."""
 NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
@@ -217,16 +247,19 @@ def disk_errors(path: Path, what: str = "checkpoint") -> Iterator[None]:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a `checkpoint-N` folder cannot be resumed from (None when it is complete): its
-    trainer state, weights, optimizer and scheduler must all be there and whole."""
+    trainer state must be there, and whole either our PPO's `state.pt` or a transformers
+    Trainer's weights, optimizer and scheduler."""
     import zipfile
 
     step = folder.name.rpartition("-")[2]
     try:
-        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "no readable trainer_state.json"
+        return f"no readable {TRAINER_STATE}"
     if str(state.get("global_step")) != step:
-        return f"trainer_state.json is at step {state.get('global_step')}"
+        return f"{TRAINER_STATE} is at step {state.get('global_step')}"
+    if (folder / STATE).exists():  # our own trainer's (PPO's) one-file state
+        return None if zipfile.is_zipfile(folder / STATE) else f"{STATE} truncated"
     weights = [p for p in folder.glob("*.safetensors")]
     if not weights:
         return "no weights"
@@ -264,29 +297,55 @@ def last_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def resume_point(out: Path) -> str | None:
+    """The checkpoint a run in `out` continues from: the newest complete one, or None."""
+    return last_checkpoint(out / CHECKPOINTS)
+
+
+def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None],
+                     limit: int | None = 1) -> Path:
+    """Write `checkpoint-<step>` in `run_dir` whole or not at all: `write(folder)` fills a
+    folder under a staging name, renamed into place only when complete, so a kill or a full
+    disk mid-save never leaves a checkpoint a rerun would fail to load; older ones beyond
+    `limit` are removed only after the new one is in place."""
+    name = f"checkpoint-{step}"
+    staging, final = run_dir / STAGING, run_dir / name
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with disk_errors(final):
+            write(staging / name)
+            if final.exists():  # a torn one from before, at the same step
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            _fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _rotate(run_dir, final, limit)
+    return final
+
+
 class AtomicCheckpoints:
-    """Mix into a transformers `Trainer`: each checkpoint is written into a staging folder
-    and renamed to `checkpoint-N` only when complete, so a kill or a full disk mid-save
-    never leaves a `checkpoint-N` that a rerun would fail to load; older ones are rotated
-    away only after the new one is in place."""
+    """Mix into a transformers `Trainer`: its checkpoints go through `write_checkpoint`."""
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
-        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
-        staging, final = run_dir / STAGING, run_dir / name
-        shutil.rmtree(staging, ignore_errors=True)
-        self._get_output_dir = lambda trial=None: str(staging)  # the parent writes here
-        try:
-            with disk_errors(run_dir / name):
-                super()._save_checkpoint(model, trial)  # type: ignore[misc]
-                if final.exists():  # a torn one from before, at the same step
-                    shutil.rmtree(final)
-                os.replace(staging / name, final)
-                _fsync_dir(run_dir)
-        finally:
-            del self._get_output_dir
-            shutil.rmtree(staging, ignore_errors=True)
-        _rotate(run_dir, final, self.args.save_total_limit)  # type: ignore[attr-defined]
+        parent = super()._save_checkpoint  # type: ignore[misc]
+
+        def write(folder: Path) -> None:
+            self._get_output_dir = lambda trial=None: str(folder.parent)  # the parent writes here
+            try:
+                parent(model, trial)
+            finally:
+                del self._get_output_dir
+
+        write_checkpoint(run_dir, self.state.global_step, write,  # type: ignore[attr-defined]
+                         self.args.save_total_limit)  # type: ignore[attr-defined]
+
+
+@functools.cache
+def atomic_trainer(cls: type) -> type:
+    """`cls` (a transformers Trainer class) with `AtomicCheckpoints` mixed in."""
+    return type(cls.__name__, (AtomicCheckpoints, cls), {"__doc__": cls.__doc__})
 
 
 def _rotate(run_dir: Path, newest: Path, limit: int | None) -> None:
@@ -317,13 +376,110 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def use_cuda() -> bool:
+# --------------------------------------------------------------------------- the step log
+
+LOG = "log.jsonl"
+"""Every trainer's per-step log in its folder."""
+
+
+def append_step(path: Path, entry: dict[str, Any]) -> None:
+    """Add one step's line to a log.jsonl as it happens (a live plot reads it; a kill loses
+    at most the line being written)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def rewrite_steps(path: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace a log.jsonl with these entries, atomically; returns them."""
+    from cai.core.records import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+    return entries
+
+
+def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The entries of a log.jsonl (none when there is no file), through the one jsonl reader;
+    a last line cut by a kill (no newline yet) is left out. With `upto`, only the steps up to
+    it: those after a checkpoint are about to be redone."""
+    from cai.core.data import parse_jsonl
+
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    text = text[:text.rfind("\n") + 1]
+    entries = [obj for _, obj in parse_jsonl(text, str(path))]
+    return entries if upto is None else [e for e in entries if e.get("step", 0) <= upto]
+
+
+def trainer_args(cls: type, cfg: Any, output_dir: Path | None, **extra: Any) -> Any:
+    """TRL config with this project's CPU-safe defaults (no bf16, no gradient checkpointing).
+
+    Without an output folder nothing is saved, and the Trainer gets a scratch folder (the
+    caller removes it) instead of creating ./trainer_output in the working directory.
+    """
     import torch
 
-    return torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    if output_dir is not None:
+        folder = str(output_dir)
+        save = {"save_strategy": "steps", "save_steps": cfg.save_steps, "save_total_limit": 1}
+    else:
+        folder, save = tempfile.mkdtemp(prefix="cai-train-"), {"save_strategy": "no"}
+    return cls(output_dir=folder,
+               learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+               per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+               gradient_accumulation_steps=cfg.grad_accum, logging_steps=cfg.logging_steps,
+               seed=cfg.seed, data_seed=cfg.seed, bf16=bool(cfg.bf16 and cuda), use_cpu=not cuda,
+               gradient_checkpointing=False, report_to=[], dataset_num_proc=None,
+               disable_tqdm=False, **save, **extra)
 
 
-__all__ = ["pm_text", "as_chat", "use_cuda", "encode_chat", "prompt_completion_ids",
-           "control_strings", "check_run_config", "config_hash", "last_checkpoint",
-           "checkpoint_problem", "AtomicCheckpoints", "disk_errors", "RUN_CONFIG",
-           "check_policy_folder"]
+def log_callback(path: Path | None):
+    """A TrainerCallback appending one JSON line per logging step (for live plots).
+
+    When a run resumes, the file is first rewritten from the checkpoint's log history, so
+    steps after the checkpoint are not listed twice.
+    """
+    from transformers import TrainerCallback
+
+    class _JsonlLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if path is not None:
+                write_log(path, state.log_history)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if path is not None and logs and "loss" in logs:
+                append_step(path, _log_entry(state.global_step, logs))
+
+    return _JsonlLog()
+
+
+def _log_entry(step: int, logs: dict[str, Any]) -> dict[str, Any]:
+    entry = {"step": int(logs.get("step", step))}
+    entry.update({k: v for k, v in logs.items() if isinstance(v, int | float) and k != "step"})
+    return entry
+
+
+def log_entries(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training-step entries of a Trainer log history, flattened to numbers."""
+    return [_log_entry(e.get("step", 0), e) for e in history if "loss" in e]
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write the training steps of a Trainer log history as log.jsonl; returns them."""
+    return rewrite_steps(path, log_entries(history))
+
+
+def finish_training(trainer: Any, lora: bool) -> Any:
+    """The trained model as a plain transformers model (LoRA merged into the weights)."""
+    model = trainer.model
+    if lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+__all__ = ["pm_text", "as_chat", "encode_chat", "prompt_completion_ids", "control_strings",
+           "check_run_config", "config_hash", "start_run", "last_checkpoint", "resume_point",
+           "checkpoint_problem", "write_checkpoint", "AtomicCheckpoints", "atomic_trainer",
+           "disk_errors", "RUN_CONFIG", "CHECKPOINTS", "LOG", "check_policy_folder",
+           "trainer_args", "finish_training", "log_callback", "log_entries", "write_log",
+           "append_step", "read_steps", "rewrite_steps"]

@@ -30,24 +30,30 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.stage import Stage, claim_dir, finished_run, register, write_card
-from cai.train.pm import (
+from cai.core.stage import Stage, register, write_card
+from cai.train.common import (
+    CHECKPOINTS,
+    LOG,
+    finish_training,
+    log_callback,
+    log_entries,
+    resume_point,
+    start_run,
+    trainer_args,
+)
+from cai.train.prefs import (
     PreferenceTrainConfig,
     TrainResult,
     check_common,
     direction_accuracy,
-    finish_training,
     fmt,
+    load_tokenizer,
     load_training_rows,
-    log_callback,
-    log_entries,
     preference_report,
-    prepare_checkpoints,
     save_preference_run,
     soft_preference_loss,
     split_rows,
     split_summary,
-    trainer_args,
 )
 
 STAGE = "train.dpo"
@@ -62,19 +68,12 @@ class DPOTrainConfig(PreferenceTrainConfig):
     out: str = "runs/dpo"
     """Folder for the trained policy, eval.json, log.jsonl and manifest."""
     beta: float = 0.1
-    """KL strength β: the implied preference is σ(β·Δ) (smaller β lets the policy move further)."""
-    eval_fraction: float = 0.1
-    """Fraction of pairs held out (seeded) to report the implied preference after training."""
+    """KL strength β: the implied preference is σ(β·Δ) (smaller β lets the policy move further);
+    eval.json's calibration is that of σ(β·Δ) against the labels."""
     learning_rate: float = 5e-6
     """Peak learning rate (linear decay); LoRA tolerates ~10× more."""
-    batch_size: int = 4
-    """Pairs per device per step (each pair is two sequences, run through policy and reference)."""
     max_length: int = 1024
     """Longest prompt + response in tokens; longer ones lose their end (TRL's keep_start)."""
-    bins: int = 10
-    """Bins of the held-out calibration of σ(β·Δ) against the labels."""
-    seed: int = 0
-    """Seed of the split, data order and LoRA init."""
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -261,7 +260,6 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
 
     from cai.core.models import local_path
     from cai.train.common import check_policy_folder
-    from cai.train.pm import load_tokenizer
 
     t0 = time.time()
     if not rows:
@@ -285,7 +283,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, target_modules="all-linear")
-    ckpt = out / "checkpoints" if out is not None else None
+    ckpt = out / CHECKPOINTS if out is not None else None
     args = trainer_args(TRLDPOConfig, cfg, ckpt, beta=cfg.beta, max_length=cfg.max_length,
                         truncation_mode="keep_start", pad_to_multiple_of=None, loss_type=["sigmoid"],
                         precompute_ref_log_probs=False)
@@ -295,7 +293,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tok, data_collator=_collator(tok.pad_token_id, cfg.max_length),
         peft_config=peft_config,
-        callbacks=[log_callback(out / "log.jsonl" if out is not None else None), *(callbacks or [])])
+        callbacks=[log_callback(out / LOG if out is not None else None), *(callbacks or [])])
     kept = len(trainer.train_dataset)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -334,12 +332,11 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
     t0 = time.time()
     out = Path(cfg.out)
     rows, counts = load_training_rows(cfg)
-    claim_dir(out, STAGE)
-    done = finished_run(out, cfg, STAGE)
+    done = start_run(out, cfg, STAGE)
     if done is not None:
         return done
     train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
-    resume = prepare_checkpoints(out, cfg)
+    resume = resume_point(out)
     result, deltas = train_dpo(train_rows, cfg, out=out, resume_from=resume, eval_rows=eval_rows,
                                callbacks=callbacks)
     report = evaluate_dpo(deltas, eval_rows, cfg)

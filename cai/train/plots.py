@@ -1,4 +1,6 @@
-"""Pictures of a training run: curves from its per-step log, and a reliability diagram.
+"""Pictures of a training run: curves from its per-step log, and the one reliability
+diagram (with the expected calibration error it draws) that the PM, DPO and the labeler
+evaluation all use.
 
 They are drawn from files on disk (log.jsonl, eval.json), not from a live trainer, so a
 run can be plotted while it trains, after a crash, or on another machine.
@@ -90,11 +92,34 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return written
 
 
-def reliability_png(table: list[dict[str, Any]], path: str | Path, title: str = "calibration") -> Path:
+def expected_calibration_error(conf: Any, correct: Any, bins: int) -> tuple[float, list]:
+    """ECE over equal-width confidence bins on [½, 1]; also the per-bin table for the plot.
+
+    `conf` is the probability given to the option preferred, `correct` whether (or with what
+    probability) that option is the right one.
+    """
+    import numpy as np
+
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=float)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf >= lo) & ((conf < hi) if hi < 1.0 else (conf <= hi))
+        if m.any():
+            acc, c = float(correct[m].mean()), float(conf[m].mean())
+            ece += m.mean() * abs(acc - c)
+            table.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
+                          "confidence": c, "accuracy": acc})
+    return float(ece), table
+
+
+def reliability_png(table: list[dict[str, Any]], path: str | Path, title: str = "calibration",
+                    xlabel: str = "predicted preference", ylabel: str = "target preference") -> Path:
     """A reliability diagram from `expected_calibration_error`'s per-bin table.
 
-    x: the model's probability for the response it prefers; y: the (soft) target's
-    probability for that same response. Points on the diagonal are calibrated.
+    x: the probability given to the option preferred; y: how often (or with what target
+    probability) that option is the right one. Points on the diagonal are calibrated; each
+    point's size and label give its bin's count.
     """
     plt = _pyplot()
     path = Path(path)
@@ -103,12 +128,15 @@ def reliability_png(table: list[dict[str, Any]], path: str | Path, title: str = 
     if table:
         n = max(b["n"] for b in table)
         ax.scatter([b["confidence"] for b in table], [b["accuracy"] for b in table],
-                   s=[20 + 200 * b["n"] / n for b in table], zorder=3, label="bins (size = pairs)")
+                   s=[20 + 200 * b["n"] / n for b in table], zorder=3, label="bins (size = count)")
         ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], alpha=0.5)
+        for b in table:
+            ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
     ax.set_xlim(0.5, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("predicted preference")
-    ax.set_ylabel("target preference")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -118,4 +146,4 @@ def reliability_png(table: list[dict[str, Any]], path: str | Path, title: str = 
     return path
 
 
-__all__ = ["plot_run", "reliability_png", "read_log"]
+__all__ = ["plot_run", "reliability_png", "expected_calibration_error", "read_log"]
