@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cai.core.config import yaml_error
 from cai.core.errors import CaiError, ValidationErrors, read_text
+from cai.core.seeds import derive_seed
 
 SCHEMA = "cai.constitution/v1"
 
@@ -375,12 +376,6 @@ def load(path: str | Path) -> Constitution:
 
 
 # ---------------------------------------------------------------------------- sampling
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 64-bit seed from any printable parts (Python's hash() is salted per run)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 def weighted_sample(items: Sequence, weights: Sequence[float], k: int, rng: random.Random) -> list:

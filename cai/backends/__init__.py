@@ -1,4 +1,8 @@
-"""Backends behind one protocol (`Backend`); `load_backend(spec)` picks one from a model spec."""
+"""Backends behind one protocol (`Backend`); `load_backend(spec)` picks one from a model spec.
+
+The spec is resolved once here (`cai.core.models.resolve`) and the backend is built from
+the resolved spec, so no backend parses it again.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from cai.backends.base import (
     ScoreResult,
 )
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec
+from cai.core.models import ModelSpec, ResolvedSpec, resolve
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
            "ScoreResult", "load_backend", "release", "cached_specs"]
@@ -23,15 +27,13 @@ CACHE_SIZE = 1
 the policy first, so policy, reference, judge and reward model never pile up in memory."""
 
 
-def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
+def load_backend(spec: str | ModelSpec | ResolvedSpec, reuse: bool = True) -> Backend:
     """Build (or reuse) the backend a model spec names.
 
     Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
     cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
-    from cai.core.models import parse_spec
-
-    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    parsed = resolve(spec)
     key = parsed.raw
     if reuse and key in _CACHE:
         return _CACHE[key]
@@ -54,7 +56,7 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
         from cai.backends.pyfunc import PythonJudge
 
         backend = PythonJudge(parsed)
-    else:  # parse_spec only returns known backends
+    else:  # a spec parses to known backends only
         raise CaiError(f"unknown backend {parsed.backend!r}", field="model")
     if reuse:
         _CACHE[key] = backend
@@ -79,3 +81,4 @@ def release(spec: str | None = None) -> None:
 
 def cached_specs() -> list[str]:
     return list(_CACHE)
+

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from cai.core.errors import CaiError
+from cai.core.models import ResolvedSpec, resolve
 
 Message = dict[str, str]
 Chat = list[Message]
@@ -234,13 +235,23 @@ def trim_at_stop(text: str, stops: tuple[str, ...] = ("\nHuman:", "\nUser:")) ->
 
 OptionsT = TypeVar("OptionsT")
 
-SPEED_OPTIONS = frozenset({
-    "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
-    "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
-    "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "kv_cache_gb",
-})
-"""Options that change how fast (or where) a model runs, never what it outputs. They are
-left out of a model's identity; `api_key` is also a secret that must never be recorded."""
+CHAT_MODES = ("auto", "0", "1")
+"""The `chat` option of every model backend: "auto" (or "1") uses the tokenizer's chat
+template when it has one; "0" forces plain text."""
+
+
+def check_chat(backend: str, chat: str) -> None:
+    """One clear error for a `chat` option that is none of `CHAT_MODES`."""
+    if chat not in CHAT_MODES:
+        raise CaiError(f"{backend} option chat: use auto, 0 or 1", field="model")
+
+
+def bind_spec(spec: str | ResolvedSpec, cls: type[OptionsT],
+              options: OptionsT | None = None) -> tuple[ResolvedSpec, OptionsT]:
+    """What a backend takes from its spec: the spec resolved (once: a resolved spec passes
+    through) and its options, `options` when given, else read from the spec's `?key=value`."""
+    resolved = resolve(spec)
+    return resolved, options or parse_options(cls, resolved.options, resolved.backend)
 
 
 def parse_options(cls: type[OptionsT], options: dict[str, str], backend: str) -> OptionsT:

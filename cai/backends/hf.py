@@ -27,7 +27,8 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    parse_options,
+    bind_spec,
+    check_chat,
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
@@ -40,9 +41,9 @@ from cai.backends.prefix import (
     common_prefix,
     plan_chunks,
 )
-from cai.constitution import derive_seed
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec
+from cai.core.models import ResolvedSpec
+from cai.core.seeds import derive_seed
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -90,8 +91,7 @@ class HFOptions:
             raise CaiError("hf option pack_tokens: must be at least 16", field="model")
         if self.prefix_cache_mb < 0:
             raise CaiError("hf option prefix_cache_mb: must be >= 0", field="model")
-        if self.chat not in ("auto", "0", "1"):
-            raise CaiError("hf option chat: use auto, 0 or 1", field="model")
+        check_chat("hf", self.chat)
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype):
@@ -147,17 +147,13 @@ class _PerRequestSampler(LogitsProcessor):
 class HFBackend:
     """A causal LM run with transformers. Implements `cai.backends.base.Backend`."""
 
-    def __init__(self, spec: str | ModelSpec, path: str | Path | None = None,
+    def __init__(self, spec: str | ResolvedSpec, path: str | Path | None = None,
                  options: HFOptions | None = None, model=None, tokenizer=None):
-        from cai.core.models import local_path, model_identity, parse_spec
-
-        parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        self.spec = parsed.raw
-        self.identity = model_identity(parsed)
-        self.options = options or parse_options(HFOptions, parsed.options, "hf")
+        self.resolved, self.options = bind_spec(spec, HFOptions, options)
+        self.spec, self.identity = self.resolved.raw, self.resolved.identity
         device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None:
-            path = path or local_path(parsed)
+            path = path or self.resolved.path
             model = load_causal_lm(path, DTYPES[self.options.dtype])
             model.to(device)
         if tokenizer is None:

@@ -27,13 +27,14 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    parse_options,
+    bind_spec,
+    check_chat,
     render_plain,
 )
 from cai.backends.chat import check_fits
-from cai.constitution import derive_seed
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec
+from cai.core.models import ResolvedSpec, local_path
+from cai.core.seeds import derive_seed
 
 
 @dataclass
@@ -61,8 +62,7 @@ class OpenAIOptions:
         if self.retries < 0 or self.timeout <= 0 or not 1 <= self.top_logprobs <= 100:
             raise CaiError("openai options: retries >= 0, timeout > 0, top_logprobs in [1, 100]",
                            field="model")
-        if self.chat not in ("auto", "0", "1"):
-            raise CaiError("openai option chat: use auto, 0 or 1", field="model")
+        check_chat("openai", self.chat)
 
 
 def _local_config(path) -> dict | None:
@@ -82,25 +82,19 @@ def _local_config(path) -> dict | None:
 class OpenAIBackend:
     """A model behind an OpenAI-compatible HTTP API. Implements the `Backend` protocol."""
 
-    def __init__(self, spec: str | ModelSpec, options: OpenAIOptions | None = None):
+    def __init__(self, spec: str | ResolvedSpec, options: OpenAIOptions | None = None):
         import os
 
-        from cai.core.models import model_identity, parse_spec
-
-        parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        self.spec = parsed.raw
-        self.identity = model_identity(parsed)
-        self.base_url = parsed.target
-        self.model = parsed.served_name or ""
-        self.options = options or parse_options(OpenAIOptions, parsed.options, "openai")
+        self.resolved, self.options = bind_spec(spec, OpenAIOptions, options)
+        self.spec, self.identity = self.resolved.raw, self.resolved.identity
+        self.base_url = self.resolved.parsed.target
+        self.model = self.resolved.parsed.served_name or ""
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY", "")
         self.max_context: int | None = None
         self.fmt = self._local_format()
         self.truncated_choices = 0
 
     def _local_format(self):
-        from cai.core.models import local_path
-
         candidates = [self.options.tokenizer] if self.options.tokenizer else []
         if self.model:
             candidates.append(self.model)

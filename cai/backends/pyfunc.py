@@ -38,7 +38,7 @@ from cai.backends.base import (
     render_plain,
 )
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec
+from cai.core.models import ResolvedSpec
 from cai.core.pyfunc import (
     PythonFunction,
     as_float,
@@ -58,7 +58,7 @@ JSON, and exp() of it is 0.0, so the label reads back exactly 0 or 1."""
 class PythonJudge:
     """A judge function behind the `Backend` protocol (see the module docstring)."""
 
-    def __init__(self, spec: str | ModelSpec):
+    def __init__(self, spec: str | ResolvedSpec):
         raw = spec if isinstance(spec, str) else spec.raw
         self.function = load_function(raw, "feedback_model")
         self.spec = self.function.spec

@@ -23,12 +23,13 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    parse_options,
+    bind_spec,
+    check_chat,
 )
 from cai.backends.chat import ChatFormat, check_fits
-from cai.constitution import derive_seed
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec
+from cai.core.models import ResolvedSpec
+from cai.core.seeds import derive_seed
 
 
 def _cpu_only() -> bool:
@@ -86,21 +87,16 @@ class VLLMOptions:
                            field="model")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise CaiError("vllm option gpu_memory_utilization: must be in (0, 1]", field="model")
-        if self.chat not in ("auto", "0", "1"):
-            raise CaiError("vllm option chat: use auto, 0 or 1", field="model")
+        check_chat("vllm", self.chat)
 
 
 class VLLMBackend:
     """A model in an in-process vLLM engine. Implements `cai.backends.base.Backend`."""
 
-    def __init__(self, spec: str | ModelSpec, options: VLLMOptions | None = None):
-        from cai.core.models import local_path, model_identity, parse_spec
-
-        parsed = parse_spec(spec) if isinstance(spec, str) else spec
-        self.spec = parsed.raw
-        self.identity = model_identity(parsed)
-        self.options = options or parse_options(VLLMOptions, parsed.options, "vllm")
-        path = local_path(parsed.target)
+    def __init__(self, spec: str | ResolvedSpec, options: VLLMOptions | None = None):
+        self.resolved, self.options = bind_spec(spec, VLLMOptions, options)
+        self.spec, self.identity = self.resolved.raw, self.resolved.identity
+        path = self.resolved.path
         _set_env_defaults()
         try:
             from vllm import LLM

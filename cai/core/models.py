@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
@@ -94,21 +95,85 @@ def parse_spec(spec: str) -> ModelSpec:
     return ModelSpec(raw, "hf", body, None, options)
 
 
-def model_identity(spec: str | ModelSpec) -> str:
+SPEED_OPTIONS = frozenset({
+    "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
+    "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
+    "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "kv_cache_gb",
+})
+"""Options that change how fast (or where) a model runs, never what it outputs. They are
+left out of a model's identity; `api_key` is also a secret that must never be recorded."""
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A model spec resolved once: what every consumer needs, so none parses it again.
+
+    `load_backend` resolves a spec and hands this to the backend; stages read `identity`
+    from it. Identity and local folder are each worked out on first use and then kept:
+    a python spec imports its function for its identity (the caller's error names the
+    field), converting the embedded model takes a while, and a served model has no folder.
+    """
+
+    parsed: ModelSpec
+    """The spec as written, split into backend, target, served name and options."""
+    speed: frozenset[str]
+    """Which of the spec's options are speed options (left out of `identity`)."""
+
+    @cached_property
+    def identity(self) -> str:
+        """What names the model's outputs: the spec without speed options, plus the
+        weights' hash of a folder cai trained (for a function: its source file's hash)."""
+        return _identity(self.parsed, self.speed)
+
+    @property
+    def raw(self) -> str:
+        """The spec string as given, speed options included."""
+        return self.parsed.raw
+
+    @property
+    def backend(self) -> str:
+        return self.parsed.backend
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Every `?key=value` option of the spec."""
+        return self.parsed.options
+
+    @cached_property
+    def path(self) -> Path:
+        """The local folder of the weights (for openai: of its `tokenizer` option); raises
+        `CaiError` when there is none."""
+        return _local_path(self.parsed)
+
+    def __str__(self) -> str:
+        return self.parsed.raw
+
+
+def resolve(spec: str | ModelSpec | ResolvedSpec) -> ResolvedSpec:
+    """Resolve a model spec once: parse it and mark its speed options (a resolved spec is
+    returned as it is, so passing one on never parses again)."""
+    if isinstance(spec, ResolvedSpec):
+        return spec
+    s = parse_spec(spec) if isinstance(spec, str) else spec
+    return ResolvedSpec(s, frozenset(k for k in s.options if k in SPEED_OPTIONS))
+
+
+def model_identity(spec: str | ModelSpec | ResolvedSpec) -> str:
     """What names a model's outputs: the spec without its speed options.
 
     `hf:PATH?batch_size=4` and `hf:PATH?batch_size=16` give the same records, so they share
     one identity; `dtype` or `chat` change outputs and stay in it.
     """
-    from cai.backends.base import SPEED_OPTIONS
+    return resolve(spec).identity
 
-    s = parse_spec(spec) if isinstance(spec, str) else spec
+
+def _identity(s: ModelSpec, speed: frozenset[str]) -> str:
     if s.backend == "python":  # the spec and a hash of the function's source file
         from cai.core.pyfunc import python_identity
 
         return python_identity(s.raw)
     body = s.raw.split("?", 1)[0]
-    kept = sorted((k, v) for k, v in s.options.items() if k not in SPEED_OPTIONS)
+    kept = sorted((k, v) for k, v in s.options.items() if k not in speed)
     return body + _weights_tag(s) + ("?" + urlencode(kept) if kept else "")
 
 
@@ -199,9 +264,14 @@ def ensure_embedded(name: str) -> Path:
     return target
 
 
-def local_path(spec: str | ModelSpec) -> Path:
+def local_path(spec: str | ModelSpec | ResolvedSpec) -> Path:
     """The local folder of a model spec's weights (converting the embedded model if needed)."""
-    s = parse_spec(spec) if isinstance(spec, str) else spec
+    if isinstance(spec, ResolvedSpec):
+        return spec.path
+    return _local_path(parse_spec(spec) if isinstance(spec, str) else spec)
+
+
+def _local_path(s: ModelSpec) -> Path:
     if s.backend == "python":
         raise CaiError(f"{s.raw} is a Python function; it has no model folder", field="model")
     if s.backend == "openai":
