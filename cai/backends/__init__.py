@@ -6,6 +6,8 @@ the resolved spec, so no backend parses it again.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cai.backends.base import (
     Backend,
     Chat,
@@ -19,7 +21,7 @@ from cai.core.errors import CaiError
 from cai.core.models import ModelSpec, ResolvedSpec, resolve
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
-           "ScoreResult", "load_backend", "release", "cached_specs"]
+           "ScoreResult", "ReplicaTask", "load_backend", "release", "cached_specs"]
 
 _CACHE: dict[str, Backend] = {}
 CACHE_SIZE = 1
@@ -82,3 +84,22 @@ def release(spec: str | None = None) -> None:
 def cached_specs() -> list[str]:
     return list(_CACHE)
 
+
+
+class ReplicaTask:
+    """Base of the chunk tasks that hold a model: `backend` is left out when the task is
+    pickled, so each Ray actor loads its own replica (of `model_spec()`) on its first
+    chunk, while a local run keeps the one it was given or loads it once."""
+
+    backend: Any
+
+    def model_spec(self) -> str:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "backend": None}
+
+    def replica(self) -> Any:
+        if self.backend is None:
+            self.backend = load_backend(self.model_spec())
+        return self.backend
