@@ -9,7 +9,6 @@ and as the frozen reference of RL and DPO.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from cai.core.errors import CaiError
 from cai.core.models import model_identity
-from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.core.stage import Input, Output, Stage, register, write_card, write_manifest
 
 STAGE = "train.sft"
 
@@ -70,31 +69,31 @@ class SFTConfig:
                 raise CaiError("must be at least 1", field=name)
         if not 0 <= self.lora_dropout < 1:
             raise CaiError(f"must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
-        if self.learning_rate <= 0 or self.epochs <= 0:
-            raise CaiError("learning_rate and epochs must be > 0", field="learning_rate")
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                raise CaiError("must be > 0", field=name)
         if self.max_steps == 0 or self.max_steps < -1:
             raise CaiError("must be -1 (use epochs) or at least 1", field="max_steps")
 
 
 def load_sft_rows(path: str | Path) -> list[dict[str, Any]]:
     """Read chats and turn each into a TRL conversational prompt/completion pair."""
+    from cai.core.data import parse_jsonl
+    from cai.core.errors import read_text
+
     p = Path(path)
     if p.is_dir():
         p = p / "sft.jsonl"
     if not p.exists():
         raise CaiError("SFT data not found (run `cai sl` first)", str(p))
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                msgs = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CaiError("expected a JSON object with `messages`", f"{p}:{n}", "messages") from None
-            if not msgs or msgs[-1].get("role") != "assistant":
-                raise CaiError("the last message must be the assistant's", f"{p}:{n}", "messages")
-            rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    for where, obj in parse_jsonl(read_text(p, "SFT data"), str(p)):
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise CaiError("expected a list of {role, content} messages", where, "messages")
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise CaiError("the last message must be the assistant's", where, "messages")
+        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     if not rows:
         raise CaiError("no SFT examples (were all SL records filtered out?)", str(p))
     return rows
@@ -123,17 +122,6 @@ def sft_features(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
     return kept, dropped
 
 
-def _sft_trainer_cls():
-    from trl import SFTTrainer
-
-    from cai.train.common import AtomicCheckpoints
-
-    class CaiSFTTrainer(AtomicCheckpoints, SFTTrainer):
-        """SFTTrainer whose checkpoints are written whole or not at all."""
-
-    return CaiSFTTrainer
-
-
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune, save the model folder, its log and manifest; returns the manifest.
 
@@ -145,23 +133,28 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
 
     from cai.core.models import local_path
     from cai.train.common import (
+        CHECKPOINTS,
+        LOG,
+        atomic_trainer,
         check_policy_folder,
-        check_run_config,
         disk_errors,
-        last_checkpoint,
+        log_callback,
+        resume_point,
+        start_run,
+        trainer_args,
+        write_log,
     )
 
     t0 = time.time()
     rows = load_sft_rows(cfg.data)
     out = Path(cfg.out)
-    claim_dir(out, STAGE)
-    done = finished_run(out, cfg, STAGE)
+    done = start_run(out, cfg, STAGE, ignore=("save_steps", "logging_steps"))
     if done is not None:
         return done
-    check_run_config(out, cfg, ignore=("save_steps", "logging_steps"), force=cfg.force)
     base = local_path(cfg.model)
     check_policy_folder(base)
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -170,17 +163,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         raise CaiError(f"every example's prompt fills max_length ({cfg.max_length} tokens), "
                        "leaving no answer token to learn from; raise --max-length", field="max_length")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
-    cuda = torch.cuda.is_available()
-    ckpt_dir = out / "checkpoints"
-    args = TRLSFTConfig(
-        output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=cfg.seed,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to=[],
-        bf16=cfg.bf16 and cuda, use_cpu=not cuda, gradient_checkpointing=False,
-        completion_only_loss=True, dataset_num_proc=None, disable_tqdm=False,
-    )
+    args = trainer_args(TRLSFTConfig, cfg, out / CHECKPOINTS, max_length=cfg.max_length,
+                        completion_only_loss=True)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -188,10 +172,11 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
-    trainer = _sft_trainer_cls()(model=model, args=args,
-                                 train_dataset=datasets.Dataset.from_list(features),
-                                 processing_class=tok, peft_config=peft_config)
-    resume = last_checkpoint(ckpt_dir)
+    trainer = atomic_trainer(SFTTrainer)(model=model, args=args,
+                                         train_dataset=datasets.Dataset.from_list(features),
+                                         processing_class=tok, peft_config=peft_config,
+                                         callbacks=[log_callback(out / LOG)])
+    resume = resume_point(out)
     trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
     with disk_errors(out, "model"):
@@ -200,13 +185,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             trained = trained.merge_and_unload()
         trained.save_pretrained(str(out), safe_serialization=True)
         tok.save_pretrained(str(out))
-    log = [e for e in trainer.state.log_history if "loss" in e]
-    with open(out / "log.jsonl", "w", encoding="utf-8") as f:
-        for e in trainer.state.log_history:
-            f.write(json.dumps(e) + "\n")
+    log = write_log(out / LOG, trainer.state.log_history)
     metrics = {"first_loss": log[0]["loss"] if log else None,
                "last_loss": log[-1]["loss"] if log else None, "resumed": resume is not None}
-    manifest = write_manifest(out, STAGE, config=cfg, inputs=("data",),
+    manifest = write_manifest(out, STAGE, config=cfg,
                               models={"base": model_identity(cfg.model)},
                               counts={"examples": len(features), "too_long_dropped": too_long,
                                       "steps": trainer.state.global_step},
@@ -219,6 +201,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 
 register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
-               inputs=("data",), outputs=("model.safetensors", "log.jsonl")))
+               inputs=(Input("data", "sl-data", missing="folder"), Input("model", "base-model")),
+               outputs=(Output("policy", player="sl-cai"), Output("sl-model")), step="sft"))
 
 __all__ = ["SFTConfig", "run_sft", "load_sft_rows", "sft_features"]
