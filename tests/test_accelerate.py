@@ -83,41 +83,80 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.slow
-def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_prompts) -> None:
-    """`accelerate launch` with 2 processes (torchrun, gloo on the CPU), stopped after step 2
-    and resumed to step 3, gives the samples, stats and weights of one process run straight."""
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def _launch(config: str, *extra: str) -> list[str]:
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+            *extra, "-m", "cai.cli"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model, pm_and_prompts, tmp_path_factory) -> Path:
+    """Three PPO steps in one plain process: what every multi-process run must reproduce."""
     tiny_pm, prompts_file = pm_and_prompts
-    two = tmp_path / "two"
-    launch = [ACCELERATE, "launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "cpu2.yaml"), "-m", "cai.cli"]
-    for steps in (2, 3):
-        r = subprocess.run(launch + _ppo_args(tiny_model, tiny_pm, prompts_file, two, steps),
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-    one = tmp_path / "one"
+    one = tmp_path_factory.mktemp("ppo-one") / "run"
     r = subprocess.run([sys.executable, "-m", "cai.cli",
                         *_ppo_args(tiny_model, tiny_pm, prompts_file, one, 3)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return one
 
-    def log(folder: Path) -> list[dict]:
-        return [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
 
-    assert [x["step"] for x in log(two)] == [1, 2, 3]
-    for a, b in zip(log(two), log(one), strict=True):
+def _assert_same_run(two: Path, one: Path, start: Path) -> None:
+    """The same samples, statistics (within float round-off) and trained weights."""
+    assert [x["step"] for x in _log(two)] == [1, 2, 3]
+    for a, b in zip(_log(two), _log(one), strict=True):
         assert a["response_length"] == b["response_length"]  # the same samples
         for key in ("reward_mean", "kl", "entropy", "policy_loss", "value_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-3), key
     w2, w1 = _weights(two), _weights(one)
     assert w2.keys() == w1.keys()
-    moved = max((w1[k] - _weights(tiny_model)[k]).abs().max().item() for k in w1)
+    moved = max((w1[k] - _weights(start)[k]).abs().max().item() for k in w1)
     diff = max((w2[k] - w1[k]).abs().max().item() for k in w1)
     assert moved > 1e-3  # training changed the weights...
     assert diff < 1e-5 + moved * 1e-2, (diff, moved)  # ...and both runs changed them alike
+
+
+@pytest.mark.slow
+def test_ppo_accelerate_two_processes_match_one(tmp_path, tiny_model, pm_and_prompts,
+                                                one_process_run) -> None:
+    """`accelerate launch` with 2 processes (torchrun, gloo on the CPU), stopped after step 2
+    and resumed to step 3, gives the samples, stats and weights of one process run straight."""
+    tiny_pm, prompts_file = pm_and_prompts
+    two = tmp_path / "two"
+    for steps in (2, 3):
+        r = subprocess.run(_launch("cpu2.yaml") + _ppo_args(tiny_model, tiny_pm, prompts_file,
+                                                            two, steps),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "PPO frozen models over 2 processes: reference whole, reward whole" in r.stderr
+    _assert_same_run(two, one_process_run, tiny_model)
     m = json.loads((two / "manifest.json").read_text())
     assert m["counts"]["steps"] == 3 and m["config"]["batch_size"] == 4
     assert m["rollout"]["engine"] == "hf" and "vllm" not in m["rollout"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", ["false", "true"])
+def test_ppo_accelerate_fsdp_frozen_models_sharded_match_one(tmp_path, tiny_model, pm_and_prompts,
+                                                             one_process_run, offload) -> None:
+    """Under an FSDP config (2 CPU processes) the frozen reference and preference model are
+    split between the processes (and offloaded when the launch line says so), and the run
+    still matches one process. Accelerate trains the policy as plain data parallel here:
+    it shards only on accelerators."""
+    tiny_pm, prompts_file = pm_and_prompts
+    two = tmp_path / "two"
+    r = subprocess.run(_launch("cpu2-fsdp.yaml", "--fsdp_offload_params", offload)
+                       + _ppo_args(tiny_model, tiny_pm, prompts_file, two, 3),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    where = "offload" if offload == "true" else "shard"
+    line = next(x for x in r.stderr.splitlines() if "PPO frozen models" in x)
+    for name in ("reference", "reward"):  # each process holds half of each frozen model
+        assert f"{name} {where} (torch fully_shard; 50% of its parameters on this process)" in line
+    _assert_same_run(two, one_process_run, tiny_model)
 
 
 @pytest.mark.slow
@@ -140,9 +179,7 @@ def test_ppo_accelerate_vllm_rollouts_two_processes_match_one(tmp_path, embedded
     pm, prompts = pm_and_prompts
     extra = ["--rollout-engine", "vllm", "--ppo-epochs", "1"]
     two, one = tmp_path / "two", tmp_path / "one"
-    r = subprocess.run([ACCELERATE, "launch", "--config_file",
-                        str(ROOT / "configs" / "accelerate" / "cpu2.yaml"), "-m", "cai.cli",
-                        *_ppo_args(model, pm, prompts, two, 2), *extra],
+    r = subprocess.run([*_launch("cpu2.yaml"), *_ppo_args(model, pm, prompts, two, 2), *extra],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "cai.cli", *_ppo_args(model, pm, prompts, one, 2),

@@ -280,6 +280,7 @@ class PPOTrainer:
                  reward: RewardSource, prompts: list[Chat], cfg: RLConfig, out: str | Path,
                  engine: Any = None, accelerator: Any = None):
         from cai.backends.chat import ChatFormat
+        from cai.train.placement import deepspeed_micro_batch, place_frozen
         from cai.train.rollout import HFRollout
 
         self.cfg = cfg
@@ -296,7 +297,8 @@ class PPOTrainer:
         self.is_main = self.rank == 0
         self._check_split()
         self.device = next(policy.parameters()).device
-        self.reference.to(self.device)
+        # Whole on this device, or sharded / offloaded as the accelerate config says.
+        self.reference, self.placement = place_frozen(reference, reward, accelerator, self.device)
         self.prompt_ids = [self.fmt.encode(self.fmt.render(p)) for p in prompts]
         hidden = policy.get_input_embeddings().weight.shape[1]
         self.value_head = ValueHead(hidden).to(self.device)
@@ -305,6 +307,7 @@ class PPOTrainer:
                                            lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
         self.model: nn.Module = PolicyAndValue(policy, self.value_head)
         if accelerator is not None:
+            deepspeed_micro_batch(accelerator, cfg.minibatch_size // self.world)
             self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
