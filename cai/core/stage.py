@@ -75,6 +75,7 @@ STAGE_MODULES = (
     "cai.evaluate.labeler",
     "cai.evaluate.constitutions",
     "cai.evaluate.policies",
+    "cai.evaluate.known_answer_run",
 )
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from cai.constitution import derive_seed
 from cai.train.common import Chat
+from cai.train.monitors import monitor_stats
 
 if TYPE_CHECKING:
     from cai.train.rewards import RewardSource
@@ -453,6 +454,7 @@ class PPOTrainer:
         }
         if engine_diff is not None:
             stats["rollout_logp_abs_diff"] = (engine_diff[0] / engine_diff[1].clamp(min=1)).item()
+        stats.update(monitor_stats(self.reward))  # watched, never in the update (monitors.py)
         return Rollout(input_ids, attention_mask, mask, logp, values * mask, adv, returns, stats)
 
     def update(self, r: Rollout, step: int) -> dict[str, float]:

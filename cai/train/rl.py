@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
 from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
 from cai.train.common import check_run_config
+from cai.train.monitors import with_monitors
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
@@ -56,6 +57,10 @@ class RLConfig:
     """Reward: "pm:PATH" (or a bare folder) of a preference model, "judge:MODELSPEC"
     for direct 1–10 ratings under sampled RL principles, or "python:FILE.py:FUNCTION"
     (or python:MODULE:FUNCTION), a function of (prompt, response) returning a float."""
+    monitors: list[str] = field(default_factory=list)
+    """PPO: rewards that only watch: each scores every rollout batch and its mean is logged
+    as `monitor/NAME` in log.jsonl, never used for the update. Entries are `NAME=SPEC` or
+    `SPEC` (any reward spec, or `test-pm`: the held-out half of a `split: halves` PM)."""
     prompts: str = "prompts/red_team.jsonl"
     """Prompts to answer: jsonl with `prompt` (or a `datasets` folder)."""
     limit: int | None = None
@@ -139,6 +144,7 @@ class RLConfig:
             (self.algo in ALGOS, "algo", f"must be one of {ALGOS}"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
             (self.judge_principles >= 1, "judge_principles", "must be at least 1"),
+            (ppo or not self.monitors, "monitors", "are logged by PPO only"),
             (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
             (not ppo or self.target_kl > 0, "target_kl", "must be > 0"),
             (self.steps >= 1, "steps", "must be at least 1"),
@@ -210,6 +216,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         reward = load_reward(cfg.reward, constitution=cfg.constitution,
                              principles=cfg.judge_principles, seed=cfg.seed,
                              batch_size=cfg.batch_size)
+    reward = with_monitors(reward, cfg.monitors, cfg.batch_size, constitution=cfg.constitution,
+                           principles=cfg.judge_principles, seed=cfg.seed)
     if cfg.algo == "ppo":
         model, tok = _train_ppo(cfg, out, chats, reward)
     else:
@@ -228,7 +236,8 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
         extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo],
-               "rollout": _rollout_provenance(cfg)})
+               "rollout": _rollout_provenance(cfg),
+               "monitors": reward.specs() if hasattr(reward, "specs") else {}})
     write_card(out, "RL-CAI policy",
                f"The SL-CAI model `{cfg.model}` trained with {cfg.algo.upper()} against "
                f"`{reward_spec}` (β = {cfg.beta}{', adaptive' if cfg.adaptive_kl else ''}) for "

@@ -1,0 +1,400 @@
+"""`cai eval known-answer RUN`: score a finished known-answer run with its gold, exactly.
+
+The known-answer pipeline (`configs/known-answer.yaml`) plants a gold preference in the
+labels (`cai.evaluate.known_answer`); this stage measures what came out the other end, on
+the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never trained on):
+
+- every policy (base, sl-cai, rl-cai, dpo): `samples` answers per prompt, their gold rate
+  with a 95 % bootstrap interval over prompts, the train and test PMs' mean scores, and the
+  KL from the SL-CAI model (the mean of log π − log π_sl over the policy's own answers);
+- rl − sl and dpo − sl: the paired difference of gold rates, bootstrapped over prompts;
+- the PM's accuracy against the gold: every pair of one prompt's SL answers on which the
+  gold differs, counted right when the PM scores the gold's choice higher;
+- best-of-n for n = 1, 2, 4, …, k from the SL answers, picked by the train PM and scored by
+  the train PM, the test PM and the gold against sqrt(KL_bon), KL_bon = log n − (n − 1)/n;
+- RL's own per-step log (train PM = its reward, test PM and gold as monitors) against
+  sqrt(KL); the fits of both overoptimization forms (`cai.evaluate.overopt`).
+
+It writes `known_answer.json`, `report.md` and `known_answer.png` into its folder and, with
+`json`, a copy of the json (the benchmark record, `benchmarks/results/known_answer.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cai.core.errors import CaiError
+from cai.core.records import write_json_atomic
+from cai.core.stage import Stage, register, write_manifest
+
+STAGE = "eval.known-answer"
+GOLD = "python:cai.evaluate.known_answer:gold_score"
+POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"))
+"""Policies scored, with their folder in the run (base: the run's `model`)."""
+
+
+@dataclass
+class KnownAnswerConfig:
+    """Configuration of `cai eval known-answer`."""
+
+    run: str = "runs/known-answer"
+    """The known-answer pipeline's run folder (sft, pm, rl, dpo, prompts/ inside)."""
+    out: str | None = None
+    """Folder for known_answer.json, report.md and the plot (default <run>/known-answer)."""
+    json: str | None = None
+    """Also copy known_answer.json here (the benchmark record)."""
+    gold: str = GOLD
+    """The gold reward spec: 1 when an answer has the planted property, else 0."""
+    samples: int = 4
+    """Answers per held-out prompt for each policy."""
+    best_of: int = 8
+    """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two)."""
+    limit: int | None = None
+    """Use only the first N held-out prompts."""
+    max_new_tokens: int = 48
+    """Tokens per answer (the RL stage's length, so RL is scored on what it trained on)."""
+    temperature: float = 1.0
+    """Sampling temperature of the answers and of the KL's log-probs."""
+    batch_size: int = 16
+    """Sequences per forward or generate call."""
+    n_boot: int = 1000
+    """Bootstrap resamples of the prompts for each interval."""
+    seed: int = 0
+    """Seed of the sampling and the bootstrap."""
+    started: float | None = None
+    """Unix time the whole run started (`make known-answer` passes it) for `wall_s`;
+    without it wall_s sums the stages' own timings and this one's."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.samples >= 1, "samples", "must be at least 1"),
+            (self.best_of >= 1 and self.best_of & (self.best_of - 1) == 0, "best_of",
+             "must be a power of two (1, 2, 4, …)"),
+            (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.n_boot >= 100, "n_boot", "must be at least 100"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise CaiError(msg, field=name)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """Mean of per-prompt values with a 95 % percentile bootstrap interval over prompts."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise CaiError("no prompts to bootstrap over", field="limit")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi),
+            "prompts": int(x.size)}
+
+
+def pair_accuracy(groups: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
+    """Agreement of a PM with the gold over every within-prompt pair the gold splits.
+
+    `groups` holds, per prompt, (PM scores, gold scores) of its answers. A pair counts when
+    the gold differs; it is right when the PM scores the gold's choice strictly higher, and
+    half right on a PM tie (so a constant PM scores ½, not 0)."""
+    right, pairs = 0.0, 0
+    for pm, gold in groups:
+        for i in range(len(pm)):
+            for j in range(i + 1, len(pm)):
+                if gold[i] == gold[j]:
+                    continue
+                pairs += 1
+                d = (pm[i] - pm[j]) * (gold[i] - gold[j])
+                right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+    return {"accuracy": right / pairs if pairs else None, "pairs": pairs}
+
+
+def best_of_n(proxy: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Best-of-n for n = 1, 2, 4, …, k from [prompts, k] arrays: each prompt's k answers
+    are cut into k/n disjoint groups, the proxy's best of each group is kept, and each
+    score's mean over the kept answers is reported with sqrt(KL_bon(n))."""
+    from cai.evaluate.overopt import kl_best_of_n
+
+    k = proxy.shape[1]
+    rows, n = [], 1
+    while n <= k:
+        groups = proxy.reshape(proxy.shape[0], k // n, n)
+        pick = groups.argmax(axis=2)  # [prompts, k/n]
+        idx = (np.arange(k // n) * n)[None, :] + pick
+        row = {"n": n, "kl": kl_best_of_n(n), "sqrt_kl": math.sqrt(kl_best_of_n(n))}
+        for name, s in scores.items():
+            row[name] = float(np.take_along_axis(s, idx, axis=1).mean())
+        rows.append(row)
+        n *= 2
+    return rows
+
+
+def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float
+                ) -> dict[str, Any] | None:
+    """A fit of one form through (sqrt KL, gold) points, or None with too few of them."""
+    from cai.evaluate.overopt import fit_overopt
+
+    pts = [(d, g) for d, g in points if d is not None and g is not None and math.isfinite(d)
+           and math.isfinite(g)]
+    try:
+        return fit_overopt([d for d, _ in pts], [g for _, g in pts], form, baseline).as_dict()
+    except CaiError:
+        return None
+
+
+def rl_points(log_path: Path) -> list[dict[str, Any]]:
+    """RL's per-step sqrt(KL), reward (the train PM) and monitors, from its log.jsonl."""
+    if not log_path.is_file():
+        return []
+    rows = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            e = json.loads(line)
+            rows.append({"step": e.get("step"), "sqrt_kl": e.get("sqrt_kl"),
+                         "train_pm": e.get("reward_mean"), "test_pm": e.get("monitor/test_pm"),
+                         "gold": e.get("monitor/gold")})
+    return rows
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class _Policy:
+    """A causal LM to sample answers from and read log-probs with."""
+
+    def __init__(self, spec: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cai.backends.chat import ChatFormat
+        from cai.core.models import local_path
+
+        path = str(local_path(spec))
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                          use_safetensors=True).eval()
+        self.fmt = ChatFormat(self.tok)
+        pad = self.tok.pad_token_id
+        self.pad = pad if pad is not None else self.fmt.stop_ids[0]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.fmt.encode(self.fmt.render([{"role": "user", "content": text}]))
+
+    def sample(self, prompts: list[list[int]], seeds: list[int], cfg: KnownAnswerConfig
+               ) -> list[list[int]]:
+        from cai.train.rollout import HFRollout
+
+        engine = HFRollout(self.model, self.pad, self.fmt.stop_ids)
+        out: list[list[int]] = []
+        for s in range(0, len(prompts), cfg.batch_size):
+            out += engine.sample(prompts[s:s + cfg.batch_size], seeds[s:s + cfg.batch_size],
+                                 cfg.max_new_tokens, cfg.temperature).tokens
+        return out
+
+    def text(self, tokens: list[int]) -> str:
+        body = [t for t in tokens if t not in self.fmt.stop_ids]
+        return self.tok.decode(body, skip_special_tokens=True).strip()
+
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]],
+                 cfg: KnownAnswerConfig) -> list[float]:
+        """Sum of log π(response token) at the sampling temperature, per answer."""
+        import torch
+
+        from cai.train.ppo import response_forward
+
+        out = []
+        for s in range(0, len(prompts), cfg.batch_size):
+            ps, rs = prompts[s:s + cfg.batch_size], responses[s:s + cfg.batch_size]
+            p_len, t_len = max(len(p) for p in ps), max(1, max(len(r) for r in rs))
+            ids = [[self.pad] * (p_len - len(p)) + p + r + [self.pad] * (t_len - len(r))
+                   for p, r in zip(ps, rs)]
+            amask = [[0] * (p_len - len(p)) + [1] * (len(p) + len(r)) + [0] * (t_len - len(r))
+                     for p, r in zip(ps, rs)]
+            rmask = torch.tensor([[1.0] * len(r) + [0.0] * (t_len - len(r)) for r in rs])
+            with torch.no_grad():
+                lp = response_forward(self.model, torch.tensor(ids), torch.tensor(amask), t_len,
+                                      cfg.temperature)["logp"]
+            out += (lp * rmask).sum(1).tolist()
+        return out
+
+
+def _seed(cfg: KnownAnswerConfig, policy: str, prompt: int, sample: int) -> int:
+    from cai.core.seeds import derive_seed
+
+    return derive_seed(cfg.seed, "known-answer", policy, prompt, sample) % 2**31
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _policy_specs(run: Path) -> dict[str, str]:
+    pipe = json.loads((run / "pipeline.json").read_text(encoding="utf-8")) \
+        if (run / "pipeline.json").is_file() else {}
+    base = (pipe.get("config") or {}).get("model") or "embedded:smollm2-135m"
+    specs = {}
+    for name, folder in POLICIES:
+        if folder is None:
+            specs[name] = base
+        elif (run / folder / "config.json").is_file():
+            specs[name] = str(run / folder)
+    if "sl-cai" not in specs:
+        raise CaiError("no SL-CAI model (sft/) in the run; run the known-answer pipeline first",
+                       str(run), "run")
+    return specs
+
+
+def _stage_seconds(run: Path) -> float:
+    total = 0.0
+    for m in run.glob("*/manifest.json"):
+        t = (json.loads(m.read_text(encoding="utf-8")).get("timings_s") or {}).get("total")
+        if isinstance(t, int | float) and m.parent.name != "known-answer":
+            total += float(t)
+    return total
+
+
+def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
+    """Sample, score and fit (see the module docstring); returns the manifest."""
+    from cai.core.data import load_prompts
+    from cai.train.rewards import PMReward, load_reward
+
+    t0 = time.time()
+    load_start = os.getloadavg()
+    run = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else run / "known-answer"
+    held = run / "prompts" / "red_team.eval.jsonl"
+    if not held.is_file():
+        raise CaiError("no held-out prompts (prompts/red_team.eval.jsonl); run the known-answer "
+                       "pipeline with eval_fraction > 0 first", str(run), "run")
+    prompts = load_prompts(str(held), limit=cfg.limit)
+    specs = _policy_specs(run)
+    gold = load_reward(cfg.gold)
+    pms: dict[str, Any] = {}
+    for name, folder in (("train_pm", run / "pm"), ("test_pm", run / "pm" / "test")):
+        if (folder / "config.json").is_file():
+            pms[name] = PMReward(folder, cfg.batch_size)
+    sl = _Policy(specs["sl-cai"])
+    chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    ids = [sl.prompt_ids(p.prompt) for p in prompts]
+    per: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        pol = sl if name == "sl-cai" else _Policy(spec)
+        n = max(cfg.samples, cfg.best_of) if name == "sl-cai" else cfg.samples
+        which = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        p_ids = [ids[i] for i, _ in which]
+        toks = pol.sample(p_ids, [_seed(cfg, name, i, j) for i, j in which], cfg)
+        texts = [pol.text(t) for t in toks]
+        pc = [chats[i] for i, _ in which]
+        kl = (np.zeros(len(toks)) if pol is sl else
+              np.asarray(pol.logprobs(p_ids, toks, cfg)) - np.asarray(sl.logprobs(p_ids, toks, cfg)))
+        scores = {"gold": np.asarray(gold.score(pc, texts), dtype=float).reshape(len(prompts), n)}
+        for pm_name, pm in pms.items():
+            scores[pm_name] = np.asarray(pm.score(pc, texts), dtype=float).reshape(len(prompts), n)
+        per[name] = {"spec": spec, "n": n, "scores": scores, "kl": kl.reshape(len(prompts), n),
+                     "examples": [{"prompt": prompts[i].prompt, "answer": texts[k],
+                                   "gold": float(scores["gold"][i, j])}
+                                  for k, (i, j) in enumerate(which[:3 * n:n])]}
+        if pol is not sl:
+            del pol
+    result = summarise(per, cfg)
+    rlog = rl_points(run / "rl" / "log.jsonl")
+    sl_gold = result["policies"]["sl-cai"]["gold"]["mean"]
+    result["rl_steps"] = rlog
+    pts = [(r["sqrt_kl"], r["gold"]) for r in rlog]
+    result["rl_fit"] = {form: fit_or_none(pts, form, sl_gold) for form in ("rl", "bon")}
+    result["wall_s"] = round((time.time() - cfg.started) if cfg.started
+                             else _stage_seconds(run) + time.time() - t0, 1)
+    result["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": load_start,
+                         "load_avg_at_end": os.getloadavg(), "eval_s": round(time.time() - t0, 1)}
+    result["provenance"] = {"run": str(run), "gold": getattr(gold, "spec", cfg.gold),
+                            "policies": specs, "pms": {k: v.spec for k, v in pms.items()},
+                            "sampling": {"temperature": cfg.temperature, "top_p": 1.0,
+                                         "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+                            "pipeline": _pipeline_provenance(run)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "known_answer.json", result)
+    from cai.evaluate.known_answer_report import write_report
+
+    write_report(result, out)
+    if cfg.json:
+        write_json_atomic(Path(cfg.json), result)
+    return write_manifest(out, STAGE, config=cfg, models=specs,
+                          counts={"prompts": len(prompts)}, started=t0,
+                          data=("known_answer.json",),
+                          extra={"metrics": {k: result[k] for k in (
+                              "pm_gold_accuracy", "base_rate", "wall_s")}})
+
+
+def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[str, Any]:
+    """The json's numbers from each policy's [prompts, samples] score arrays."""
+    policies: dict[str, Any] = {}
+    for name, p in per.items():
+        s = p["scores"]
+        m = cfg.samples  # every policy is compared on its first `samples` answers
+        row = {"spec": p["spec"], "answers": int(s["gold"][:, :m].size),
+               "gold": bootstrap_mean(s["gold"][:, :m].mean(1), cfg.n_boot, cfg.seed),
+               "kl_from_sl": float(p["kl"][:, :m].mean()),
+               "examples": p["examples"]}
+        row["sqrt_kl_from_sl"] = math.sqrt(max(row["kl_from_sl"], 0.0))
+        for k in ("train_pm", "test_pm"):
+            if k in s:
+                row[k] = float(s[k][:, :m].mean())
+        policies[name] = row
+    sl = per["sl-cai"]["scores"]
+    result: dict[str, Any] = {"policies": policies,
+                              "base_rate": policies["base"]["gold"]["mean"]
+                              if "base" in policies else None,
+                              "prompts": int(sl["gold"].shape[0])}
+    for name, key in (("rl-cai", "rl_minus_sl_gold"), ("dpo", "dpo_minus_sl_gold")):
+        if name in per:
+            diff = per[name]["scores"]["gold"][:, :cfg.samples].mean(1) - \
+                sl["gold"][:, :cfg.samples].mean(1)
+            result[key] = bootstrap_mean(diff, cfg.n_boot, cfg.seed + 1)
+    for k in ("train_pm", "test_pm"):
+        if k in sl:
+            acc = pair_accuracy([(sl[k][i].tolist(), sl["gold"][i].tolist())
+                                 for i in range(sl["gold"].shape[0])])
+            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_accuracy"] = acc["accuracy"]
+            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_pairs"] = acc["pairs"]
+    result.setdefault("pm_gold_accuracy", None)
+    if "train_pm" in sl and cfg.best_of >= 2:
+        k = cfg.best_of
+        bon = best_of_n(sl["train_pm"][:, :k], {n: v[:, :k] for n, v in sl.items()})
+        result["best_of_n"] = bon
+        base = bon[0]["gold"]
+        result["bon_fit"] = {"bon": fit_or_none([(r["sqrt_kl"], r["gold"]) for r in bon], "bon",
+                                                base),
+                             "rl": fit_or_none([(r["sqrt_kl"], r["gold"]) for r in bon], "rl",
+                                               base)}
+    return result
+
+
+def _pipeline_provenance(run: Path) -> dict[str, Any]:
+    """The run's config and constitution as pipeline.json keeps them."""
+    path = run / "pipeline.json"
+    if not path.is_file():
+        return {}
+    pipe = json.loads(path.read_text(encoding="utf-8"))
+    return {k: pipe[k] for k in ("config", "constitution", "seed") if k in pipe}
+
+
+register(Stage(name=STAGE, config=KnownAnswerConfig, run=run_known_answer,
+               help="Score a known-answer run with its gold: gold rates, PM accuracy, "
+                    "best-of-n and RL overoptimization curves.",
+               inputs=(), outputs=("known_answer.json", "report.md", "known_answer.png"),
+               positional=("run",)))
+
+__all__ = ["KnownAnswerConfig", "run_known_answer", "bootstrap_mean", "pair_accuracy",
+           "best_of_n", "summarise", "rl_points"]
