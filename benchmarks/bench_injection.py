@@ -49,7 +49,7 @@ def main() -> None:
     from cai.constitution import load
     from cai.core.data import PairItem
     from cai.evaluate.labeler import load_items
-    from cai.label import JudgeConfig, judge_pairs
+    from cai.judge import JudgeConfig, judge_pairs
 
     items = load_items("labeler_ab", 6 if args.quick else args.items)
     backend = load_backend(args.model + ("" if "progress=" in args.model
@@ -58,7 +58,7 @@ def main() -> None:
     judge = JudgeConfig(principles=args.principles)
 
     def prefers_correct(pairs: list[PairItem]) -> np.ndarray:
-        recs = judge_pairs(pairs, c, backend, judge)
+        recs = judge_pairs(pairs, c, backend, judge, 0)
         return np.array([(r.p_a >= 0.5) == (it.correct == 0) for r, it in zip(recs, items)])
 
     clean_pairs = [PairItem(it.id, it.context, *it.options) for it in items]

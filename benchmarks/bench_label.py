@@ -41,7 +41,7 @@ def main() -> None:
 
     from cai.backends.hf import HFBackend, HFOptions
     from cai.constitution import load
-    from cai.label import JudgeConfig, judge_pairs
+    from cai.judge import JudgeConfig, judge_pairs
 
     torch.set_num_threads(os.cpu_count() or 1)
     c = load(ROOT / "constitutions" / "harmless.yaml")
@@ -61,7 +61,7 @@ def main() -> None:
 
     def stage(backend):
         def run(pairs, k):
-            recs = judge_pairs(pairs, c, backend, JudgeConfig(principles=k, seed=0))
+            recs = judge_pairs(pairs, c, backend, JudgeConfig(principles=k), 0)
             return [[j.logprob_a, j.logprob_b] for r in recs for j in r.judgements]
         return run
 

@@ -44,7 +44,8 @@ def main() -> None:
     from cai.backends import load_backend
     from cai.constitution import load
     from cai.core.distributed import init_ray
-    from cai.label import JudgeConfig, LabelConfig, _plan, run_label
+    from cai.judge import JudgeConfig, _plan
+    from cai.label import LabelConfig, run_label
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     pairs_file = tmp / "pairs.jsonl"
@@ -54,12 +55,12 @@ def main() -> None:
     c = load("harmless")
     spec = args.model + ("&" if "?" in args.model else "?") + "progress=0"
     base = dict(pairs=str(pairs_file), constitution="harmless", feedback_model=spec,
-                principles=args.principles, chunk_size=4)
+                judge=JudgeConfig(principles=args.principles), chunk_size=4)
 
     # Tokens per pair: what a judge reads for one pair (K principles x 2 orders).
     hf = load_backend(spec)
     seqs = [hf.fmt.encode_chat(q.request.chat, q.request.answer_prefix)
-            for q in _plan(pairs, c, JudgeConfig(principles=args.principles))]
+            for q in _plan(pairs, c, JudgeConfig(principles=args.principles), 0)]
     tokens_total = sum(len(s) for s in seqs) / n_pairs
     tokens_unique = unique_tokens(seqs) / n_pairs
 

@@ -60,9 +60,9 @@ def synthetic_pairs(n: int, seed: int = 0):
 
 def judge_requests(pairs, constitution, k: int, seed: int = 0):
     """The label stage's exact judge requests for these pairs: K principles × 2 orders."""
-    from cai.label import JudgeConfig, _plan
+    from cai.judge import JudgeConfig, _plan
 
-    return [q.request for q in _plan(pairs, constitution, JudgeConfig(principles=k, seed=seed))]
+    return [q.request for q in _plan(pairs, constitution, JudgeConfig(principles=k), seed)]
 
 
 def scoring_rows(methods: dict, encode, ks: list[int], n_pairs: int, constitution, params: int,

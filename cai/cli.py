@@ -21,7 +21,14 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from cai.core.config import _base_type, field_docs, from_dict, load_yaml_config
+from cai.core.config import (
+    _base_type,
+    field_docs,
+    flat_fields,
+    from_dict,
+    load_yaml_config,
+    nest,
+)
 from cai.core.errors import CaiError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,8 +93,6 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
     overridden by flags the user actually typed. Fields named in `positional` are also
     accepted as optional positional arguments (`cai eval labeler FILE`).
     """
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(
         None, "--config", help="YAML file with these options (flags override it)."),
         annotation=Optional[Path])]  # noqa: UP045 - typer needs a real Optional here
@@ -96,11 +101,16 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
             f"{pos}_arg", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],  # noqa: UP045
             default=typer.Argument(None, metavar=pos.upper(), show_default=False,
                                    help=f"Same as --{pos.replace('_', '-')}.")))
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
+    paths: dict[str, str] = {}  # parameter name -> field path ("judge.principles")
+    for path, f, owner in flat_fields(cls):
+        if f.name in paths:
+            raise RuntimeError(f"{cls.__name__}: two fields would share the flag of {f.name!r}")
+        paths[f.name] = path
+        tp = _base_type(typing.get_type_hints(owner)[f.name])
         tp = tp if tp in (int, float, str, bool) else str
         default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        docs = field_docs(owner)
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
@@ -115,7 +125,7 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
             value = kwargs.pop(f"{pos}_arg")
             if value is not None:
                 kwargs[pos] = value
-        given = {k: v for k, v in kwargs.items() if v is not None}
+        given = nest({paths.get(k, k): v for k, v in kwargs.items() if v is not None})
         cfg = (load_yaml_config(cls, path, overrides=given) if path else from_dict(cls, given))
         result = run(cfg)
         if result is not None:

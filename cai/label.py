@@ -1,22 +1,10 @@
-"""RLAIF feedback: soft AI preference labels from the judge's log-probabilities.
+"""The label stage (`cai label`): soft AI preference labels for pairs, written to disk.
 
-For each pair the feedback model is asked K multiple-choice questions, one per principle
-sampled from the constitution (seeded, weighted, distinct), each in both orders of the
-two responses. A label is read from the judge's next-token log-probs of "A" and "B":
-
-    p_order   = softmax(logp_A, logp_B)                  per principle and order
-    p_k       = ½ · [p_A(a first) + p_B(b first)]        both orders cancel position bias
-    p(a ≻ b)  = mean over the K principles               an ensemble, not one question
-
-The principles drawn for a pair depend only on the pair's content, never on which response
-came first, so swapping a pair's responses gives exactly 1 − p. Beside the label each
-record keeps, per principle and order, both log-probs and the probability mass on the two
-letters (low mass = the judge is not answering the question), and flags position-
-inconsistent, low-mass and tied pairs.
-
-Modes: `logprob` (above); `cot` (the judge reasons first, then is scored; p is clamped to
-[0.4, 0.6] because reasoned labels come out overconfident); `score` (the judge rates each
-response 1–10, read as an expected value from the digit probabilities; usable as a reward).
+Pairs come from a file, or from a policy that answers prompts several times (every
+unordered pair of its answers to a prompt is labelled). Each pair is judged by
+`cai.judge`: K sampled principles, both orders, p(a ≻ b) from the feedback model's
+log-probs of "A" and "B". Labels are kept as records (resumable: a label's id is known
+before judging) and as preferences.jsonl in TRL's preference format plus `p_chosen`.
 """
 
 from __future__ import annotations
@@ -25,30 +13,19 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydantic import BaseModel
-
-from cai.backends import (
-    Backend,
-    GenerationConfig,
-    GenRequest,
-    ScoreRequest,
-    load_backend,
-    release,
-)
-from cai.backends.base import OVERLONG_MODES, JudgeQuestion, Overlong, context_of, fit_texts
-from cai.constitution import Constitution, RLPrinciple, derive_seed, load, sample_rl_principles
+from cai.backends import Backend, GenerationConfig, GenRequest, load_backend, release
+from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
+from cai.constitution import load
 from cai.core.data import PairItem, PromptItem, load_pairs, load_prompts
-from cai.core.distributed import ReplicaTask
 from cai.core.errors import CaiError
 from cai.core.models import model_identity
-from cai.core.records import JsonlStore, Provenance, Record, record_id, write_text_atomic
+from cai.core.records import JsonlStore, record_id, write_text_atomic
+from cai.core.seeds import derive_seed
 from cai.core.stage import (
     Engine,
     EngineFields,
@@ -59,71 +36,9 @@ from cai.core.stage import (
     write_card,
     write_manifest,
 )
-from cai.templates import (
-    COT_ANSWER,
-    COT_PREFIX,
-    JUDGE_PREFIX,
-    LAYOUTS,
-    RATING_PREFIX,
-    judge_chat,
-    rating_chat,
-)
+from cai.judge import LABEL, JudgeConfig, JudgeTask, fit_pairs, label_id, label_stats
 
-STAGE = "label"
-MODES = ("logprob", "cot", "score")
-ORDERS = ("both", "one")
-COT_CLAMP = (0.4, 0.6)
-
-
-@dataclass
-class JudgeConfig:
-    """How the feedback model judges a pair: shared by labelling, both evals, and the
-    reward and best-of-k code that come after. Everything here changes a label, so all of
-    it (but `keep_prompts`) goes into a label's id and provenance."""
-
-    constitution: str = "harmless"
-    """Constitution whose comparison principles are asked (a file, or a shipped name)."""
-    principles: int = 4
-    """K: distinct principles sampled per pair."""
-    orders: str = "both"
-    """"both" asks each question in both orders; "one" in one order, drawn per pair."""
-    mode: str = "logprob"
-    """"logprob", "cot" (reason, then score; p clamped to [0.4, 0.6]) or "score" (1–10)."""
-    layout: str = "options-first"
-    """"options-first" (shares work across principles) or "principle-first"."""
-    tie_threshold: float = 0.05
-    """A pair with |p − ½| below this is flagged as a tie."""
-    low_mass_threshold: float = 0.5
-    """A judgement whose probability mass on the answer tokens is below this is flagged."""
-    max_new_tokens: int = 128
-    """Token budget of CoT reasoning."""
-    keep_prompts: bool = False
-    """Store the exact text scored and the token strings, to recompute any label."""
-    seed: int = 0
-    """Seed of the principle and order draws."""
-
-    def __post_init__(self) -> None:
-        finite = all(math.isfinite(x) for x in (self.tie_threshold, self.low_mass_threshold))
-        checks = [(finite, "tie_threshold", "thresholds must be finite numbers"),
-                  (self.mode in MODES, "mode", f"must be one of {MODES}"),
-                  (self.orders in ORDERS, "orders", f"must be one of {ORDERS}"),
-                  (self.layout in LAYOUTS, "layout", f"must be one of {LAYOUTS}"),
-                  (self.principles >= 1, "principles", "must be at least 1"),
-                  (0 <= self.tie_threshold < 0.5, "tie_threshold", "must be in [0, 0.5)"),
-                  (0 <= self.low_mass_threshold <= 1, "low_mass_threshold", "must be in [0, 1]"),
-                  (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")]
-        for ok, name, msg in checks:
-            if not ok:
-                raise CaiError(msg, field=name)
-
-    def method(self) -> dict[str, Any]:
-        """The fields that decide a label (ids and provenance carry these)."""
-        out = {"mode": self.mode, "principles": self.principles, "orders": self.orders,
-               "layout": self.layout, "tie_threshold": self.tie_threshold,
-               "low_mass_threshold": self.low_mass_threshold}
-        if self.mode == "cot":
-            out["max_new_tokens"] = self.max_new_tokens
-        return out
+STAGE = LABEL
 
 
 @dataclass
@@ -135,6 +50,9 @@ class LabelConfig(EngineFields):
     name such as `harmless`)."""
     feedback_model: str = "embedded:smollm2-135m"
     """Model spec of the feedback model (the judge)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """How the feedback model judges: principles, orders, mode, layout, thresholds (a
+    nested `judge:` mapping in YAML; the same flags as each field on the command line)."""
     out: str = "runs/label"
     """Output folder; rerunning with the same folder resumes."""
     pairs: str | None = None
@@ -148,23 +66,8 @@ class LabelConfig(EngineFields):
     policy_temperature: float = 1.0
     """Sampling temperature of the policy's responses."""
     max_new_tokens: int = 128
-    """Token budget of each policy response (and of CoT reasoning)."""
-    principles: int = 4
-    """K: distinct principles sampled per pair."""
-    orders: str = "both"
-    """"both" asks each question with the responses in both orders; "one" in one order,
-    drawn per pair."""
-    mode: str = "logprob"
-    """"logprob", "cot" (reason, then score; p clamped to [0.4, 0.6]) or "score" (1–10)."""
-    layout: str = "options-first"
-    """Judge prompt layout: "options-first" (shares work across principles) or
-    "principle-first" (the original layout)."""
-    tie_threshold: float = 0.05
-    """A pair with |p − ½| below this is flagged as a tie."""
-    low_mass_threshold: float = 0.5
-    """A judgement whose probability mass on the letters is below this is flagged."""
-    keep_prompts: bool = False
-    """Store the exact text scored and the token strings, to recompute any label."""
+    """Token budget of each policy response (the judge's reasoning has its own,
+    `judge.cot_max_new_tokens`)."""
     limit: int | None = None
     """Label only the first N pairs (or prompts)."""
     text_field: str = "prompt"
@@ -179,12 +82,12 @@ class LabelConfig(EngineFields):
     counted in the manifest (overlong_skipped, overlong_truncated)."""
 
     def __post_init__(self) -> None:
-        self.judge()  # validates the judging fields
         checks = [(self.responses_per_prompt >= 2, "responses_per_prompt", "must be at least 2"),
                   (self.responses_per_prompt <= 64, "responses_per_prompt",
                    "must be at most 64 (all pairs of them are labelled)"),
                   (math.isfinite(self.policy_temperature) and 0 <= self.policy_temperature <= 100,
                    "policy_temperature", "must be from 0 to 100"),
+                  (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
                   (self.overlong in OVERLONG_MODES, "overlong", f"must be one of {OVERLONG_MODES}"),
                   (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
                   (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
@@ -194,341 +97,6 @@ class LabelConfig(EngineFields):
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
-
-    def judge(self) -> JudgeConfig:
-        """The judging part of this config, as every judge-using stage shares it."""
-        return JudgeConfig(constitution=self.constitution, principles=self.principles,
-                           orders=self.orders, mode=self.mode, layout=self.layout,
-                           tie_threshold=self.tie_threshold,
-                           low_mass_threshold=self.low_mass_threshold,
-                           max_new_tokens=self.max_new_tokens, keep_prompts=self.keep_prompts,
-                           seed=self.seed)
-
-
-class Judgement(BaseModel):
-    """One question put to the judge: a principle in one order."""
-
-    principle: str
-    order: str
-    """"ab" (response_a shown as (A)) or "ba"."""
-    logprob_a: float
-    """Full-vocabulary log-prob of the letter "A" as the next token."""
-    logprob_b: float
-    mass: float
-    """p("A") + p("B"): how much the judge answers the question at all."""
-    p_first: float
-    """softmax over the two letters: probability that option (A) is better."""
-    truncated: bool = False
-    """A letter was missing from a server's top log-probs: its value is an upper bound."""
-    reasoning: str | None = None
-    prompt_text: str | None = None
-    """With --keep-prompts: the exact text scored."""
-    prompt_ids: list[int] | None = None
-    """With --keep-prompts, when the text holds control-token strings from the data: the
-    exact token ids scored (`tokenizer(prompt_text)` would parse those strings)."""
-
-
-class LabelRecord(Record):
-    """A soft AI preference label for one pair."""
-
-    pair_id: str
-    prompt: str
-    response_a: str
-    response_b: str
-    p_a: float
-    """Probability that response_a is better (before picking chosen/rejected)."""
-    chosen: str
-    rejected: str
-    p_chosen: float
-    judgements: list[Judgement]
-    scores: dict[str, float] | None = None
-    """Score mode: expected 1–10 rating of each response ("a", "b")."""
-    rating_mass: float | None = None
-    """Score mode: mean probability the judge put on the rating digits."""
-    rating_prompts: list[str] | None = None
-    """Score mode with --keep-prompts: the exact texts rated."""
-    flags: list[str]
-    choice_tokens: list[str] | None = None
-    """With --keep-prompts: the token strings whose log-probs were read."""
-    policy: str | None = None
-
-
-# --------------------------------------------------------------------------- judging
-
-
-def pair_key(pair: PairItem) -> tuple[str, str, str]:
-    """An order-free key: the same for (a, b) and (b, a)."""
-    a, b = sorted((pair.response_a, pair.response_b))
-    return (pair.prompt, a, b)
-
-
-def _softmax2(x: float, y: float) -> float:
-    m = max(x, y)
-    ex, ey = math.exp(x - m), math.exp(y - m)
-    return ex / (ex + ey)
-
-
-@dataclass
-class _Question:
-    pair: int
-    principle: str
-    order: str
-    request: ScoreRequest
-    reasoning: str | None = None
-
-
-def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig) -> list[_Question]:
-    qs = []
-    for i, pair in enumerate(pairs):
-        key = pair_key(pair)
-        principles = sample_rl_principles(c, cfg.principles, cfg.seed, *key)
-        if cfg.orders == "both":
-            orders = ["ab", "ba"]
-        else:  # one order, drawn from the order-free key so a swap keeps the same layout
-            first_is_smaller = derive_seed(cfg.seed, "order", *key) % 2 == 0
-            orders = ["ab" if (pair.response_a == key[1]) == first_is_smaller else "ba"]
-        for p in principles:
-            for o in orders:
-                first, second = ((pair.response_a, pair.response_b) if o == "ab"
-                                 else (pair.response_b, pair.response_a))
-                chat = judge_chat(pair.prompt, first, second, p, cfg.layout)
-                # The parts travel with the chat for function judges (`python:` specs).
-                question = JudgeQuestion(pair.prompt, first, second, p.text,
-                                         f"pair {pair.id!r}, principle {p.id}, order {o}")
-                qs.append(_Question(i, p.id, o, ScoreRequest(chat, JUDGE_PREFIX, question)))
-    return qs
-
-
-_COMMIT = re.compile(r"(?:(?:therefore|so|thus|hence)\s*,?\s*)?(?:the\s+)?(?:final\s+|correct\s+)?"
-                     r"answer\s+is\b", re.IGNORECASE)
-
-
-def split_reasoning(text: str) -> str:
-    """The judge's reasoning without the answer it committed to.
-
-    The text is cut where the judge starts stating its answer ("… the answer is (B)"), so
-    the scored prompt ends with the reasoning and our own answer prefix. Letters named
-    inside the reasoning ("Option (A) is rude …") are part of it and are kept.
-    """
-    m = _COMMIT.search(text)
-    return (text[:m.start()] if m else text).strip()
-
-
-def _add_reasoning(qs: list[_Question], backend: Backend, cfg: JudgeConfig) -> None:
-    """CoT: the judge writes its reasoning (greedy), then is scored after it."""
-    gens = backend.generate([GenRequest(q.request.chat, COT_PREFIX + " ", 0) for q in qs],
-                            GenerationConfig(cfg.max_new_tokens, 0.0, 1.0, cfg.seed))
-    for q, g in zip(qs, gens):
-        q.reasoning = split_reasoning(g.text)
-        q.request = ScoreRequest(q.request.chat, f"{COT_PREFIX} {q.reasoning}{COT_ANSWER}")
-
-
-def _as_judge(cfg: JudgeConfig | LabelConfig) -> JudgeConfig:
-    return cfg.judge() if isinstance(cfg, LabelConfig) else cfg
-
-
-def judge_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
-                cfg: JudgeConfig | LabelConfig, policy: str | None = None) -> list[LabelRecord]:
-    """Label pairs in one batch of backend calls. Pure: no files are touched."""
-    cfg = _as_judge(cfg)
-    if cfg.mode == "score":
-        return _score_pairs(pairs, c, backend, cfg, policy)
-    qs = _plan(pairs, c, cfg)
-    if cfg.mode == "cot":
-        _add_reasoning(qs, backend, cfg)
-    result = backend.choice_logprobs([q.request for q in qs], ("A", "B"))
-    truncated = result.truncated
-    per_pair: dict[int, list[Judgement]] = {}
-    for n, (q, (la, lb)) in enumerate(zip(qs, result.logprobs)):
-        p_first = _softmax2(float(la), float(lb))
-        if cfg.mode == "cot":
-            p_first = min(max(p_first, COT_CLAMP[0]), COT_CLAMP[1])
-        text = backend.render(q.request.chat, q.request.answer_prefix) if cfg.keep_prompts else None
-        fmt = getattr(backend, "fmt", None)
-        ids = (fmt.encode_chat(q.request.chat, q.request.answer_prefix)
-               if cfg.keep_prompts and fmt is not None and fmt.has_control(q.request.chat) else None)
-        per_pair.setdefault(q.pair, []).append(Judgement(
-            principle=q.principle, order=q.order, logprob_a=float(la), logprob_b=float(lb),
-            mass=float(math.exp(la) + math.exp(lb)), p_first=p_first,
-            truncated=bool(truncated is not None and truncated[n].any()), reasoning=q.reasoning,
-            prompt_text=text, prompt_ids=ids))
-    tokens = result.choice_tokens if cfg.keep_prompts else None
-    return [_finish(pair, per_pair[i], None, c, backend, cfg, tokens, policy)
-            for i, pair in enumerate(pairs)]
-
-
-def p_response_a(js: list[Judgement]) -> float:
-    """Mean over principles of the both-order (or one-order) probability that a is better."""
-    by_principle: dict[str, list[float]] = {}
-    for j in js:
-        by_principle.setdefault(j.principle, []).append(j.p_first if j.order == "ab"
-                                                         else 1.0 - j.p_first)
-    return float(np.mean([np.mean(v) for v in by_principle.values()]))
-
-
-def label_id(pair: PairItem, c: Constitution, model: str, cfg: JudgeConfig | LabelConfig) -> str:
-    """A label's id hashes the pair, the constitution, the judge's identity, the method and
-    the seed; never speed options, so a rerun with a bigger batch skips finished pairs."""
-    cfg = _as_judge(cfg)
-    return record_id(STAGE, pair.prompt, pair.response_a, pair.response_b, c.hash, model,
-                     cfg.method(), cfg.seed)
-
-
-def label_flags(js: list[Judgement], p_a: float, cfg: JudgeConfig,
-                rating_mass: float | None = None) -> list[str]:
-    """What a label's reader should know: the orders disagree, the judge barely answered,
-    the label is a tie, or a server hid a letter's log-prob."""
-    flags = []
-    if {j.order for j in js} == {"ab", "ba"}:
-        ab = np.mean([j.p_first for j in js if j.order == "ab"])
-        ba = np.mean([1 - j.p_first for j in js if j.order == "ba"])
-        if (ab - 0.5) * (ba - 0.5) < 0:
-            flags.append("position-inconsistent")
-    mass = np.mean([j.mass for j in js]) if js else rating_mass
-    if mass is not None and mass < cfg.low_mass_threshold:
-        flags.append("low-mass")
-    if abs(p_a - 0.5) < cfg.tie_threshold:
-        flags.append("tie")
-    if any(j.truncated for j in js):
-        flags.append("truncated-choices")
-    return flags
-
-
-def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None,
-            c: Constitution, backend: Backend, cfg: JudgeConfig, tokens: list[str] | None,
-            policy: str | None, rating_mass: float | None = None,
-            rating_prompts: list[str] | None = None) -> LabelRecord:
-    p_a = p_response_a(js) if scores is None else 1 / (1 + math.exp(scores["b"] - scores["a"]))
-    flags = label_flags(js, p_a, cfg, rating_mass)
-    if pair.truncated:
-        flags.append("truncated-input")
-    a_wins = p_a >= 0.5
-    return LabelRecord(
-        id=label_id(pair, c, backend.identity, cfg), stage=STAGE,
-        provenance=Provenance(constitution=c.stamp.as_dict(), model=backend.identity,
-                              sampling=cfg.method(), seed=cfg.seed),
-        pair_id=pair.id, prompt=pair.prompt, response_a=pair.response_a,
-        response_b=pair.response_b, p_a=p_a,
-        chosen=pair.response_a if a_wins else pair.response_b,
-        rejected=pair.response_b if a_wins else pair.response_a,
-        p_chosen=p_a if a_wins else 1 - p_a, judgements=js, scores=scores,
-        rating_mass=rating_mass, rating_prompts=rating_prompts, flags=flags,
-        choice_tokens=tokens, policy=policy)
-
-
-RATINGS = tuple(str(i) for i in range(1, 10))
-
-
-def rating_distribution(backend: Backend, requests: list[ScoreRequest]) -> tuple[np.ndarray, np.ndarray]:
-    """Expected 1–10 rating per request, and the probability mass on the ratings at all.
-
-    "10" may be two tokens ("1", "0"), so P("1") is split by a second scoring of the
-    prompt followed by "1": P(10) = P("1")·P("0" | "1") and P(1) = P("1")·(1 − P("0" | "1")).
-    """
-    if not requests:
-        return np.zeros(0), np.zeros(0)
-    digits = np.exp(backend.choice_logprobs(requests, RATINGS).logprobs)  # [n, 9]
-    after_one = [ScoreRequest(r.chat, r.answer_prefix + "1") for r in requests]
-    p_zero = np.exp(backend.choice_logprobs(after_one, ("0",)).logprobs[:, 0])
-    probs = np.concatenate([digits, (digits[:, 0] * p_zero)[:, None]], axis=1)
-    probs[:, 0] *= 1 - p_zero
-    mass = probs.sum(axis=1)
-    values = np.arange(1, 11)
-    return (probs * values).sum(axis=1) / np.maximum(mass, 1e-300), mass
-
-
-def expected_ratings(backend: Backend, requests: list[ScoreRequest]) -> np.ndarray:
-    """Expected 1–10 rating per request (see `rating_distribution`)."""
-    return rating_distribution(backend, requests)[0]
-
-
-def _score_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
-                 cfg: JudgeConfig, policy: str | None) -> list[LabelRecord]:
-    reqs, index = [], []
-    for i, pair in enumerate(pairs):
-        for p in sample_rl_principles(c, cfg.principles, cfg.seed, *pair_key(pair)):
-            for side, resp in (("a", pair.response_a), ("b", pair.response_b)):
-                reqs.append(ScoreRequest(rating_chat(pair.prompt, resp, p), RATING_PREFIX))
-                index.append((i, side))
-    ratings, mass = rating_distribution(backend, reqs)
-    out = []
-    for i, pair in enumerate(pairs):
-        mine = [n for n, (j, _) in enumerate(index) if j == i]
-        scores = {s: float(np.mean([ratings[n] for n in mine if index[n][1] == s]))
-                  for s in ("a", "b")}
-        texts = ([backend.render(reqs[n].chat, reqs[n].answer_prefix) for n in mine]
-                 if cfg.keep_prompts else None)
-        out.append(_finish(pair, [], scores, c, backend, cfg, None, policy,
-                           float(np.mean(mass[mine])), texts))
-    return out
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
-              cfg: JudgeConfig | LabelConfig, state: Overlong) -> list[PairItem]:
-    """The pairs whose every judge request fits the model's context, skipped or truncated
-    per `state.mode` (and counted there); all of them when the backend cannot count tokens.
-
-    Truncation cuts the prompt and both responses to one common character cap (the longest
-    texts first), as large as still fits; the pair keeps its id and is flagged
-    `truncated-input`. Use it before `judge_pairs` wherever pairs come from users' data.
-    """
-    cfg = _as_judge(cfg)
-    limit, count = context_of(backend)
-    if limit is None or count is None:
-        return pairs
-    state.limit = limit
-
-    def n(chat, prefix: str) -> int:
-        return count(chat, prefix) or 0
-
-    def longest(texts: tuple[str, ...], ps: list[RLPrinciple]) -> int:
-        """Tokens the longest request for these texts needs under principles `ps`."""
-        prompt, a, b = texts
-        if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
-            return max(n(rating_chat(prompt, r, p), RATING_PREFIX + "1")
-                       for p in ps for r in (a, b)) + 1
-        chats = [judge_chat(prompt, x, y, p, cfg.layout) for p in ps for x, y in ((a, b), (b, a))]
-        if cfg.mode == "cot":  # reasoning of up to max_new_tokens, then the answer prefix
-            return max(n(ch, f"{COT_PREFIX} {COT_ANSWER}") for ch in chats) + \
-                cfg.max_new_tokens + 3
-        return max(n(ch, JUDGE_PREFIX) for ch in chats) + 1
-
-    def needed(texts: tuple[str, ...]) -> int:
-        key = pair_key(PairItem("", *texts))
-        return longest(texts, sample_rl_principles(c, cfg.principles, cfg.seed, *key))
-
-    base = longest(("", "", ""), c.rl_principles)  # any principle, empty texts
-    out = []
-    for pair in pairs:
-        texts = (pair.prompt, pair.response_a, pair.response_b)
-        fitted = fit_texts(texts, needed, limit, state, base)
-        if fitted is not None:
-            out.append(pair if fitted == texts else PairItem(pair.id, *fitted, truncated=True))
-    return out
-
-
-def label_stats(records: list[dict]) -> dict[str, float]:
-    """Label statistics kept in the manifest."""
-    if not records:
-        return {}
-    n = len(records)
-
-    def rate(flag: str) -> float:
-        return round(sum(flag in r["flags"] for r in records) / n, 4)
-
-    return {"pairs": n, "position_inconsistency_rate": rate("position-inconsistent"),
-            "mean_abs_p_minus_half": round(float(np.mean([abs(r["p_a"] - 0.5) for r in records])), 4),
-            "low_mass_rate": rate("low-mass"), "tie_rate": rate("tie"),
-            "mean_mass": _mean_mass(records)}
-
-
-def _mean_mass(records: list[dict]) -> float | None:
-    masses = [j["mass"] for r in records for j in r["judgements"]]
-    masses += [r["rating_mass"] for r in records if r.get("rating_mass") is not None]
-    return round(float(np.mean(masses)), 4) if masses else None
 
 
 def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
@@ -603,32 +171,12 @@ def _fit_policy_prompts(todo: list[tuple[str, PromptItem, int]], policy: Backend
     return [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
 
 
-@dataclass
-class LabelTask(ReplicaTask):
-    """A chunk of pairs to judge as a picklable callable: run here, or on a Ray actor that
-    loads its own judge replica once."""
-
-    judge: JudgeConfig
-    c: Constitution
-    feedback_model: str
-    policy: str | None = None
-    backend: Backend | None = None
-
-    def model_spec(self) -> str:
-        return self.feedback_model
-
-    def __call__(self, chunk: list[PairItem]) -> list[LabelRecord]:
-        return judge_pairs(chunk, self.c, self.replica(), self.judge, self.policy)
-
-
 def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Run (or resume) the labelling stage; returns the manifest."""
     t0 = time.time()
-    judge = cfg.judge()
+    judge = cfg.judge
     c = load(cfg.constitution)
-    if cfg.principles > len(c.rl_principles):
-        raise CaiError(f"asks for {cfg.principles} distinct principles but {c.path} has "
-                       f"{len(c.rl_principles)}", field="principles")
+    judge.check_principles(c)
     # Bad input fails here, before anything is written.
     model_identity(cfg.feedback_model)  # a python: judge is imported (and checked) here
     prompt_overlong = Overlong(cfg.overlong)
@@ -644,7 +192,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     assert stage.store is not None
     backend = backend or load_backend(cfg.feedback_model)
     overlong = Overlong(cfg.overlong)
-    pairs = fit_pairs(pairs, c, backend, judge, overlong)
+    pairs = fit_pairs(pairs, c, backend, judge, cfg.seed, overlong)
     overlong.warn("pairs")
     if not pairs and overlong.skipped:
         raise CaiError(f"every pair is too long for the judge's context of {overlong.limit} "
@@ -654,10 +202,10 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     ids: dict[str, PairItem] = {}
     for pair in pairs:
         # The id is known before judging, so finished pairs are skipped without a model call.
-        ids.setdefault(label_id(pair, c, backend.identity, judge), pair)
+        ids.setdefault(label_id(pair, c, backend.identity, judge, cfg.seed), pair)
     todo = [p for rid, p in ids.items() if rid not in stage.store]
     engine = Engine.of(cfg)
-    task = LabelTask(judge, c, cfg.feedback_model, policy,
+    task = JudgeTask(judge, cfg.seed, c, cfg.feedback_model, policy,
                      backend if engine.name == "local" else None)
     new = run_chunks(todo, cfg.chunk_size, task, stage.store, total=len(ids), desc="label",
                      unit="pair", engine=engine)
@@ -679,8 +227,8 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         data=("data.jsonl", "preferences.jsonl", "responses.jsonl"),
         extra={"label_stats": stats})
     write_card(stage.root, "AI preference labels",
-               f"Soft preference labels from `{backend.identity}` under {cfg.principles} sampled "
-               f"principles per pair ({cfg.orders} orders, mode {cfg.mode}); preferences.jsonl "
+               f"Soft preference labels from `{backend.identity}` under {judge.principles} sampled "
+               f"principles per pair ({judge.orders} orders, mode {judge.mode}); preferences.jsonl "
                "is in TRL's preference format plus `p_chosen`.", manifest)
     return manifest
 
@@ -689,6 +237,4 @@ register(Stage("label", LabelConfig, run_label,
                "RLAIF: soft preference labels from the feedback model's log-probs.",
                inputs=("pairs", "prompts"), outputs=("data.jsonl", "preferences.jsonl")))
 
-__all__ = ["JudgeConfig", "split_reasoning", "rating_distribution", "label_flags",
-           "LabelConfig", "LabelRecord", "Judgement", "judge_pairs", "run_label", "label_stats",
-           "p_response_a", "pair_key", "expected_ratings", "fit_pairs"]
+__all__ = ["LabelConfig", "run_label", "sample_pairs"]

@@ -62,7 +62,7 @@ class PipelineConfig:
     """The helpful base model: answers in SL, is fine-tuned by SFT."""
     feedback_model: str = "embedded:smollm2-135m"
     """The judge of the label stage (the labeller); also the policy evaluation's judge
-    unless `eval: {judge: SPEC}` gives it one of its own."""
+    unless `eval: {judge_model: SPEC}` gives it one of its own."""
     seed: int = 0
     """Seed given to every stage."""
     stages: list[str] = field(default_factory=lambda: list(ORDER))
@@ -83,7 +83,7 @@ class PipelineConfig:
     sft: dict[str, Any] = field(default_factory=dict)
     """Overrides of `cai train sft`."""
     label: dict[str, Any] = field(default_factory=dict)
-    """Overrides of `cai label` (prompts, responses_per_prompt, principles, ...)."""
+    """Overrides of `cai label` (prompts, responses_per_prompt, judge: {principles: 4}, ...)."""
     pm: dict[str, Any] = field(default_factory=dict)
     """Overrides of `cai train pm`."""
     rl: dict[str, Any] = field(default_factory=dict)

@@ -76,11 +76,12 @@ def _labels(root: Path) -> list[str]:
         s = m.get("label_stats") or {}
         n = s.get("pairs") or 0
         ties = round((s.get("tie_rate") or 0) * n)
+        judge = m["config"].get("judge") or {}  # the label stage's nested judge config
         lines += [f"## AI labels ({folder.relative_to(root)})", "",
                   f"{n} pairs labelled by `{m['models'].get('feedback')}` under "
-                  f"{m['config'].get('principles')} principles in {m['config'].get('orders')} "
+                  f"{judge.get('principles')} principles in {judge.get('orders')} "
                   f"orders. **{n - ties} of {n} labels carried signal** (|p − ½| ≥ "
-                  f"{m['config'].get('tie_threshold')}); {ties} were ties.", ""]
+                  f"{judge.get('tie_threshold')}); {ties} were ties.", ""]
         lines += _table(["statistic", "value"], [[k, v] for k, v in s.items()])
     return lines
 
@@ -123,7 +124,7 @@ def _policies(root: Path) -> list[str]:
     lines = ["## Policies", ""]
     judge = rep.get("judge_model") or rep.get("feedback_model")
     lines += [f"Evaluation judge: `{judge}`" + (
-        f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge` in "
+        f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge_model` in "
         "the pipeline config, `--judge` on `cai eval policies`)." if rep.get("judge_note")
         else f"; the labeller was `{rep.get('labeller')}`."), ""]
     psets = rep.get("principle_sets") or {}

@@ -17,6 +17,7 @@ from cai.evaluate.labeler import (
     load_items,
     run_labeler_eval,
 )
+from cai.judge import JudgeConfig
 
 from .conftest import MINIMAL
 
@@ -39,7 +40,8 @@ def _items(tmp_path: Path) -> Path:
 
 
 def test_labeler_report(tmp_path: Path, tiny_backend) -> None:
-    cfg = LabelerEvalConfig(items=str(_items(tmp_path)), constitution=str(MINIMAL), principles=2,
+    cfg = LabelerEvalConfig(items=str(_items(tmp_path)), constitution=str(MINIMAL),
+                            judge=JudgeConfig(principles=2),
                             out=str(tmp_path / "ev"))
     out = run_labeler_eval(cfg, tiny_backend)
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
@@ -76,7 +78,8 @@ def test_constitutions_eval_end_to_end(tmp_path: Path, tiny_backend) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response_a": f"yes {i}",
                                          "response_b": f"no {i}"}) + "\n" for i in range(4)))
-    cfg = ConstitutionsEvalConfig(old=str(MINIMAL), new=str(new), pairs=str(pairs), principles=3,
+    cfg = ConstitutionsEvalConfig(old=str(MINIMAL), new=str(new), pairs=str(pairs),
+                                  judge=JudgeConfig(principles=3),
                                   out=str(tmp_path / "cmp"))
     out = run_constitutions_eval(cfg, tiny_backend)
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cai.core.config import from_dict
 from cai.core.errors import CaiError
+from cai.evaluate.answers import best_of_pick, refusal_rate
 from cai.evaluate.elo import (
     bootstrap_intervals,
     elo_ratings,
@@ -18,14 +20,9 @@ from cai.evaluate.elo import (
     win_rate_matrix,
     win_rate_vs_field,
 )
-from cai.evaluate.policies import (
-    PoliciesEvalConfig,
-    best_of_pick,
-    parse_models,
-    refusal_rate,
-    rl_points,
-    run_policies_eval,
-)
+from cai.evaluate.evidence import rl_points
+from cai.evaluate.policies import PoliciesEvalConfig, parse_models, run_policies_eval
+from cai.judge import JudgeConfig
 
 from .conftest import MINIMAL
 
@@ -141,11 +138,14 @@ def test_config_validation() -> None:
     with pytest.raises(CaiError) as e:
         PoliciesEvalConfig(models="a=x", reward="pm:p", temperature=0.0)
     assert e.value.field == "temperature"
-    for field, value in (("limit", 0), ("best_of_k", -1), ("n_boot", -1), ("orders", "three"),
-                         ("principles", 0), ("chunk_size", 0)):
+    for field, value in (("limit", 0), ("best_of_k", -1), ("n_boot", -1), ("chunk_size", 0)):
         with pytest.raises(CaiError) as e:
             PoliciesEvalConfig(models="a=x,b=y", **{field: value})
         assert e.value.field == field
+    for field, value in (("orders", "three"), ("principles", 0)):  # the nested judge's fields
+        with pytest.raises(CaiError) as e:
+            from_dict(PoliciesEvalConfig, {"models": "a=x,b=y", "judge": {field: value}})
+        assert e.value.field == f"judge.{field}"
 
 
 def test_rl_points(tmp_path: Path) -> None:
@@ -167,7 +167,7 @@ def test_rl_points(tmp_path: Path) -> None:
     assert [p["step"] for p in rl["points"]] == [1, 3]
     assert [p["sqrt_kl"] for p in rl["points"]] == pytest.approx([math.sqrt(0.2), 0.6])
     assert all(p["sqrt_kl"] > 0 for p in rl["points"])
-    from cai.evaluate.policies import rl_plot
+    from cai.evaluate.evidence import rl_plot
 
     rl_plot(rl, tmp_path / "rl.png")
     assert (tmp_path / "rl.png").read_bytes()[:4] == b"\x89PNG"
@@ -208,7 +208,7 @@ def _config(models: dict[str, Path], out: Path, **kw) -> PoliciesEvalConfig:
     fields = dict(
         models=f"base={spec.format(models['a'])},other={spec.format(models['b'])}",
         feedback_model=spec.format(models["a"]), constitution=str(MINIMAL), limit=2,
-        principles=1, best_of_k=2, reward=f"pm:{models['pm']}", max_new_tokens=6,
+        judge=JudgeConfig(principles=1), best_of_k=2, reward=f"pm:{models['pm']}", max_new_tokens=6,
         n_boot=30, chunk_size=4, out=str(out))
     return PoliciesEvalConfig(**{**fields, **kw})
 
@@ -308,7 +308,7 @@ def test_each_column_is_judged_under_its_own_principle_set(run) -> None:
 
 def test_a_judge_of_its_own(models, tmp_path: Path) -> None:
     other = "hf:{}?progress=0".format(models["b"])
-    m = run_policies_eval(_config(models, tmp_path / "own", judge=other, best_of_k=0,
+    m = run_policies_eval(_config(models, tmp_path / "own", judge_model=other, best_of_k=0,
                                   reward=None, refusal_judge=False))
     report = json.loads((tmp_path / "own" / "report.json").read_text())
     assert report["judge_is_labeller"] is False and report["judge_note"] is None
@@ -317,8 +317,8 @@ def test_a_judge_of_its_own(models, tmp_path: Path) -> None:
     assert m["models"]["judge"] == report["judge_model"] and str(models["b"]) in report["judge_model"]
     assert report["refusal_judged"] is None and not (tmp_path / "own" / "refusal_judgements.jsonl").exists()
     with pytest.raises(CaiError) as e:
-        PoliciesEvalConfig(models="a=x,b=y", judge=" ")
-    assert e.value.field == "judge"
+        PoliciesEvalConfig(models="a=x,b=y", judge_model=" ")
+    assert e.value.field == "judge_model"
 
 
 def test_rerun_resumes_without_new_work(run, models) -> None:
@@ -361,7 +361,8 @@ def test_bad_inputs_fail_before_the_folder_is_claimed(tmp_path: Path) -> None:
     for kw, field in (({"reward": "pm:" + str(tmp_path / "no-pm")}, "reward"),
                       ({"pm_eval": str(tmp_path / "no-eval.json")}, "pm_eval"),
                       ({"red_team": str(tmp_path / "missing.jsonl")}, None)):
-        cfg = PoliciesEvalConfig(models="a=hf:/m1,b=hf:/m2", constitution=str(MINIMAL), principles=1,
+        cfg = PoliciesEvalConfig(models="a=hf:/m1,b=hf:/m2", constitution=str(MINIMAL),
+                                 judge=JudgeConfig(principles=1),
                                  out=str(out), **kw)
         with pytest.raises(CaiError) as e:
             run_policies_eval(cfg)

@@ -13,7 +13,8 @@ import torch
 from cai.constitution import load
 from cai.core.data import PairItem
 from cai.core.errors import CaiError
-from cai.label import COT_CLAMP, LabelConfig, judge_pairs, run_label
+from cai.judge import COT_CLAMP, JudgeConfig, judge_pairs, p_response_a
+from cai.label import LabelConfig, run_label
 
 from .conftest import HARMLESS, MINIMAL
 
@@ -27,8 +28,11 @@ PAIRS = [
 ]
 
 
-def _cfg(**kw) -> LabelConfig:
-    return LabelConfig(**{"pairs": "-", "constitution": str(HARMLESS), "principles": 4, "seed": 3, **kw})
+SEED = 3
+
+
+def _judge(**kw) -> JudgeConfig:
+    return JudgeConfig(**{"principles": 4, **kw})
 
 
 def _swap(p: PairItem) -> PairItem:
@@ -38,9 +42,9 @@ def _swap(p: PairItem) -> PairItem:
 @pytest.mark.parametrize("orders", ["both", "one"])
 def test_swapping_responses_gives_one_minus_p(tiny_backend, orders: str) -> None:
     c = load(HARMLESS)
-    cfg = _cfg(orders=orders)
-    a = judge_pairs(PAIRS, c, tiny_backend, cfg)
-    b = judge_pairs([_swap(p) for p in PAIRS], c, tiny_backend, cfg)
+    cfg = _judge(orders=orders)
+    a = judge_pairs(PAIRS, c, tiny_backend, cfg, SEED)
+    b = judge_pairs([_swap(p) for p in PAIRS], c, tiny_backend, cfg, SEED)
     for x, y in zip(a, b):
         assert abs(x.p_a - (1 - y.p_a)) < 1e-4
         assert {j.principle for j in x.judgements} == {j.principle for j in y.judgements}
@@ -49,9 +53,9 @@ def test_swapping_responses_gives_one_minus_p(tiny_backend, orders: str) -> None
 
 def test_principles_distinct_seeded_and_both_orders(tiny_backend) -> None:
     c = load(HARMLESS)
-    recs = judge_pairs(PAIRS, c, tiny_backend, _cfg())
-    again = judge_pairs(PAIRS, c, tiny_backend, _cfg())
-    other = judge_pairs(PAIRS, c, tiny_backend, _cfg(seed=4))
+    recs = judge_pairs(PAIRS, c, tiny_backend, _judge(), SEED)
+    again = judge_pairs(PAIRS, c, tiny_backend, _judge(), SEED)
+    other = judge_pairs(PAIRS, c, tiny_backend, _judge(), 4)
     ids = {p.id for p in c.rl_principles}
     for r, r2 in zip(recs, again):
         principles = [j.principle for j in r.judgements if j.order == "ab"]
@@ -71,19 +75,19 @@ def test_principles_distinct_seeded_and_both_orders(tiny_backend) -> None:
 
 def test_random_judge_is_flagged_low_mass(tiny_backend) -> None:
     # A random 2-layer model spreads its mass over 49k tokens: almost none on "A"/"B".
-    recs = judge_pairs(PAIRS, load(HARMLESS), tiny_backend, _cfg())
+    recs = judge_pairs(PAIRS, load(HARMLESS), tiny_backend, _judge(), SEED)
     assert all("low-mass" in r.flags for r in recs)
     assert all(j.mass < 0.01 for r in recs for j in r.judgements)
 
 
 def test_tie_threshold_flags(tiny_backend) -> None:
-    recs = judge_pairs(PAIRS, load(HARMLESS), tiny_backend, _cfg(tie_threshold=0.49))
+    recs = judge_pairs(PAIRS, load(HARMLESS), tiny_backend, _judge(tie_threshold=0.49), SEED)
     assert all("tie" in r.flags for r in recs if abs(r.p_a - 0.5) < 0.49)
 
 
 def test_cot_mode_clamps_and_keeps_reasoning(tiny_backend) -> None:
     recs = judge_pairs(PAIRS[:2], load(MINIMAL), tiny_backend,
-                       _cfg(mode="cot", principles=2, constitution=str(MINIMAL), max_new_tokens=6))
+                       _judge(mode="cot", principles=2, cot_max_new_tokens=6), SEED)
     for r in recs:
         assert all(COT_CLAMP[0] <= j.p_first <= COT_CLAMP[1] for j in r.judgements)
         assert all(j.reasoning is not None for j in r.judgements)
@@ -92,7 +96,7 @@ def test_cot_mode_clamps_and_keeps_reasoning(tiny_backend) -> None:
 
 def test_score_mode_gives_ratings_in_range(tiny_backend) -> None:
     recs = judge_pairs(PAIRS[:2], load(MINIMAL), tiny_backend,
-                       _cfg(mode="score", principles=2, constitution=str(MINIMAL)))
+                       _judge(mode="score", principles=2), SEED)
     for r in recs:
         assert set(r.scores) == {"a", "b"} and all(1 <= v <= 10 for v in r.scores.values())
         assert abs(r.p_a - 1 / (1 + np.exp(r.scores["b"] - r.scores["a"]))) < 1e-9
@@ -100,7 +104,7 @@ def test_score_mode_gives_ratings_in_range(tiny_backend) -> None:
 
 def test_config_errors() -> None:
     with pytest.raises(CaiError, match="mode"):
-        LabelConfig(pairs="x", mode="vibes")
+        JudgeConfig(mode="vibes")
     with pytest.raises(CaiError, match="exactly one"):
         LabelConfig(pairs="x", prompts="y", policy="z")
     with pytest.raises(CaiError, match="policy"):
@@ -111,7 +115,8 @@ def test_run_label_resume_and_outputs(tmp_path: Path, tiny_backend) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p.prompt, "response_a": p.response_a,
                                          "response_b": p.response_b}) + "\n" for p in PAIRS))
-    cfg = dataclasses.replace(_cfg(), pairs=str(pairs), out=str(tmp_path / "lab"), limit=2)
+    cfg = LabelConfig(pairs=str(pairs), constitution=str(HARMLESS), judge=_judge(), seed=SEED,
+                      out=str(tmp_path / "lab"), limit=2)
     m = run_label(cfg, tiny_backend)
     assert m["counts"] == {"records": 2, "new": 2}
     m = run_label(dataclasses.replace(cfg, limit=None), tiny_backend)
@@ -127,7 +132,7 @@ def test_pairs_sampled_from_a_policy(tmp_path: Path, tiny_backend, tiny_model) -
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "Hello?"}\n{"id": "b", "prompt": "Why?"}\n')
     cfg = LabelConfig(prompts=str(prompts), policy=f"hf:{tiny_model}", responses_per_prompt=3,
-                      max_new_tokens=4, constitution=str(MINIMAL), principles=2,
+                      max_new_tokens=4, constitution=str(MINIMAL), judge=_judge(principles=2),
                       out=str(tmp_path / "lab"))
     m = run_label(cfg, tiny_backend)
     assert m["counts"]["records"] == 6  # 2 prompts x C(3, 2) pairs
@@ -142,7 +147,8 @@ def test_kept_prompt_recomputes_with_plain_transformers(tmp_path: Path, embedded
     from cai.backends import load_backend
 
     backend = load_backend("embedded:smollm2-135m")
-    rec = judge_pairs(PAIRS[:1], load(HARMLESS), backend, _cfg(principles=2, keep_prompts=True))[0]
+    rec = judge_pairs(PAIRS[:1], load(HARMLESS), backend, _judge(principles=2, keep_prompts=True),
+                      SEED)[0]
     tok = AutoTokenizer.from_pretrained(str(embedded_path))
     model = AutoModelForCausalLM.from_pretrained(str(embedded_path), dtype=torch.float32).eval()
     target = tok.convert_tokens_to_ids(rec.choice_tokens)
@@ -152,6 +158,4 @@ def test_kept_prompt_recomputes_with_plain_transformers(tmp_path: Path, embedded
             lp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)[target]
         assert abs(lp[0].item() - j.logprob_a) < 1e-3 and abs(lp[1].item() - j.logprob_b) < 1e-3
     # And the label follows from those numbers.
-    from cai.label import p_response_a
-
     assert abs(p_response_a(rec.judgements) - rec.p_a) < 1e-12

@@ -25,7 +25,8 @@ from cai.core.config import coerce, from_dict, load_yaml_config
 from cai.core.data import load_pairs, load_prompts
 from cai.core.errors import CaiError
 from cai.core.records import JsonlStore, read_records
-from cai.label import JudgeConfig, LabelConfig, fit_pairs, run_label
+from cai.judge import JudgeConfig, fit_pairs
+from cai.label import LabelConfig, run_label
 from cai.sl import SLConfig, run_sl
 
 from .conftest import MINIMAL, ROOT
@@ -367,13 +368,14 @@ def test_out_is_claimed_and_test_written_before_the_model_loads(f: SimpleNamespa
     (SLConfig, {"overlong": "cut"}, "overlong"),
     (LabelConfig, {"pairs": "x", "chunk_size": -1}, "chunk_size"),
     (LabelConfig, {"pairs": "x", "limit": -1}, "limit"),
-    (LabelConfig, {"pairs": "x", "principles": 0}, "principles"),
+    (LabelConfig, {"pairs": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    (JudgeConfig, {"principles": 0}, "principles"),
     (LabelConfig, {"pairs": "x", "responses_per_prompt": 1}, "responses_per_prompt"),
     (LabelConfig, {"pairs": "x", "policy_temperature": float("inf")}, "policy_temperature"),
     (LabelConfig, {"pairs": "x", "overlong": "wrap"}, "overlong"),
     (JudgeConfig, {"tie_threshold": float("nan")}, "tie_threshold"),
     (JudgeConfig, {"low_mass_threshold": 1.5}, "low_mass_threshold"),
-    (JudgeConfig, {"max_new_tokens": 0}, "max_new_tokens"),
+    (JudgeConfig, {"cot_max_new_tokens": 0}, "cot_max_new_tokens"),
 ])
 def test_config_numbers_are_checked(cls: type, kwargs: dict, field: str) -> None:
     with pytest.raises(CaiError) as exc:
@@ -559,7 +561,7 @@ def test_label_skips_or_truncates_overlong_pairs(tmp_path: Path, tiny_backend, c
     pairs.write_text(json.dumps({"id": "ok", "prompt": "Q?", "response_a": "A.", "response_b": "B."})
                      + "\n" + json.dumps({"id": "big", "prompt": "Q2?", "response_a": LONG,
                                           "response_b": "No."}) + "\n")
-    base = dict(pairs=str(pairs), constitution=str(MINIMAL), principles=2)
+    base = dict(pairs=str(pairs), constitution=str(MINIMAL), judge=JudgeConfig(principles=2))
     m = run_label(LabelConfig(**base, out=str(tmp_path / "skip")), tiny_backend)
     assert m["counts"] == {"records": 1, "new": 1, "overlong_skipped": 1}
     assert "skipped 1 pairs" in capsys.readouterr().err
@@ -570,16 +572,17 @@ def test_label_skips_or_truncates_overlong_pairs(tmp_path: Path, tiny_backend, c
     assert big["response_b"] == "No." and big["prompt"] == "Q2?"  # short texts are not cut
     c = load(MINIMAL)
     for mode in ("score", "cot"):  # each mode's requests are measured as they will be sent
-        judge = JudgeConfig(principles=1, mode=mode, max_new_tokens=8)
+        judge = JudgeConfig(principles=1, mode=mode, cot_max_new_tokens=8)
         state = Overlong("truncate")
-        kept = fit_pairs(load_pairs(pairs), c, tiny_backend, judge, state)
+        kept = fit_pairs(load_pairs(pairs), c, tiny_backend, judge, 0, state)
         assert [p.truncated for p in kept] == [False, True] and state.truncated == 1
 
 
 def test_label_policy_prompts_over_context_are_counted(tmp_path: Path, tiny_model: Path) -> None:
     spec = f"hf:{tiny_model}?progress=0"
     m = run_label(LabelConfig(prompts=str(_long_prompts(tmp_path)), policy=spec, feedback_model=spec,
-                              constitution=str(MINIMAL), principles=1, max_new_tokens=4,
+                              constitution=str(MINIMAL), judge=JudgeConfig(principles=1),
+                              max_new_tokens=4,
                               out=str(tmp_path / "lab")))
     assert m["counts"]["overlong_prompts_skipped"] == 1 and m["counts"]["records"] == 1
     responses = read_records(tmp_path / "lab" / "responses.jsonl")

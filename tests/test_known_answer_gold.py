@@ -12,7 +12,7 @@ from cai.backends import load_backend
 from cai.constitution import load
 from cai.core.data import PairItem
 from cai.evaluate.known_answer import FLIP_RATE, SHRINK, flipped, gold_judge, gold_score, noisy_judge
-from cai.label import LabelConfig, judge_pairs
+from cai.judge import JudgeConfig, judge_pairs
 
 from .conftest import MINIMAL, ROOT
 
@@ -53,11 +53,11 @@ def test_known_answer_noisy_judge_shrinks_flips_a_stated_share_and_swaps_exactly
 def test_known_answer_judges_label_through_the_label_code_by_spec() -> None:
     c = load(MINIMAL)
     items = [PairItem(f"k{i}", p, a, b) for i, (p, a, b) in enumerate(_pairs(40))]
-    cfg = LabelConfig(pairs="-", constitution=str(MINIMAL), principles=2)
+    cfg = JudgeConfig(principles=2)
     gold = judge_pairs(items, c, load_backend("python:cai.evaluate.known_answer:gold_judge",
-                                              reuse=False), cfg)
+                                              reuse=False), cfg, 0)
     noisy = judge_pairs(items, c, load_backend("python:cai.evaluate.known_answer:noisy_judge", reuse=False),
-                        cfg)
+                        cfg, 0)
     assert all(r.p_a == 1.0 and r.chosen == r.response_a for r in gold)
     agree = [n.chosen == g.chosen for n, g in zip(noisy, gold)]
     assert [not a for a in agree] == [flipped(i.prompt, i.response_a, i.response_b) for i in items]
@@ -72,7 +72,7 @@ def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() 
     steps = {s.stage: s.config for s in plan(cfg)}
     assert list(steps) == ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
     assert steps["label"].feedback_model == "python:cai.evaluate.known_answer:noisy_judge"
-    assert steps["eval"].judge == "python:cai.evaluate.known_answer:gold_judge"
+    assert steps["eval"].judge_model == "python:cai.evaluate.known_answer:gold_judge"
     assert steps["pm"].pairs is None and steps["dpo"].pairs is None  # labels only
 
 
@@ -89,7 +89,7 @@ def test_known_answer_pipeline_takes_python_judges_end_to_end(tiny_model, tmp_pa
     data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     data.update(model=str(tiny_model), feedback_model="python:cai.evaluate.known_answer:noisy_judge",
                 out=str(tmp_path / "run"))
-    data["eval"] = {**data.get("eval", {}), "judge": "python:cai.evaluate.known_answer:gold_judge"}
+    data["eval"] = {**data.get("eval", {}), "judge_model": "python:cai.evaluate.known_answer:gold_judge"}
     path = tmp_path / "ka.yaml"
     path.write_text(yaml.safe_dump(data))
     run_pipeline(load_pipeline_config(path))

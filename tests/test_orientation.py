@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cai.backends import GenerationConfig, GenRequest, load_backend
+from cai.judge import JudgeConfig
 from cai.label import LabelConfig, run_label
 from cai.train.pm import PMConfig, load_reward_model, pm_scores, run_pm
 from cai.train.rl import RLConfig, run_rl
@@ -121,7 +122,8 @@ def test_orientation_pm_on_gold_vs_mirrored_labels_ranks_held_out_pairs_opposite
     for fn in ("gold", "mirror"):
         label = tmp_path / f"label-{fn}"
         run_label(LabelConfig(pairs=str(pairs), feedback_model=f"python:{gold_file}:{fn}",
-                              constitution=str(MINIMAL), principles=1, out=str(label)))
+                              constitution=str(MINIMAL), judge=JudgeConfig(principles=1),
+                              out=str(label)))
         prefs = [json.loads(x) for x in (label / "preferences.jsonl").open()]
         assert len(prefs) == 48 and all(x["p_chosen"] == pytest.approx(0.9) for x in prefs)
         run_pm(PMConfig(preferences=str(label), model=str(tiny_model), out=str(tmp_path / f"pm-{fn}"),
@@ -187,7 +189,8 @@ def test_orientation_eval_win_rate_of_a_policy_against_itself_is_half(
     monkeypatch.chdir(tmp_path)
     run_policies_eval(PoliciesEvalConfig(
         models="self=hf:cats?progress=0,again=cats,plain=hf:plain?progress=0",
-        feedback_model="python:gold.py:likes_cats", constitution=str(MINIMAL), principles=1,
+        feedback_model="python:gold.py:likes_cats", constitution=str(MINIMAL),
+        judge=JudgeConfig(principles=1),
         limit=16, max_new_tokens=12, n_boot=300, out="eval"))
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     # A 95 % interval, so it misses ½ on about one seed in twenty: on this set-up seeds 0–9

@@ -217,19 +217,19 @@ def test_label_stage_with_packed_scoring_equals_the_naive_loop(tiny_model) -> No
     chunks small enough to split pairs, equal a one-prompt-per-forward loop."""
     from cai.constitution import load
     from cai.core.data import PairItem
-    from cai.label import JudgeConfig, judge_pairs
+    from cai.judge import JudgeConfig, judge_pairs
 
     from .conftest import HARMLESS
 
     pairs = [PairItem(f"p{i}", f"Question {i}: how would I do thing {i}?", f"Answer one {i}.",
                       f"A different and longer answer number {i}, with detail.") for i in range(4)]
     c = load(HARMLESS)
-    cfg = JudgeConfig(principles=3, seed=5)
+    cfg = JudgeConfig(principles=3)
     packed = HFBackend(f"hf:{tiny_model}", tiny_model, HFOptions(progress=False, pack_tokens=200))
     naive = HFBackend(f"hf:{tiny_model}", model=packed.model, tokenizer=packed.tok,
                       options=HFOptions(progress=False, scoring="trie", batch_size=1,
                                         min_shared_tokens=10**9))
-    got, want = judge_pairs(pairs, c, packed, cfg), judge_pairs(pairs, c, naive, cfg)
+    got, want = judge_pairs(pairs, c, packed, cfg, 5), judge_pairs(pairs, c, naive, cfg, 5)
     for g, w in zip(got, want):
         assert [j.principle for j in g.judgements] == [j.principle for j in w.judgements]
         for a, b in zip(g.judgements, w.judgements):

@@ -18,7 +18,8 @@ from cai.constitution import load
 from cai.core.data import PairItem
 from cai.core.errors import CaiError
 from cai.core.models import model_identity
-from cai.label import LabelConfig, judge_pairs, run_label
+from cai.judge import JudgeConfig, judge_pairs
+from cai.label import LabelConfig, run_label
 from cai.train.rewards import PythonReward, load_reward
 
 from .conftest import MINIMAL
@@ -110,9 +111,9 @@ def _expected(pair: PairItem, principles: list[str]) -> float:
 def test_python_judge_labels_like_a_model_judge_and_swaps_to_one_minus_p(judge_file: Path) -> None:
     c = load(MINIMAL)
     backend = load_backend(f"python:{judge_file}:shorter", reuse=False)
-    cfg = LabelConfig(pairs="-", constitution=str(MINIMAL), principles=3, seed=1)
-    a = judge_pairs(PAIRS, c, backend, cfg)
-    b = judge_pairs([_swap(p) for p in PAIRS], c, backend, cfg)
+    cfg = JudgeConfig(principles=3)
+    a = judge_pairs(PAIRS, c, backend, cfg, 1)
+    b = judge_pairs([_swap(p) for p in PAIRS], c, backend, cfg, 1)
     texts = {p.id: p.text for p in c.rl_principles}
     for pair, x, y in zip(PAIRS, a, b):
         # K principles × both orders, read through the same letter log-probs.
@@ -128,8 +129,7 @@ def test_python_judge_labels_like_a_model_judge_and_swaps_to_one_minus_p(judge_f
     assert ["position-inconsistent" in r.flags for r in a] == [False, False, False, True]
     assert a[3].p_a == pytest.approx(0.5, abs=1e-12) and "tie" in a[3].flags
     # One order only: the label is the function's answer in the order drawn.
-    one = judge_pairs(PAIRS, c, backend, LabelConfig(pairs="-", constitution=str(MINIMAL),
-                                                     principles=1, orders="one", seed=1))
+    one = judge_pairs(PAIRS, c, backend, JudgeConfig(principles=1, orders="one"), 1)
     f = _judge_module().shorter
     for pair, r in zip(PAIRS, one):
         (j,) = r.judgements
@@ -143,8 +143,7 @@ def test_python_judge_labels_like_a_model_judge_and_swaps_to_one_minus_p(judge_f
 def test_python_judge_certain_answers_read_back_exactly(judge_file: Path) -> None:
     c = load(MINIMAL)
     backend = load_backend(f"python:{judge_file}:always", reuse=False)
-    rec = judge_pairs(PAIRS[:1], c, backend, LabelConfig(pairs="-", constitution=str(MINIMAL),
-                                                         principles=2))[0]
+    rec = judge_pairs(PAIRS[:1], c, backend, JudgeConfig(principles=2), 0)[0]
     # Always "A": each order's p_first is exactly 1, so the orders cancel to exactly ½.
     assert all(j.p_first == 1.0 and math.isfinite(j.logprob_b) for j in rec.judgements)
     assert rec.p_a == 0.5 and "position-inconsistent" in rec.flags and "tie" in rec.flags
@@ -236,19 +235,18 @@ def test_python_judge_refuses_modes_it_cannot_answer(judge_file: Path) -> None:
     c = load(MINIMAL)
     backend = load_backend(f"python:{judge_file}:shorter", reuse=False)
     for mode, field in (("score", "mode"), ("cot", "model")):
-        cfg = LabelConfig(pairs="-", constitution=str(MINIMAL), principles=1, mode=mode)
+        cfg = JudgeConfig(principles=1, mode=mode)
         with pytest.raises(CaiError, match=f"^{field}: .*python judge"):
-            judge_pairs(PAIRS[:1], c, backend, cfg)
+            judge_pairs(PAIRS[:1], c, backend, cfg, 0)
     # ...while the same config in logprob mode works.
-    assert judge_pairs(PAIRS[:1], c, backend,
-                       LabelConfig(pairs="-", constitution=str(MINIMAL), principles=1))
+    assert judge_pairs(PAIRS[:1], c, backend, JudgeConfig(principles=1), 0)
 
 
 def test_python_judge_run_label_fails_before_the_folder_exists(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(CaiError, match="file not found"):
         run_label(LabelConfig(pairs=str(tmp_path / "x.jsonl"), constitution=str(MINIMAL),
-                              principles=1, feedback_model=f"python:{tmp_path}/nope.py:f",
+                              judge=JudgeConfig(principles=1), feedback_model=f"python:{tmp_path}/nope.py:f",
                               out=str(out)))
     assert not out.exists()
 
@@ -267,7 +265,8 @@ def test_python_judge_in_eval_labeler_scores_its_accuracy(judge_file: Path, tmp_
     for fn, accuracy in (("right", 1.0), ("wrong", 0.0)):
         spec = f"python:{oracle}:{fn}"
         m = run_labeler_eval(LabelerEvalConfig(feedback_model=spec, constitution=str(MINIMAL),
-                                               principles=2, limit=8, out=str(tmp_path / fn)))
+                                               judge=JudgeConfig(principles=2), limit=8,
+                                               out=str(tmp_path / fn)))
         assert m["metrics"]["accuracy"] == accuracy
         assert m["models"]["feedback"] == model_identity(spec)
 

@@ -15,8 +15,9 @@ from cai.backends import GenerationConfig, GenRequest
 from cai.core.errors import CaiError
 from cai.core.models import model_identity
 from cai.core.stage import REGISTRY, load_registry, read_manifest, write_manifest
-from cai.label import JudgeConfig, Judgement, LabelConfig, label_flags, label_stats, run_label
-from cai.label import split_reasoning as split
+from cai.judge import JudgeConfig, Judgement, label_flags, label_stats
+from cai.judge import split_reasoning as split
+from cai.label import LabelConfig, run_label
 
 from .conftest import MINIMAL
 
@@ -44,7 +45,8 @@ def _pairs(tmp_path: Path, n: int = 5) -> Path:
 def test_label_rerun_with_another_seed_pairs_only_its_own_responses(tmp_path, tiny_model) -> None:
     spec = f"hf:{tiny_model}?progress=0"
     base = dict(prompts=str(_prompts(tmp_path)), policy=spec, feedback_model=spec,
-                constitution=str(MINIMAL), principles=2, max_new_tokens=6, out=str(tmp_path / "lab"))
+                constitution=str(MINIMAL), judge=JudgeConfig(principles=2), max_new_tokens=6,
+                out=str(tmp_path / "lab"))
     first = run_label(LabelConfig(**base, seed=1))
     assert first["counts"] == {"records": 3, "new": 3}
     responses = [json.loads(x) for x in (tmp_path / "lab" / "responses.jsonl").read_text().splitlines()]
@@ -67,7 +69,8 @@ def test_label_rerun_with_another_seed_pairs_only_its_own_responses(tmp_path, ti
 
 def test_speed_options_do_not_change_ids(tmp_path, tiny_model) -> None:
     pairs = _pairs(tmp_path)
-    common = dict(pairs=str(pairs), constitution=str(MINIMAL), principles=2, out=str(tmp_path / "l"))
+    common = dict(pairs=str(pairs), constitution=str(MINIMAL), judge=JudgeConfig(principles=2),
+                  out=str(tmp_path / "l"))
     m1 = run_label(LabelConfig(**common, feedback_model=f"hf:{tiny_model}?batch_size=4&progress=0"))
     assert m1["counts"]["new"] == 5
     m2 = run_label(LabelConfig(**common, feedback_model=f"hf:{tiny_model}?batch_size=16"))
@@ -161,8 +164,9 @@ def test_label_stats_on_known_records() -> None:
 
 def test_score_mode_manifest_is_valid_json_and_keeps_prompts(tmp_path, tiny_model) -> None:
     out = tmp_path / "score"
-    m = run_label(LabelConfig(pairs=str(_pairs(tmp_path, 2)), constitution=str(MINIMAL), principles=1,
-                              mode="score", keep_prompts=True, low_mass_threshold=0.99,
+    m = run_label(LabelConfig(pairs=str(_pairs(tmp_path, 2)), constitution=str(MINIMAL),
+                              judge=JudgeConfig(principles=1, mode="score", keep_prompts=True,
+                                                low_mass_threshold=0.99),
                               feedback_model=f"hf:{tiny_model}?progress=0", out=str(out)))
     text = (out / "manifest.json").read_text()
     assert "NaN" not in text and json.loads(text)["label_stats"]["mean_mass"] == m["label_stats"]["mean_mass"]
@@ -255,12 +259,15 @@ def test_defaults_work_from_an_empty_folder(tmp_path, tiny_model) -> None:
 def test_config_file_run(tmp_path, tiny_model) -> None:
     cfg = tmp_path / "label.yaml"
     out = tmp_path / "from-config"
-    cfg.write_text(f"pairs: {_pairs(tmp_path, 2)}\nconstitution: {MINIMAL}\nprinciples: 1\n"
+    cfg.write_text(f"pairs: {_pairs(tmp_path, 2)}\nconstitution: {MINIMAL}\n"
+                   "judge:\n  principles: 1\n  orders: one\n"
                    f"feedback_model: hf:{tiny_model}?progress=0\nout: {out}\nseed: 5\n")
     r = _cai("label", "--config", str(cfg), "--principles", "2")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
-    assert m["config"]["seed"] == 5 and m["config"]["principles"] == 2  # the flag wins
+    judge = m["config"]["judge"]
+    assert m["config"]["seed"] == 5 and judge["principles"] == 2  # the flag wins
+    assert judge["orders"] == "one"  # ...over that one judge field only
     assert m["counts"]["records"] == 2
 
 

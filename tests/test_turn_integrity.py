@@ -8,7 +8,7 @@ import numpy as np
 from cai.backends import ScoreRequest
 from cai.constitution import load
 from cai.core.data import PairItem
-from cai.label import JudgeConfig, judge_pairs
+from cai.judge import JudgeConfig, judge_pairs
 from cai.templates import JUDGE_PREFIX
 
 from .conftest import MINIMAL
@@ -43,8 +43,7 @@ def test_control_strings_in_data_stay_plain_text(tiny_backend) -> None:
 def test_forged_response_is_scored_as_text_and_ids_are_kept(tiny_backend) -> None:
     c = load(MINIMAL)
     pair = PairItem("x", "Tell me a secret.", "No, sorry.", FORGED)
-    rec = judge_pairs([pair], c, tiny_backend, JudgeConfig(constitution=str(MINIMAL), principles=1,
-                                                           keep_prompts=True))[0]
+    rec = judge_pairs([pair], c, tiny_backend, JudgeConfig(principles=1, keep_prompts=True), 0)[0]
     one_turn = _specials(tiny_backend.tok, tiny_backend.fmt.encode_chat(
         [{"role": "user", "content": "x"}], JUDGE_PREFIX))
     for j in rec.judgements:
@@ -59,7 +58,7 @@ def test_forged_response_is_scored_as_text_and_ids_are_kept(tiny_backend) -> Non
         assert np.allclose([lp[a].item(), lp[b].item()], [j.logprob_a, j.logprob_b], atol=1e-3)
     # Scoring a clean pair keeps no ids (the text alone recomputes it).
     clean = judge_pairs([PairItem("y", "Hi", "Hello!", "Hey.")], c, tiny_backend,
-                        JudgeConfig(constitution=str(MINIMAL), principles=1, keep_prompts=True))[0]
+                        JudgeConfig(principles=1, keep_prompts=True), 0)[0]
     assert all(j.prompt_ids is None for j in clean.judgements)
     res = tiny_backend.choice_logprobs([ScoreRequest([{"role": "user", "content": FORGED}], JUDGE_PREFIX)])
     assert np.isfinite(res.logprobs).all()

@@ -98,14 +98,60 @@ def safe_yaml(text: str, where: str) -> Any:
         raise CaiError("YAML nested too deeply", where) from None
 
 
+def nested_configs(cls: type) -> dict[str, type]:
+    """The fields of `cls` that hold a config of their own (a `judge: JudgeConfig`), by name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: tp for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(tp := _base_type(hints[f.name])) and isinstance(tp, type)}
+
+
+def flat_fields(cls: type) -> list[tuple[str, dataclasses.Field, type]]:
+    """Every leaf field as (path, field, owner): a nested config's fields appear under their
+    own names with the path "judge.principles", so the CLI keeps one flat flag per field."""
+    inner = nested_configs(cls)
+    out: list[tuple[str, dataclasses.Field, type]] = []
+    for f in dataclasses.fields(cls):
+        if f.name in inner:
+            out += [(f"{f.name}.{path}", g, owner) for path, g, owner in flat_fields(inner[f.name])]
+        else:
+            out.append((f.name, f, cls))
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"judge.principles": 2, "seed": 1} -> {"judge": {"principles": 2}, "seed": 1}."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *heads, leaf = path.split(".")
+        node = out
+        for h in heads:
+            node = node.setdefault(h, {})
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, nested mappings merged key by key (a flag given for one judge
+    field keeps the other judge fields a YAML file set)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     """Check (and gently convert) one config value against the field's annotation."""
     hints = typing.get_type_hints(cls)
     if name not in hints:
-        raise CaiError(f"unknown field; known: {', '.join(sorted(hints))}", where or None, name)
+        home = [k for k, sub in nested_configs(cls).items() if name in typing.get_type_hints(sub)]
+        hint = f"; it is a {home[0]} setting: put it under `{home[0]}:`" if home else ""
+        raise CaiError(f"unknown field{hint or '; known: ' + ', '.join(sorted(hints))}",
+                       where or None, name)
     if value is None:
         return None
     tp = _base_type(hints[name])
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _nested(tp, name, value, where)
     try:
         if tp is bool and isinstance(value, str):
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -128,6 +174,20 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     except (TypeError, ValueError, OverflowError):
         raise CaiError(f"expected {tp.__name__}, got {short(value)}", where or None, name) from None
     return value
+
+
+def _nested(tp: type, name: str, value: Any, where: str) -> Any:
+    """A nested config from its mapping; an error names the field by its path ("judge.mode")."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise CaiError(f"expected a mapping of {name} settings, got {short(value)}",
+                       where or None, name)
+    try:
+        return from_dict(tp, value, where)
+    except CaiError as err:
+        err.field = f"{name}.{err.field}" if err.field else name
+        raise
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -180,8 +240,7 @@ def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise CaiError(f"option names must be text, got {bad[0]!r}", str(p), section)
-    data = {**data, **(overrides or {})}
-    return from_dict(cls, data, str(p))
+    return from_dict(cls, merge(data, overrides or {}), str(p))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def register(stage: Stage) -> Stage:
     return REGISTRY[stage.name]
 
 
-MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge", "constitution",
+MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge_model", "constitution",
                 "old", "new", "best_of_base")
 """Config fields naming models or constitutions a stage reads (besides its `inputs`)."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ from cai.backends import Backend, load_backend
 from cai.constitution import diff, load
 from cai.core.errors import CaiError
 from cai.core.records import JsonlStore, read_records, write_json_atomic
-from cai.core.stage import Stage, claim_dir, register, write_manifest
-from cai.label import JudgeConfig, LabelConfig, run_label
+from cai.core.stage import Stage, claim_dir, load_registry, register, write_manifest
+from cai.judge import JudgeConfig
 
 STAGE = "eval.constitutions"
 
@@ -36,22 +36,14 @@ class ConstitutionsEvalConfig:
     """Model spec of the judge."""
     out: str = "runs/eval/constitutions"
     """Folder: old/ and new/ label runs (resumable) and report.json."""
-    principles: int = 4
-    """K principles per pair."""
-    orders: str = "both"
-    """"both" or "one"."""
-    mode: str = "logprob"
-    """"logprob", "cot" or "score", as in labelling."""
-    layout: str = "options-first"
-    """Judge prompt layout."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """How the judge labels under both versions (a nested `judge:` mapping in YAML)."""
     limit: int | None = None
     """Use only the first N pairs."""
     seed: int = 0
     """Seed of the principle draws (the same for both runs)."""
 
     def __post_init__(self) -> None:
-        JudgeConfig(principles=self.principles, orders=self.orders, mode=self.mode,
-                    layout=self.layout, seed=self.seed)
         if self.limit is not None and self.limit < 1:
             raise CaiError("must be at least 1", field="limit")
 
@@ -84,12 +76,13 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
     out = Path(cfg.out)
     claim_dir(out, STAGE)
     backend = backend or load_backend(cfg.feedback_model)
-    base = LabelConfig(pairs=cfg.pairs, feedback_model=backend.spec, principles=cfg.principles,
-                       orders=cfg.orders, mode=cfg.mode, layout=cfg.layout, limit=cfg.limit,
-                       seed=cfg.seed)
+    # Each version is an ordinary label run (reached by its registered name, not imported).
+    label = load_registry()["label"]
+    base = label.config(pairs=cfg.pairs, feedback_model=backend.spec, judge=cfg.judge,
+                        limit=cfg.limit, seed=cfg.seed)
     runs = {}
     for name, path in (("old", cfg.old), ("new", cfg.new)):
-        run_label(dataclasses.replace(base, constitution=path, out=str(out / name)), backend)
+        label.run(dataclasses.replace(base, constitution=path, out=str(out / name)), backend)
         # Only this run's labels: the folder may hold labels of earlier runs too.
         ids = _run_ids(out / name)
         runs[name] = [r for r in JsonlStore(out / name / "data.jsonl") if r["id"] in ids]

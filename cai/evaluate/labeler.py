@@ -8,7 +8,7 @@ the numbers describe the labels a user would get.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from cai.core.data import PairItem, _rows
 from cai.core.errors import CaiError, ValidationErrors
 from cai.core.records import write_json_atomic
 from cai.core.stage import Stage, claim_dir, register, write_manifest
-from cai.label import JudgeConfig, judge_pairs
+from cai.judge import JudgeConfig, judge_pairs
 
 STAGE = "eval.labeler"
 
@@ -37,14 +37,9 @@ class LabelerEvalConfig:
     """Constitution whose comparison principles are asked (a file or a shipped name)."""
     out: str = "runs/eval/labeler"
     """Folder for report.json and reliability.png."""
-    principles: int = 4
-    """K principles per item, as in labelling."""
-    orders: str = "both"
-    """"both" or "one" (accuracy per order needs both)."""
-    mode: str = "logprob"
-    """"logprob", "cot" or "score", as in labelling."""
-    layout: str = "options-first"
-    """Judge prompt layout."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """How the judge is asked, exactly as in labelling (accuracy per order needs both
+    orders); a nested `judge:` mapping in YAML."""
     bins: int = 10
     """Bins of the calibration (ECE) estimate and plot."""
     limit: int | None = None
@@ -53,15 +48,10 @@ class LabelerEvalConfig:
     """Seed of the principle draws."""
 
     def __post_init__(self) -> None:
-        self.judge()
         if self.bins < 1:
             raise CaiError("must be at least 1", field="bins")
         if self.limit is not None and self.limit < 1:
             raise CaiError("must be at least 1", field="limit")
-
-    def judge(self) -> JudgeConfig:
-        return JudgeConfig(constitution=self.constitution, principles=self.principles,
-                           orders=self.orders, mode=self.mode, layout=self.layout, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -110,7 +100,7 @@ def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int)
 def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConfig) -> dict[str, Any]:
     c = load(cfg.constitution)
     pairs = [PairItem(i.id, i.context, i.options[0], i.options[1]) for i in items]
-    recs = judge_pairs(pairs, c, backend, cfg.judge())
+    recs = judge_pairs(pairs, c, backend, cfg.judge, cfg.seed)
     correct = np.array([i.correct for i in items])
     p_a = np.array([r.p_a for r in recs])
     # p of the correct option, per order and averaged over orders.
@@ -129,7 +119,7 @@ def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConf
     p_letter_a = np.mean([j.p_first for r in recs for j in r.judgements])
     cats = sorted({i.category for i in items})
     report = {
-        "items": len(items), "feedback_model": backend.identity, "judge": cfg.judge().method(),
+        "items": len(items), "feedback_model": backend.identity, "judge": cfg.judge.method(),
         "constitution": c.stamp.as_dict(),
         "accuracy": float(right.mean()),
         "accuracy_order_ab": float((pc_ab > 0.5).mean()),

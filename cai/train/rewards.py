@@ -84,7 +84,7 @@ class JudgeReward:
 
         from cai.backends import ScoreRequest
         from cai.constitution import sample_rl_principles
-        from cai.label import expected_ratings
+        from cai.judge import expected_ratings
         from cai.templates import RATING_PREFIX, rating_chat
 
         reqs = []
