@@ -33,13 +33,13 @@ class LabelerEvalConfig:
     """A/B items: jsonl with context, options (two responses), correct (0 or 1), category."""
     feedback_model: str = "embedded:smollm2-135m"
     """Model spec of the judge under test."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """How the judge is asked, exactly as in labelling (accuracy per order needs both
+    orders); a nested `judge:` mapping in YAML."""
     constitution: str = "harmless"
     """Constitution whose comparison principles are asked (a file or a shipped name)."""
     out: str = "runs/eval/labeler"
     """Folder for report.json and reliability.png."""
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    """How the judge is asked, exactly as in labelling (accuracy per order needs both
-    orders); a nested `judge:` mapping in YAML."""
     bins: int = 10
     """Bins of the calibration (ECE) estimate and plot."""
     limit: int | None = None
