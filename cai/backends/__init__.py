@@ -18,7 +18,7 @@ from cai.backends.base import (
     ScoreResult,
 )
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec, ResolvedSpec, resolve
+from cai.core.models import ModelSpec, resolve
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
            "ScoreResult", "ReplicaTask", "load_backend", "release", "cached_specs"]
@@ -29,37 +29,37 @@ CACHE_SIZE = 1
 the policy first, so policy, reference, judge and reward model never pile up in memory."""
 
 
-def load_backend(spec: str | ModelSpec | ResolvedSpec, reuse: bool = True) -> Backend:
+def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     """Build (or reuse) the backend a model spec names.
 
     Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
     cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
-    parsed = resolve(spec)
-    key = parsed.raw
+    resolved = resolve(spec)
+    key = resolved.raw
     if reuse and key in _CACHE:
         return _CACHE[key]
     if reuse:
         while len(_CACHE) >= CACHE_SIZE:
             release(next(iter(_CACHE)))
-    if parsed.backend == "hf":
+    if resolved.backend == "hf":
         from cai.backends.hf import HFBackend
 
-        backend: Backend = HFBackend(parsed)
-    elif parsed.backend == "vllm":
+        backend: Backend = HFBackend(resolved)
+    elif resolved.backend == "vllm":
         from cai.backends.vllm import VLLMBackend
 
-        backend = VLLMBackend(parsed)
-    elif parsed.backend == "openai":
+        backend = VLLMBackend(resolved)
+    elif resolved.backend == "openai":
         from cai.backends.openai import OpenAIBackend
 
-        backend = OpenAIBackend(parsed)
-    elif parsed.backend == "python":
+        backend = OpenAIBackend(resolved)
+    elif resolved.backend == "python":
         from cai.backends.pyfunc import PythonJudge
 
-        backend = PythonJudge(parsed)
+        backend = PythonJudge(resolved)
     else:  # a spec parses to known backends only
-        raise CaiError(f"unknown backend {parsed.backend!r}", field="model")
+        raise CaiError(f"unknown backend {resolved.backend!r}", field="model")
     if reuse:
         _CACHE[key] = backend
     return backend

@@ -87,8 +87,8 @@ class OpenAIBackend:
 
         self.resolved, self.options = bind_spec(spec, OpenAIOptions, options)
         self.spec, self.identity = self.resolved.raw, self.resolved.identity
-        self.base_url = self.resolved.parsed.target
-        self.model = self.resolved.parsed.served_name or ""
+        self.base_url = self.resolved.target
+        self.model = self.resolved.served_name or ""
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY", "")
         self.max_context: int | None = None
         self.fmt = self._local_format()

@@ -105,8 +105,9 @@ left out of a model's identity; `api_key` is also a secret that must never be re
 
 
 @dataclass(frozen=True)
-class ResolvedSpec:
-    """A model spec resolved once: what every consumer needs, so none parses it again.
+class ResolvedSpec(ModelSpec):
+    """A model spec resolved once: the parsed spec plus what every consumer needs from it,
+    so none parses it again.
 
     `load_backend` resolves a spec and hands this to the backend; stages read `identity`
     from it. Identity and local folder are each worked out on first use and then kept:
@@ -114,51 +115,33 @@ class ResolvedSpec:
     field), converting the embedded model takes a while, and a served model has no folder.
     """
 
-    parsed: ModelSpec
-    """The spec as written, split into backend, target, served name and options."""
-    speed: frozenset[str]
+    speed: frozenset[str] = frozenset()
     """Which of the spec's options are speed options (left out of `identity`)."""
 
     @cached_property
     def identity(self) -> str:
         """What names the model's outputs: the spec without speed options, plus the
         weights' hash of a folder cai trained (for a function: its source file's hash)."""
-        return _identity(self.parsed, self.speed)
-
-    @property
-    def raw(self) -> str:
-        """The spec string as given, speed options included."""
-        return self.parsed.raw
-
-    @property
-    def backend(self) -> str:
-        return self.parsed.backend
-
-    @property
-    def options(self) -> dict[str, str]:
-        """Every `?key=value` option of the spec."""
-        return self.parsed.options
+        return _identity(self, self.speed)
 
     @cached_property
     def path(self) -> Path:
         """The local folder of the weights (for openai: of its `tokenizer` option); raises
         `CaiError` when there is none."""
-        return _local_path(self.parsed)
-
-    def __str__(self) -> str:
-        return self.parsed.raw
+        return _local_path(self)
 
 
-def resolve(spec: str | ModelSpec | ResolvedSpec) -> ResolvedSpec:
+def resolve(spec: str | ModelSpec) -> ResolvedSpec:
     """Resolve a model spec once: parse it and mark its speed options (a resolved spec is
     returned as it is, so passing one on never parses again)."""
     if isinstance(spec, ResolvedSpec):
         return spec
     s = parse_spec(spec) if isinstance(spec, str) else spec
-    return ResolvedSpec(s, frozenset(k for k in s.options if k in SPEED_OPTIONS))
+    return ResolvedSpec(s.raw, s.backend, s.target, s.served_name, s.options,
+                        frozenset(k for k in s.options if k in SPEED_OPTIONS))
 
 
-def model_identity(spec: str | ModelSpec | ResolvedSpec) -> str:
+def model_identity(spec: str | ModelSpec) -> str:
     """What names a model's outputs: the spec without its speed options.
 
     `hf:PATH?batch_size=4` and `hf:PATH?batch_size=16` give the same records, so they share
@@ -264,11 +247,9 @@ def ensure_embedded(name: str) -> Path:
     return target
 
 
-def local_path(spec: str | ModelSpec | ResolvedSpec) -> Path:
+def local_path(spec: str | ModelSpec) -> Path:
     """The local folder of a model spec's weights (converting the embedded model if needed)."""
-    if isinstance(spec, ResolvedSpec):
-        return spec.path
-    return _local_path(parse_spec(spec) if isinstance(spec, str) else spec)
+    return resolve(spec).path
 
 
 def _local_path(s: ModelSpec) -> Path:
