@@ -29,6 +29,8 @@ from cai.core.seeds import derive_seed
 from cai.core.stage import (
     Engine,
     EngineFields,
+    Input,
+    Output,
     Stage,
     StageDir,
     register,
@@ -218,7 +220,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prefs))
     stats = label_stats(records)
     manifest = write_manifest(
-        stage.root, STAGE, config=cfg, inputs=("pairs", "prompts"),
+        stage.root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(),
         models={"feedback": backend.identity, **({"policy": policy} if policy else {})},
         counts={"records": len(records), "new": new, **overlong.counts(),
@@ -235,6 +237,8 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
 
 register(Stage("label", LabelConfig, run_label,
                "RLAIF: soft preference labels from the feedback model's log-probs.",
-               inputs=("pairs", "prompts"), outputs=("data.jsonl", "preferences.jsonl")))
+               inputs=(Input("pairs", "pairs"), Input("prompts", "red-team-prompts"),
+                       Input("policy", "policy"), Input("feedback_model", "judge-model")),
+               outputs=(Output("labels"),), step="label"))
 
 __all__ = ["LabelConfig", "run_label", "sample_pairs"]

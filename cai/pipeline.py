@@ -35,17 +35,26 @@ import yaml
 from cai.core.config import from_dict, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
-from cai.core.stage import REGISTRY, load_registry, read_manifest
+from cai.core.stage import Input, Output, Stage, load_registry, read_manifest
 
-ORDER = ("sl", "sft", "label", "pm", "rl", "dpo", "eval")
-REGISTERED = {"sl": "sl", "sft": "train.sft", "label": "label", "pm": "train.pm",
-              "rl": "train.rl", "dpo": "train.dpo", "eval": "eval.policies"}
 CONSTITUTION_PART = {"sl": "sl", "label": "rl", "eval": ("rl", "helpfulness")}
-TRAINING = {"sft", "pm", "rl", "dpo"}
-TRAIN_PROMPTS = {"sl": ("prompts", "helpful_prompts"), "label": ("prompts",), "rl": ("prompts",)}
-"""Prompt-set fields of the stages that train on (or make training data from) prompts."""
-EVAL_PROMPTS = ("red_team", "helpful", "benign")
-"""Prompt-set fields of the evaluation."""
+ROUND = ("label", "pm", "rl")
+"""The steps that `rounds: R > 1` repeats with the newest policy."""
+
+
+def stages() -> dict[str, Stage]:
+    """The stages a pipeline runs, by step name, in the registry's (the method's) order."""
+    return {s.step: s for s in load_registry().values() if s.step}
+
+
+def steps_order() -> tuple[str, ...]:
+    """Step names in run order: sl, sft, label, pm, rl, dpo, eval."""
+    return tuple(stages())
+
+
+def _prompt_inputs(stage: Stage) -> tuple[str, ...]:
+    """Config fields of a stage holding a prompt set (declared kinds "...-prompts")."""
+    return tuple(i.field for i in stage.reads if i.kind.endswith("-prompts"))
 
 
 @dataclass
@@ -65,7 +74,7 @@ class PipelineConfig:
     unless `eval: {judge_model: SPEC}` gives it one of its own."""
     seed: int = 0
     """Seed given to every stage."""
-    stages: list[str] = field(default_factory=lambda: list(ORDER))
+    stages: list[str] = field(default_factory=lambda: list(steps_order()))
     """Stages to run, a subset of sl, sft, label, pm, rl, dpo, eval (in that order)."""
     rounds: int = 1
     """Iterated online training: label → pm → rl repeated with the newest policy."""
@@ -94,15 +103,16 @@ class PipelineConfig:
     """Overrides of `cai eval policies`."""
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.stages if s not in ORDER]
+        order = steps_order()
+        bad = [s for s in self.stages if s not in order]
         if bad:
-            raise CaiError(f"unknown stage {bad[0]!r}; known: {', '.join(ORDER)}", field="stages")
-        self.stages = [s for s in ORDER if s in self.stages]
+            raise CaiError(f"unknown stage {bad[0]!r}; known: {', '.join(order)}", field="stages")
+        self.stages = [s for s in order if s in self.stages]
         if self.rounds < 1:
             raise CaiError("must be at least 1", field="rounds")
         if not 0 <= self.eval_fraction < 1:
             raise CaiError("must be in [0, 1)", field="eval_fraction")
-        for s in ORDER:
+        for s in order:
             if not isinstance(getattr(self, s), dict):
                 raise CaiError("expected a mapping of that stage's options", field=s)
 
@@ -138,15 +148,24 @@ class Step:
     key: str
     """"sl", "label", or "round-2/label" for later rounds."""
     stage: str
-    """Pipeline stage name (sl, sft, ...)."""
+    """Pipeline step name of the stage (sl, sft, ...: its `Stage.step`)."""
     config: Any
     deps: list[str]
     folder: Path
+    spec: Stage | None = None
+    """The registered stage it runs."""
+
+    def prompt_fields(self) -> tuple[str, ...]:
+        return _prompt_inputs(self.spec) if self.spec else ()
+
+    @property
+    def is_eval(self) -> bool:
+        return bool(self.spec) and self.spec.name.startswith("eval.")
 
 
 def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str,
            root: Path | None = None) -> Any:
-    cls = REGISTRY[REGISTERED[stage]].config
+    cls = stages()[stage].config
     names = {f.name for f in dataclasses.fields(cls)}
     wired = {k: v for k, v in values.items() if k in names}
     for k in user:  # the folder a stage writes or reads from another stage is the pipeline's
@@ -158,77 +177,67 @@ def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str,
 
 
 def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
-    """The steps of a run, wired folder to folder."""
-    load_registry()
+    """The steps of a run, each input wired by its declared kind (see `Input`) to the newest
+    earlier step that outputs that kind, else to the run's own value of the kind."""
+    registry = stages()
     root, on = cfg.root, set(cfg.stages)
-    steps: list[Step] = []
     base = {"constitution": cfg.constitution, "seed": cfg.seed}
+    given = {"base-model": cfg.model, "policy": cfg.model, "sl-model": cfg.model,
+             "judge-model": cfg.feedback_model, "red-team-prompts": "red_team",
+             "reward": f"judge:{cfg.feedback_model}"}  # the run's own value of each kind
+    skip = set() if cfg.sl_pairs_in_pm else {("pm", "pairs"), ("dpo", "pairs")}
+    producer = {o.kind: name for name, st in registry.items() for o in st.writes}
+    steps: list[Step] = []
+    made: dict[str, list[tuple[Step, Output]]] = {}
 
-    def add(key: str, stage: str, values: dict[str, Any], deps: list[str]) -> Step:
-        folder = root / key
-        conf = _build(stage, {**base, **values, "out": str(folder)}, getattr(cfg, stage), where,
-                      root)
-        step = Step(key, stage, conf, [d for d in deps if any(s.key == d for s in steps)], folder)
+    def wire(inp: Input) -> tuple[Any, list[str]]:
+        found = made.get(inp.kind, [])
+        if inp.many:  # every named output of the kind, the newest of each name; base first
+            named = {"base": (None, cfg.model)}
+            for st, out in found:
+                if out.player:
+                    named[out.player] = (st, out.value(st.folder))
+            return (",".join(f"{n}={v}" for n, (_, v) in named.items()),
+                    [st.key for st, _ in named.values() if st])
+        if found:
+            st, out = found[-1] if inp.pick == "latest" else found[0]
+            return out.value(st.folder), [st.key]
+        if inp.missing == "folder" and inp.kind in producer:
+            src = registry[producer[inp.kind]]
+            out = next(o for o in src.writes if o.kind == inp.kind)
+            return out.value(root / producer[inp.kind]), []
+        return (given.get(inp.kind) if inp.missing == "run" else None), []
+
+    sequence = []
+    for name in registry:
+        if name in on:
+            sequence.append((name, name))
+        if name == ROUND[-1]:
+            sequence += [(f"round-{r}/{n}", n) for r in range(2, cfg.rounds + 1)
+                         for n in ROUND if n in on]
+    for key, name in sequence:
+        st = registry[name]
+        values: dict[str, Any] = {**base, "out": str(root / key)}
+        deps: list[str] = []
+        for inp in st.reads:
+            if (name, inp.field) in skip:
+                continue
+            value, used = wire(inp)
+            if value is not None:
+                values[inp.field] = value
+                deps += [d for d in used if d not in deps]
+        if name == "eval" and "reward" not in values:
+            values["best_of_k"] = 0  # no PM: nothing to pick the best of k by
+        conf = _build(name, values, getattr(cfg, name), where, root)
+        step = Step(key, name, conf, deps, root / key, st)
         steps.append(step)
-        return step
-
-    if "sl" in on:
-        add("sl", "sl", {"model": cfg.model}, [])
-    sft_model = cfg.model
-    if "sft" in on:
-        add("sft", "sft", {"data": str(root / "sl"), "model": cfg.model}, ["sl"])
-        sft_model = str(root / "sft")
-    policy, pm_key, rl_key = sft_model, None, None
-    for r in range(1, cfg.rounds + 1):
-        pre = "" if r == 1 else f"round-{r}/"
-        label_key = None
-        if "label" in on:
-            label_key = pre + "label"
-            add(label_key, "label", {"prompts": "red_team", "policy": policy,
-                                     "feedback_model": cfg.feedback_model},
-                [rl_key or "sft"])
-        if "pm" in on:
-            pm_key = pre + "pm"
-            inputs = {"preferences": str(root / label_key) if label_key else None,
-                      "pairs": str(root / "sl") if cfg.sl_pairs_in_pm and "sl" in on else None,
-                      "model": cfg.model}
-            add(pm_key, "pm", inputs, [k for k in (label_key, "sl") if k])
-        if "rl" in on:
-            rl_key = pre + "rl"
-            reward = f"pm:{root / pm_key}" if pm_key else f"judge:{cfg.feedback_model}"
-            add(rl_key, "rl", {"model": policy, "reward": reward, "prompts": "red_team"},
-                [k for k in (pm_key, "sft" if r == 1 else f"round-{r - 1}/rl") if k])
-            policy = str(root / rl_key)
-    if "dpo" in on:
-        add("dpo", "dpo", {"preferences": str(root / "label") if "label" in on else None,
-                           "pairs": str(root / "sl") if cfg.sl_pairs_in_pm and "sl" in on else None,
-                           "model": sft_model}, ["label", "sl", "sft"])
-    if "eval" in on:
-        models = [f"base={cfg.model}"]
-        if "sft" in on:
-            models.append(f"sl-cai={root / 'sft'}")
-        if rl_key:
-            models.append(f"rl-cai={root / rl_key}")
-        if "dpo" in on:
-            models.append(f"dpo={root / 'dpo'}")
-        values: dict[str, Any] = {"models": ",".join(models), "feedback_model": cfg.feedback_model}
-        if pm_key:
-            values["reward"] = f"pm:{root / pm_key}"
-            values["pm_eval"] = str(root / pm_key / "eval.json")
-        else:
-            values["best_of_k"] = 0
-        if rl_key:
-            values["rl_log"] = str(root / rl_key / "log.jsonl")
-        add("eval", "eval", values, [s.key for s in steps])
+        for out in st.writes:
+            made.setdefault(out.kind, []).append((step, out))
     cfg._prompt_split = split_prompts(cfg, steps)  # type: ignore[attr-defined]
     return steps
 
 
 # --------------------------------------------------------------------------- held-out prompts
-
-
-def _prompt_fields(step: Step) -> tuple[str, ...]:
-    return EVAL_PROMPTS if step.stage == "eval" else TRAIN_PROMPTS.get(step.stage, ())
 
 
 def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
@@ -244,10 +253,10 @@ def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
                               "by": "prompt id", "sets": {}}
     uses: dict[Path, dict[str, list[tuple[Step, str]]]] = {}
     for step in steps:
-        for name in _prompt_fields(step):
+        for name in step.prompt_fields():
             value = getattr(step.config, name, None)
             if value:
-                side = "eval" if step.stage == "eval" else "train"
+                side = "eval" if step.is_eval else "train"
                 path = resolve(str(value), "prompts", announce=False).resolve()
                 uses.setdefault(path, {"train": [], "eval": []})[side].append((step, name))
     if cfg.eval_fraction == 0:
@@ -305,10 +314,10 @@ def heldout_overlap(steps: list[Step]) -> int | None:
     records, and the prompts rl was given. None when the run has no evaluation."""
     from cai.core.data import load_prompts
 
-    ev = next((s for s in steps if s.stage == "eval"), None)
+    ev = next((s for s in steps if s.is_eval), None)
     if ev is None:
         return None
-    eval_texts = {it.prompt for name in EVAL_PROMPTS
+    eval_texts = {it.prompt for name in ev.prompt_fields()
                   for it in load_prompts(getattr(ev.config, name), limit=ev.config.limit)}
     seen: set[str] = set()
     for step in steps:
@@ -347,7 +356,7 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
                                                    CONSTITUTION_PART[step.stage])
     parts["deps"] = {d: done[d]["data"] for d in step.deps}
     # A prompt file's content, not just its path: a new split reruns what read the old one.
-    files = {n: getattr(step.config, n) for n in _prompt_fields(step)
+    files = {n: getattr(step.config, n) for n in step.prompt_fields()
              if getattr(step.config, n, None) and Path(getattr(step.config, n)).is_file()}
     if files:
         from cai.core.records import file_sha256
@@ -391,7 +400,8 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         if value is not None and value not in cfg.stages:
             raise CaiError(f"{value!r} is not one of this run's stages: {', '.join(cfg.stages)}",
                            field=name)
-    if start and until and ORDER.index(start) > ORDER.index(until):
+    order = list(steps_order())
+    if start and until and order.index(start) > order.index(until):
         raise CaiError(f"--from {start} comes after --until {until}: nothing would run",
                        field="from")
     steps = plan(cfg, where)
@@ -404,7 +414,6 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
                              "started": time.time(),
                              "prompt_split": getattr(cfg, "_prompt_split", None) or {}}
     done: dict[str, dict[str, Any]] = {}
-    order = list(ORDER)
     t_run = time.time()
     for n, step in enumerate(steps, 1):
         if start and order.index(step.stage) < order.index(start):
@@ -428,7 +437,7 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         _say(f"{n}/{len(steps)} {step.key}: running" +
              (f" (last run took {estimate:.0f} s)" if estimate else "") +
              f"; {time.time() - t_run:.0f} s elapsed")
-        if step.stage in TRAINING and (prev.get("key") not in (None, key) or force):
+        if step.spec.name.startswith("train.") and (prev.get("key") not in (None, key) or force):
             _clear(step.folder)
         # The key is recorded before the stage runs, so a killed run whose config then
         # changes is cleared too (its checkpoints would otherwise be refused, or resumed).
@@ -436,7 +445,7 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
                                     "status": "running", "folder": str(step.folder)}
         write_json_atomic(state_path, state)
         t0 = time.time()
-        REGISTRY[REGISTERED[step.stage]].run(step.config)
+        step.spec.run(step.config)
         seconds = round(time.time() - t0, 2)
         data = _data_hashes(step.folder) or {}
         done[step.key] = {"data": data}

@@ -38,6 +38,8 @@ from cai.core.records import Provenance, Record, record_id, write_text_atomic
 from cai.core.stage import (
     Engine,
     EngineFields,
+    Input,
+    Output,
     Stage,
     StageDir,
     register,
@@ -377,7 +379,7 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     records = [r for r in stage.store if r["id"] in wanted]
     counts = write_outputs(stage.root, records, cfg.seed, cfg.drop_cut_off)
     manifest = write_manifest(
-        stage.root, STAGE, config=cfg, inputs=("prompts", "helpful_prompts"),
+        stage.root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(), models={"policy": backend.identity},
         counts={"records": len(records), "new": new, "rounds": rounds, **counts,
                 **overlong.counts()}, started=t0,
@@ -425,7 +427,8 @@ def write_outputs(root: Path, records: list[dict], seed: int,
 
 
 register(Stage("sl", SLConfig, run_sl, "SL-CAI: respond, critique and revise in rounds.",
-               inputs=("prompts", "helpful_prompts"),
-               outputs=("data.jsonl", "sft.jsonl", "pairs.jsonl")))
+               inputs=(Input("prompts", "red-team-prompts"),
+                       Input("helpful_prompts", "helpful-prompts"), Input("model", "base-model")),
+               outputs=(Output("sl-data"),), step="sl"))
 
 __all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl", "fit_prompts"]

@@ -54,6 +54,17 @@ def test_plan_wires_folders(tmp_path, tiny_model) -> None:
     r2 = {s.key: s for s in two}
     assert r2["round-2/label"].config.policy == str(root / "rl")
     assert r2["round-2/rl"].config.model == str(root / "rl")
+    # Each step depends on the steps whose outputs it reads (round 2's RL on round 1's).
+    assert r2["round-2/rl"].deps == ["rl", "round-2/pm"]
+    assert r2["round-2/pm"].deps == ["round-2/label", "sl"]
+    assert r2["dpo"].config.preferences == str(root / "label")  # labels of the SL-CAI policy
+    assert f"rl-cai={root / 'round-2' / 'rl'}" in r2["eval"].config.models
+    assert r2["eval"].config.reward == f"pm:{root / 'round-2' / 'pm'}"
+    nopm = {s.key: s for s in plan(load_pipeline_config(_config(
+        tmp_path, tiny_model, stages=["sl", "sft", "label", "rl", "eval"], sl_pairs_in_pm=False)))}
+    assert nopm["rl"].config.reward == f"judge:hf:{tiny_model}?progress=0"
+    assert nopm["eval"].config.reward is None and nopm["eval"].config.pm_eval is None
+    assert all(getattr(s.config, "pairs", None) is None for s in nopm.values())
 
 
 def test_bad_pipeline_config(tmp_path, tiny_model) -> None:
@@ -137,6 +148,42 @@ def test_heldout_pm_split_in_the_pipeline(tiny_run) -> None:
         assert not held_prompts & train_prompts, stage
         assert sorted(held_prompts) == report["split"]["eval_prompt_keys"]
         assert report["split"]["by"] == "prompt"
+
+
+def test_manifests_trace_every_input_back_to_the_constitution(tiny_run, tiny_model) -> None:
+    """Every input of RL, DPO and the evaluation, data and models alike, is in the manifest's
+    upstream with the data hash its own stage recorded, and the constitution stamp reaches
+    RL through its SFT policy and its PM (RL reads no labelled data itself)."""
+    root = tiny_run["root"]
+    m = {s: json.loads((root / s / "manifest.json").read_text())
+         for s in ("sl", "sft", "label", "pm", "rl", "dpo", "eval")}
+    stamp = m["label"]["constitution"]
+    assert stamp and stamp["hash"].startswith("sha256:") and m["sl"]["constitution"] == stamp
+
+    def check(entry: dict, stage: str, folder: str) -> None:
+        assert entry["stage"] == m[folder]["stage"] == stage, (entry, stage)
+        assert entry["data_sha256"] == m[folder]["data"]["sha256"] and entry["data_sha256"]
+        assert entry["constitution"] == stamp
+
+    rl = m["rl"]["upstream"]
+    assert rl["model"]["path"] == str(root / "sft") and rl["reward"]["path"] == f"pm:{root / 'pm'}"
+    check(rl["model"], "train.sft", "sft")
+    check(rl["reward"], "train.pm", "pm")
+    assert rl["prompts"]["sha256"].startswith("sha256:")  # the prompt file itself
+    assert m["rl"]["constitution"] == stamp
+    dpo = m["dpo"]["upstream"]
+    check(dpo["model"], "train.sft", "sft")
+    check(dpo["preferences"], "label", "label")
+    check(dpo["pairs"], "sl", "sl")
+    assert m["dpo"]["constitution"] == stamp
+    check(m["pm"]["upstream"]["preferences"], "label", "label")
+    ev = m["eval"]["upstream"]
+    check(ev["models.sl-cai"], "train.sft", "sft")
+    check(ev["models.rl-cai"], "train.rl", "rl")
+    check(ev["models.dpo"], "train.dpo", "dpo")
+    check(ev["reward"], "train.pm", "pm")
+    assert ev["models.base"]["path"] == str(tiny_model) and "stage" not in ev["models.base"]
+    assert ev["models.base"]["identity"] and ev["feedback_model"]["identity"]  # no manifest
 
 
 def test_constitution_edit_reruns_only_what_it_reaches(tiny_run) -> None:

@@ -43,38 +43,90 @@ MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
+class Input:
+    """A config field naming something a stage reads (data, a model, a reward), typed by
+    what it holds: the manifest's `upstream` lists every declared input, and the pipeline
+    wires each one to the newest earlier step that outputs its kind."""
+
+    field: str
+    """The config field holding it (a path, a model spec, or a `name=spec,...` list)."""
+    kind: str
+    """What it holds: "sl-data", "labels", "policy", "reward", "base-model", "judge-model",
+    "red-team-prompts", ... (an `Output` of the same kind feeds it)."""
+    missing: str = "run"
+    """In a pipeline with no earlier step of this kind: "run" takes the run's own value of
+    the kind (its base model, its judge, the red-team prompts) if it has one, "folder" the
+    folder the producing stage would write, "none" leaves the field unset."""
+    pick: str = "latest"
+    """Which producing step when several rounds made one: "latest" or "first"."""
+    many: bool = False
+    """A `name=spec,...` list of every output of this kind that names a player."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Something a stage leaves in its folder for later stages to read."""
+
+    kind: str
+    """What it is (matched against `Input.kind`)."""
+    file: str | None = None
+    """The file inside the folder; None: the folder itself (a data folder, a model)."""
+    prefix: str = ""
+    """How a reader names it: "pm:" makes a PM folder a reward spec."""
+    player: str | None = None
+    """Its name in an evaluation's list of models ("sl-cai", "rl-cai")."""
+
+    def value(self, folder: Path) -> str:
+        """The config value that reads this output of a step written to `folder`."""
+        return self.prefix + str(folder / self.file if self.file else folder)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One registered stage."""
 
     name: str
-    """Registry key, also the CLI path with dots: "sl", "label", "train.pm", "eval.labeler"."""
+    """Its one name: registry key, manifest `stage`, folder owner, CLI path with dots
+    ("sl", "label", "train.pm" is `cai train pm`, "eval.labeler")."""
     config: type
     """The stage's config dataclass (fields become CLI flags and YAML keys)."""
     run: Callable[[Any], dict[str, Any]]
     """Run (or resume) the stage from a config; returns its manifest."""
     help: str
     """One line for `--help`."""
-    inputs: tuple[str, ...] = ()
-    """Config fields that name upstream files or folders (hashed into the manifest)."""
-    outputs: tuple[str, ...] = ()
-    """Files the stage writes into its `out` folder."""
+    inputs: tuple[Input | str, ...] = ()
+    """What it reads (a bare string: a data file field of no particular kind)."""
+    outputs: tuple[Output | str, ...] = ()
+    """What it leaves for later stages (a bare string: a file no stage reads)."""
     positional: tuple[str, ...] = ()
     """Config fields also accepted as positional CLI arguments."""
+    step: str | None = None
+    """Its section and folder in a pipeline run ("pm" for train.pm); None: not run by the
+    pipeline. The pipeline runs these stages in registry order."""
+
+    @property
+    def reads(self) -> tuple[Input, ...]:
+        return tuple(i if isinstance(i, Input) else Input(i, "file") for i in self.inputs)
+
+    @property
+    def writes(self) -> tuple[Output, ...]:
+        return tuple(o if isinstance(o, Output) else Output(o, o) for o in self.outputs)
 
 
 REGISTRY: dict[str, Stage] = {}
 
-# Modules that register stages when imported; the CLI and the pipeline import them all.
+# The one list of stages: the modules that register them, in the order of the method (a
+# pipeline runs its stages in this order). The CLI and the pipeline import them all.
 STAGE_MODULES = (
     "cai.sl",
-    "cai.label",
     "cai.train.sft",
+    "cai.label",
     "cai.train.pm",
-    "cai.train.dpo",
     "cai.train.rl",
+    "cai.train.dpo",
+    "cai.evaluate.policies",
     "cai.evaluate.labeler",
     "cai.evaluate.constitutions",
-    "cai.evaluate.policies",
     "cai.evaluate.known_answer_run",
 )
 
@@ -86,9 +138,13 @@ def register(stage: Stage) -> Stage:
     """Add a stage; its registered `run` first refuses an output folder over an input."""
     if stage.name in _RUNS and _RUNS[stage.name] is not stage.run:
         raise RuntimeError(f"stage {stage.name!r} registered twice")
+    names = {f.name for f in dataclasses.fields(stage.config)}
+    bad = [i.field for i in stage.reads if i.field not in names]
+    if bad:
+        raise RuntimeError(f"stage {stage.name!r} declares input {bad[0]!r}, not a field of "
+                           f"{stage.config.__name__}")
     _RUNS[stage.name] = stage.run
-    reads = (*stage.inputs, *(f.name for f in dataclasses.fields(stage.config)
-                              if f.name in MODEL_FIELDS and f.name not in stage.inputs))
+    reads = read_fields(stage)
     REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run, reads))
     return REGISTRY[stage.name]
 
@@ -96,6 +152,14 @@ def register(stage: Stage) -> Stage:
 MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge_model", "constitution",
                 "old", "new", "best_of_base")
 """Config fields naming models or constitutions a stage reads (besides its `inputs`)."""
+
+
+def read_fields(stage: Stage, config: Any = None) -> tuple[str, ...]:
+    """Every config field a stage reads: its declared inputs, then any model or constitution
+    field it did not declare."""
+    declared = tuple(i.field for i in stage.reads)
+    names = [f.name for f in dataclasses.fields(config or stage.config)]
+    return (*declared, *(n for n in names if n in MODEL_FIELDS and n not in declared))
 
 
 def _guarded(run: Callable[[Any], dict[str, Any]], reads: Sequence[str]
@@ -111,9 +175,15 @@ def _guarded(run: Callable[[Any], dict[str, Any]], reads: Sequence[str]
 
 
 def load_registry() -> dict[str, Stage]:
-    """Import every stage module so the registry is complete."""
+    """Import every stage module so the registry is complete, in `STAGE_MODULES` order
+    (whichever module another imported first)."""
     for mod in STAGE_MODULES:
         importlib.import_module(mod)
+    rank = {m: i for i, m in enumerate(STAGE_MODULES)}
+    ordered = sorted(REGISTRY.values(),
+                     key=lambda st: rank.get(_RUNS[st.name].__module__, len(rank)))
+    REGISTRY.clear()
+    REGISTRY.update((st.name, st) for st in ordered)
     return REGISTRY
 
 
@@ -204,27 +274,39 @@ def lock_dir(root: Path) -> None:
     _HELD[key] = fd
 
 
-def _spec_paths(value: str) -> list[Path]:
-    """The local files or folders a config value names: a path, a model spec's folder
-    (`hf:`, `vllm:`, `pm:`, `embedded:` in the cache), `name=spec` lists; others none."""
-    from cai.core.models import embedded_dir
-
-    paths = []
+def spec_parts(value: str) -> list[tuple[str | None, str]]:
+    """A config value as (name, spec) parts: itself, or each of a `name=spec,...` list."""
+    out: list[tuple[str | None, str]] = []
     for part in value.split(","):
         part = part.strip()
         name, eq, rest = part.partition("=")
         if eq and "/" not in name and not Path(part).exists():
-            part = rest  # "label=spec" in a list of models
-        body = part.split("?", 1)[0] if not Path(part).exists() else part
-        for prefix in ("pm:", "judge:", "hf:", "vllm:"):
-            body = body.removeprefix(prefix)
-        if body.startswith("embedded:"):
-            paths.append(embedded_dir(body[len("embedded:"):]))
-        elif body and not body.startswith(("openai:", "python:", "http:", "https:")):
-            path = Path(body).expanduser()
-            if path.exists():
-                paths.append(path)
-    return paths
+            out.append((name, rest))  # "label=spec" in a list of models
+        elif part:
+            out.append((None, part))
+    return out
+
+
+def spec_target(spec: str) -> Path | None:
+    """The local file or folder a spec names (a path, `hf:`/`vllm:` folder, `pm:` reward,
+    `judge:` model, `embedded:` cache folder), if there is one."""
+    from cai.core.models import embedded_dir
+
+    body = spec.split("?", 1)[0] if not Path(spec).exists() else spec
+    for prefix in ("pm:", "judge:", "hf:", "vllm:"):
+        body = body.removeprefix(prefix)
+    if body.startswith("embedded:"):
+        return embedded_dir(body[len("embedded:"):])
+    if body and not body.startswith(("openai:", "python:", "http:", "https:")):
+        path = Path(body).expanduser()
+        if path.exists():
+            return path
+    return None
+
+
+def _spec_paths(value: str) -> list[Path]:
+    """The local files or folders a config value names (see `spec_target`)."""
+    return [p for _, spec in spec_parts(value) if (p := spec_target(spec)) is not None]
 
 
 def check_out_over_inputs(out: str | Path, cfg: Any, fields: Sequence[str]) -> None:
@@ -390,24 +472,42 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+NOT_UPSTREAM = ("constitution", "old", "new")
+"""Fields whose provenance is the manifest's constitution stamp, not an upstream entry."""
+
+
 def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
-    """For each input field: its path, the upstream stage, data hash and constitution."""
+    """For each input field (each model of a `name=spec` list as `field.name`): its path or
+    spec, the upstream stage, its data hash and constitution when a stage wrote it, a
+    file's own hash, and a model's identity (spec without speed options, weights hash)."""
     out: dict[str, Any] = {}
     for name in fields:
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if not value or value == "-":
+        if not value or value == "-" or not isinstance(value, str) or name in NOT_UPSTREAM:
             continue
-        p = Path(str(value))
-        entry: dict[str, Any] = {"path": str(value)}
-        if p.is_file():
-            entry["sha256"] = file_sha256(p)
-        m = read_manifest(p) if p.exists() else None
-        if m:
-            entry["stage"] = m.get("stage")
-            entry["data_sha256"] = (m.get("data") or {}).get("sha256")
-            entry["constitution"] = m.get("constitution")
-        out[name] = entry
+        for player, spec in spec_parts(value):
+            out[f"{name}.{player}" if player else name] = _upstream_entry(name, spec)
     return out
+
+
+def _upstream_entry(field: str, spec: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": spec}
+    target = spec_target(spec)
+    if target is not None and target.is_file():
+        entry["sha256"] = file_sha256(target)
+    m = read_manifest(target) if target is not None and target.exists() else None
+    if m:
+        entry["stage"] = m.get("stage")
+        entry["data_sha256"] = (m.get("data") or {}).get("sha256")
+        entry["constitution"] = m.get("constitution")
+    if field in MODEL_FIELDS:
+        from cai.core.models import model_identity
+
+        try:
+            entry["identity"] = model_identity(spec.removeprefix("pm:").removeprefix("judge:"))
+        except CaiError:
+            pass  # a reward spec that is no model (the stage itself checked it)
+    return entry
 
 
 def inherited_constitution(ups: dict[str, Any]) -> dict[str, Any] | None:
@@ -422,9 +522,16 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
                    started: float | None = None, timings: dict[str, float] | None = None,
                    data: Sequence[str] = ("data.jsonl",),
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `manifest.json` for any stage; the config in it is enough to rerun the stage."""
+    """Write `manifest.json` for any stage; the config in it is enough to rerun the stage.
+
+    `upstream` lists every input the stage declared at registration (data and models:
+    policy, reference, reward) besides any `inputs` given here; a stage without a
+    constitution of its own inherits the first upstream stamp, through models as well as
+    data (the RL policy from its SFT model and its PM)."""
     root = Path(root)
-    ups = upstream(config, inputs)
+    declared = (read_fields(REGISTRY[stage], config)
+                if stage in REGISTRY and dataclasses.is_dataclass(config) else ())
+    ups = upstream(config, tuple(dict.fromkeys((*inputs, *declared))))
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     timings = dict(timings or {})
     if started is not None:
@@ -486,6 +593,6 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
     write_text_atomic(root / "README.md", "\n".join(lines))
 
 
-__all__ = ["Stage", "StageDir", "Engine", "EngineFields", "REGISTRY", "register", "load_registry",
-           "run_chunks", "finished_run", "write_manifest", "write_card", "read_manifest", "upstream",
-           "claim_dir", "lock_dir", "check_out_over_inputs"]
+__all__ = ["Stage", "Input", "Output", "StageDir", "Engine", "EngineFields", "REGISTRY", "register",
+           "load_registry", "run_chunks", "finished_run", "write_manifest", "write_card",
+           "read_manifest", "upstream", "claim_dir", "lock_dir", "check_out_over_inputs"]

@@ -16,7 +16,7 @@ from cai.backends import Backend, load_backend
 from cai.constitution import diff, load
 from cai.core.errors import CaiError
 from cai.core.records import JsonlStore, read_records, write_json_atomic
-from cai.core.stage import Stage, claim_dir, load_registry, register, write_manifest
+from cai.core.stage import Input, Stage, claim_dir, load_registry, register, write_manifest
 from cai.judge import JudgeConfig
 
 STAGE = "eval.constitutions"
@@ -91,7 +91,7 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
     write_json_atomic(out / "report.json", report)
     metrics = {k: result[k] for k in ("pairs", "agreement", "mean_shift_p_a")} | {
         "flipped": len(result["flipped"])}
-    return write_manifest(out, STAGE, config=cfg, inputs=("pairs",),
+    return write_manifest(out, STAGE, config=cfg,
                           constitution=new_c.stamp.as_dict(),
                           models={"feedback": backend.identity}, started=t0,
                           counts={"pairs": result["pairs"]}, data=("report.json",),
@@ -102,6 +102,7 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
 
 register(Stage(STAGE, ConstitutionsEvalConfig, run_constitutions_eval,
                "Label the same pairs under two constitutions and compare.",
-               inputs=("pairs",), outputs=("report.json",), positional=("old", "new")))
+               inputs=(Input("pairs", "pairs"), Input("feedback_model", "judge-model")),
+               outputs=("report.json",), positional=("old", "new")))
 
 __all__ = ["ConstitutionsEvalConfig", "compare", "run_constitutions_eval"]

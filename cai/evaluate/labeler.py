@@ -19,7 +19,7 @@ from cai.constitution import load
 from cai.core.data import PairItem, _rows
 from cai.core.errors import CaiError, ValidationErrors
 from cai.core.records import write_json_atomic
-from cai.core.stage import Stage, claim_dir, register, write_manifest
+from cai.core.stage import Input, Stage, claim_dir, register, write_manifest
 from cai.judge import JudgeConfig, judge_pairs
 
 STAGE = "eval.labeler"
@@ -167,7 +167,7 @@ def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> 
     write_json_atomic(out / "report.json", report)
     metrics = {k: report[k] for k in ("accuracy", "accuracy_order_ab", "accuracy_order_ba",
                                       "ece", "position_bias", "mean_mass")}
-    return write_manifest(out, STAGE, config=cfg, inputs=("items",),
+    return write_manifest(out, STAGE, config=cfg,
                           constitution=report["constitution"],
                           models={"feedback": backend.identity}, counts={"items": len(items)},
                           started=t0, data=("report.json",), extra={"metrics": metrics})
@@ -175,7 +175,8 @@ def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> 
 
 register(Stage(STAGE, LabelerEvalConfig, run_labeler_eval,
                "Judge accuracy, calibration and position bias on A/B items.",
-               inputs=("items",), outputs=("report.json", "reliability.png"), positional=("items",)))
+               inputs=(Input("items", "labeler-items"), Input("feedback_model", "judge-model")),
+               outputs=("report.json", "reliability.png"), positional=("items",)))
 
 __all__ = ["LabelerEvalConfig", "evaluate_labeler", "run_labeler_eval", "load_items",
            "expected_calibration_error"]

@@ -49,6 +49,7 @@ from cai.core.records import JsonlStore, file_sha256, write_json_atomic, write_t
 from cai.core.stage import (
     Engine,
     EngineFields,
+    Input,
     Stage,
     claim_dir,
     register,
@@ -431,7 +432,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
               "games": len(planned), "comparisons": len(pairs),
               "new_comparisons": new_comparisons, "identical_answers": report["identical_answers"]}
     manifest = write_manifest(
-        root, STAGE, config=cfg, inputs=("red_team", "helpful", "benign", "rl_log", "pm_eval"),
+        root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(), models=roles, counts=counts, started=t0,
         timings=timings, data=("report.json", "comparisons.jsonl", "responses.jsonl"),
         extra={"metrics": metrics,
@@ -459,9 +460,13 @@ def _source(value: str) -> dict[str, Any]:
 
 register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                "Compare policies: AI-judge Elo (harmless, helpful), best-of-k, over-refusal.",
-               inputs=("red_team", "helpful", "benign", "rl_log", "pm_eval"),
+               inputs=(Input("models", "policy", many=True),
+                       Input("red_team", "red-team-prompts"), Input("helpful", "helpful-prompts"),
+                       Input("benign", "benign-prompts"), Input("feedback_model", "judge-model"),
+                       Input("reward", "reward", missing="none"),
+                       Input("pm_eval", "pm-eval"), Input("rl_log", "rl-log")),
                outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
                         "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
-               positional=("models",)))
+               positional=("models",), step="eval"))
 
 __all__ = ["PoliciesEvalConfig", "run_policies_eval", "parse_models"]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.stage import Stage, register, write_card
+from cai.core.stage import Input, Output, Stage, register, write_card
 from cai.train.common import (
     CHECKPOINTS,
     LOG,
@@ -356,7 +356,8 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
 
 register(Stage(name=STAGE, config=DPOTrainConfig, run=run_dpo,
                help="DPO of the SL-CAI model on soft AI labels (and SL pairs).",
-               inputs=("preferences", "pairs"),
-               outputs=("model.safetensors", "eval.json", "log.jsonl", "calibration.png")))
+               inputs=(Input("preferences", "labels", pick="first"), Input("pairs", "sl-data"),
+                       Input("model", "sl-model")),
+               outputs=(Output("policy", player="dpo"),), step="dpo"))
 
 __all__ = ["DPOTrainConfig", "run_dpo", "train_dpo", "evaluate_dpo", "dpo_rows", "completion_logps"]

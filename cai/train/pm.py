@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.stage import Stage, register, write_card
+from cai.core.stage import Input, Output, Stage, register, write_card
 from cai.train.common import (
     CHECKPOINTS,
     LOG,
@@ -324,8 +324,10 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
 
 register(Stage(name=STAGE, config=PMConfig, run=run_pm,
                help="Train a preference model on soft AI labels (and SL pairs).",
-               inputs=("preferences", "pairs"),
-               outputs=("model.safetensors", "eval.json", "log.jsonl", "calibration.png")))
+               inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
+                       Input("model", "base-model")),
+               outputs=(Output("reward", prefix="pm:"), Output("pm-eval", file="eval.json")),
+               step="pm"))
 
 __all__ = ["PMConfig", "run_pm", "train_pm", "load_reward_model", "pm_scores", "encode_pm",
            "evaluate_pm"]

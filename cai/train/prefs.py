@@ -417,7 +417,7 @@ def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, re
                         title=f"{title} ({report['pairs']} held-out pairs)")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return write_manifest(
-        out, stage, config=cfg, inputs=("preferences", "pairs"), models=models,
+        out, stage, config=cfg, models=models,
         counts={**counts, **result.counts, "eval": n_eval, "steps": result.steps,
                 "resumed": resumed},
         started=t0, timings={"train": result.seconds}, data=("model.safetensors",),

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.stage import Stage, claim_dir, finished_run, register, write_card, write_manifest
+from cai.core.stage import (
+    Input,
+    Output,
+    Stage,
+    claim_dir,
+    finished_run,
+    register,
+    write_card,
+    write_manifest,
+)
 from cai.train.common import check_run_config
 from cai.train.monitors import with_monitors
 from cai.train.rewards import RewardSource, load_reward
@@ -231,7 +240,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     metrics = summarize(log)
     reward_spec = getattr(reward, "spec", cfg.reward)
     manifest = write_manifest(
-        out, STAGE, config=cfg, inputs=("prompts",),
+        out, STAGE, config=cfg,
         models={"policy": cfg.model, "reference": cfg.model, "reward": reward_spec},
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
@@ -491,8 +500,9 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "
 
 register(Stage(name=STAGE, config=RLConfig, run=run_rl,
                help="RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward",
-               inputs=("prompts",),
-               outputs=("model.safetensors", "config.json", "log.jsonl", "manifest.json",
-                        "README.md")))
+               inputs=(Input("model", "policy"), Input("reward", "reward"),
+                       Input("prompts", "red-team-prompts")),
+               outputs=(Output("policy", player="rl-cai"), Output("rl-log", file="log.jsonl")),
+               step="rl"))
 
 __all__ = ["RLConfig", "run_rl", "summarize", "ALGOS"]
