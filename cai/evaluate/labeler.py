@@ -21,6 +21,7 @@ from cai.core.errors import CaiError, ValidationErrors
 from cai.core.records import write_json_atomic
 from cai.core.stage import Input, Stage, claim_dir, register, write_manifest
 from cai.judge import JudgeConfig, judge_pairs
+from cai.train.plots import expected_calibration_error, reliability_png
 
 STAGE = "eval.labeler"
 
@@ -83,20 +84,6 @@ def load_items(path: str | Path, limit: int | None = None) -> list[ABItem]:
     return items[:limit] if limit else items
 
 
-def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int) -> tuple[float, list]:
-    """ECE over equal-width confidence bins; also the per-bin table for the plot."""
-    edges = np.linspace(0.5, 1.0, bins + 1)
-    table, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf >= lo) & ((conf < hi) if hi < 1.0 else (conf <= hi))
-        if m.any():
-            acc, c = float(correct[m].mean()), float(conf[m].mean())
-            ece += m.mean() * abs(acc - c)
-            table.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()),
-                          "confidence": c, "accuracy": acc})
-    return float(ece), table
-
-
 def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConfig) -> dict[str, Any]:
     c = load(cfg.constitution)
     pairs = [PairItem(i.id, i.context, i.options[0], i.options[1]) for i in items]
@@ -135,27 +122,6 @@ def evaluate_labeler(items: list[ABItem], backend: Backend, cfg: LabelerEvalConf
     return report
 
 
-def reliability_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfectly calibrated")
-    t = report["reliability"]
-    ax.plot([b["confidence"] for b in t], [b["accuracy"] for b in t], "o-", label="labeler")
-    for b in t:
-        ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, 3))
-    ax.set(xlabel="confidence max(p, 1-p)", ylabel="accuracy", xlim=(0.5, 1), ylim=(0, 1),
-           title=f"Labeler reliability (ECE {report['ece']:.3f})")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     t0 = time.time()
     items = load_items(cfg.items, cfg.limit)
@@ -163,7 +129,9 @@ def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> 
     claim_dir(out, STAGE)
     backend = backend or load_backend(cfg.feedback_model)
     report = evaluate_labeler(items, backend, cfg)
-    reliability_plot(report, out / "reliability.png")
+    reliability_png(report["reliability"], out / "reliability.png",
+                    title=f"Labeler reliability (ECE {report['ece']:.3f})",
+                    xlabel="confidence max(p, 1-p)", ylabel="accuracy")
     write_json_atomic(out / "report.json", report)
     metrics = {k: report[k] for k in ("accuracy", "accuracy_order_ab", "accuracy_order_ba",
                                       "ece", "position_bias", "mean_mass")}
