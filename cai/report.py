@@ -8,24 +8,13 @@ curves, time per stage, and a few prompts with every model's answer side by side
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cai.core.records import write_text_atomic
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+from cai.core.results import Example, PreferenceEval
+from cai.core.results import read_json as _json
+from cai.core.results import read_jsonl as _jsonl
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -86,23 +75,23 @@ def _labels(root: Path) -> list[str]:
     return lines
 
 
+SOURCES = {"labels": "AI labels (chosen ≻ rejected)", "sl-pairs": "SL pairs (revision ≻ initial)"}
+"""How the report names the PM's data sources."""
+
+
 def _pm(root: Path) -> list[str]:
     folder = _latest(root, "pm")
-    ev = _json(folder / "eval.json")
-    if not ev:
+    ev = PreferenceEval.read(folder)
+    if ev is None:
         return []
     lines = ["## Preference model", "",
-             f"Held-out accuracy {_fmt(ev.get('accuracy'))} on {ev.get('pairs', ev.get('n'))} pairs, "
+             f"Held-out accuracy {_fmt(ev.get('accuracy'))} on {_fmt(ev.get('pairs'))} pairs, "
              f"mean margin {_fmt(ev.get('mean_margin'))}, ECE {_fmt(ev.get('ece'))}.", ""]
-    per = ev.get("by_source") or ev.get("per_source") or {}
-    if per:
-        rows = []
-        names = {"labels": "AI labels (chosen ≻ rejected)", "sl-pairs": "SL pairs (revision ≻ initial)"}
-        for src, v in per.items():
-            v = v if isinstance(v, dict) else {"accuracy": v}
-            rows.append([names.get(src, src), v.get("pairs", v.get("n")), v.get("accuracy")])
+    if ev.by_source:
         lines += ["What the PM learned from each source (held-out pairs; 0.5 is chance):", ""]
-        lines += _table(["source", "pairs", "accuracy"], rows)
+        lines += _table(["source", "pairs", "accuracy"],
+                        [[SOURCES.get(src, src), v.pairs, v.accuracy]
+                         for src, v in ev.by_source.items()])
     if (folder / "calibration.png").exists():
         lines += [f"![PM calibration]({(folder / 'calibration.png').relative_to(root)})", ""]
     return lines
@@ -122,7 +111,7 @@ def _policies(root: Path) -> list[str]:
     if not rep:
         return []
     lines = ["## Policies", ""]
-    judge = rep.get("judge_model") or rep.get("feedback_model")
+    judge = rep.get("judge_model")
     lines += [f"Evaluation judge: `{judge}`" + (
         f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge_model` in "
         "the pipeline config, `--judge` on `cai eval policies`)." if rep.get("judge_note")
@@ -244,14 +233,13 @@ def _times(root: Path) -> list[str]:
 
 
 def _examples(root: Path, n: int = 3) -> list[str]:
-    rows = _jsonl(root / "eval" / "examples.jsonl")[:n]
+    rows = Example.read_all(root / "eval")[:n]
     if not rows:
         return []
     lines = ["## Examples", ""]
     for r in rows:
-        answers = r.get("answers") or r.get("responses") or {}
-        lines += [f"**Prompt:** {_clip(r.get('prompt', ''), 400)}", ""]
-        lines += _table(["model", "answer"], [[k, _clip(v)] for k, v in answers.items()])
+        lines += [f"**Prompt:** {_clip(r.prompt, 400)}", ""]
+        lines += _table(["model", "answer"], [[k, _clip(v)] for k, v in r.responses.items()])
     return lines
 
 

@@ -186,6 +186,23 @@ def test_manifests_trace_every_input_back_to_the_constitution(tiny_run, tiny_mod
     assert ev["models.base"]["identity"] and ev["feedback_model"]["identity"]  # no manifest
 
 
+def test_report_tables_come_from_the_stages_results(tiny_run) -> None:
+    """The PM's per-source accuracy and the side-by-side answers in report.md are the
+    numbers and texts the stages wrote (eval.json `by_source`, examples.jsonl `responses`)."""
+    root = tiny_run["root"]
+    md = (root / "report.md").read_text()
+    by_source = json.loads((root / "pm" / "eval.json").read_text())["by_source"]
+    names = {"labels": "AI labels (chosen ≻ rejected)", "sl-pairs": "SL pairs (revision ≻ initial)"}
+    assert set(by_source) == set(names)
+    for src, v in by_source.items():
+        acc = "–" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+        assert f"| {names[src]} | {v['pairs']} | {acc} |" in md
+    example = _jsonl(root / "eval" / "examples.jsonl")[0]
+    assert f"**Prompt:** {' '.join(example['prompt'].split())[:60]}" in md
+    for model in example["responses"]:
+        assert f"| {model} | " in md
+
+
 def test_constitution_edit_reruns_only_what_it_reaches(tiny_run) -> None:
     edited, cfg_path, tmp_path = tiny_run["constitution"], tiny_run["cfg_path"], tiny_run["root"].parent
     stages = ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
