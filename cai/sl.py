@@ -28,13 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cai.backends import Backend, Generation, GenerationConfig, GenRequest, load_backend
+from cai.backends import Backend, Generation, GenerationConfig, GenRequest, ReplicaTask, load_backend
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
-from cai.constitution import Constitution, derive_seed, load, sample_sl_principle
+from cai.constitution import Constitution, load, sample_sl_principle
 from cai.core.data import PromptItem, load_prompts
-from cai.core.distributed import ReplicaTask
 from cai.core.errors import CaiError
 from cai.core.records import Provenance, Record, record_id, write_text_atomic
+from cai.core.seeds import derive_seed
 from cai.core.stage import (
     Engine,
     EngineFields,

@@ -21,7 +21,8 @@ from cai.core.errors import CaiError
 from cai.core.models import ModelSpec, resolve
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
-           "ScoreResult", "ReplicaTask", "load_backend", "release", "cached_specs"]
+           "ScoreResult", "ReplicaTask", "backend_class", "load_backend", "release",
+           "cached_specs"]
 
 _CACHE: dict[str, Backend] = {}
 CACHE_SIZE = 1
@@ -42,27 +43,32 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     if reuse:
         while len(_CACHE) >= CACHE_SIZE:
             release(next(iter(_CACHE)))
-    if resolved.backend == "hf":
-        from cai.backends.hf import HFBackend
-
-        backend: Backend = HFBackend(resolved)
-    elif resolved.backend == "vllm":
-        from cai.backends.vllm import VLLMBackend
-
-        backend = VLLMBackend(resolved)
-    elif resolved.backend == "openai":
-        from cai.backends.openai import OpenAIBackend
-
-        backend = OpenAIBackend(resolved)
-    elif resolved.backend == "python":
-        from cai.backends.pyfunc import PythonJudge
-
-        backend = PythonJudge(resolved)
-    else:  # a spec parses to known backends only
-        raise CaiError(f"unknown backend {resolved.backend!r}", field="model")
+    backend: Backend = backend_class(resolved.backend)(resolved)
     if reuse:
         _CACHE[key] = backend
     return backend
+
+
+def backend_class(kind: str) -> type:
+    """The class that runs one kind of backend, built from a resolved spec. Each is imported
+    only when asked for, so `import cai.backends` loads neither torch nor vLLM."""
+    if kind == "hf":
+        from cai.backends.hf import HFBackend
+
+        return HFBackend
+    if kind == "vllm":
+        from cai.backends.vllm import VLLMBackend
+
+        return VLLMBackend
+    if kind == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        return OpenAIBackend
+    if kind == "python":
+        from cai.backends.pyfunc import PythonJudge
+
+        return PythonJudge
+    raise CaiError(f"unknown backend {kind!r}", field="model")  # a spec parses to known kinds only
 
 
 def release(spec: str | None = None) -> None:

@@ -2,12 +2,13 @@
 
 A stage hands its work as a `ChunkTask`: a picklable callable that loads what it needs
 (constitution, backend replica) once per actor and turns a chunk of work items into record
-dicts. The local engine calls it in-process; the Ray engine runs one copy per actor (one
-backend replica each, `gpus_per_worker` GPUs each) through `map_batches`, and the driver
-appends the records to the stage's store as batches arrive. Because every sampled text
-depends only on its own request's seed and inputs, both engines write the same records;
-because the driver's store skips ids it already holds, a retried task or a restarted
-actor never writes a record twice, and a rerun skips what is done.
+dicts (tasks that hold a model derive from `cai.backends.ReplicaTask`). The local engine
+calls it in-process; the Ray engine runs one copy per actor (one backend replica each,
+`gpus_per_worker` GPUs each) through `map_batches`, and the driver appends the records to
+the stage's store as batches arrive. Because every sampled text depends only on its own
+request's seed and inputs, both engines write the same records; because the driver's store
+skips ids it already holds, a retried task or a restarted actor never writes a record twice,
+and a rerun skips what is done.
 
 `RAY_ADDRESS` (or `--ray-address`) joins an existing cluster; otherwise a local one starts.
 """
@@ -32,27 +33,6 @@ class ChunkTask(Protocol):
     """Turns a chunk of work items into records; picklable, loads its models lazily."""
 
     def __call__(self, chunk: list[Any]) -> list[dict[str, Any]]: ...
-
-
-class ReplicaTask:
-    """Base of the chunk tasks that hold a model: `backend` is left out when the task is
-    pickled, so each Ray actor loads its own replica (of `model_spec()`) on its first
-    chunk, while a local run keeps the one it was given or loads it once."""
-
-    backend: Any
-
-    def model_spec(self) -> str:
-        raise NotImplementedError
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "backend": None}
-
-    def replica(self) -> Any:
-        if self.backend is None:
-            from cai.backends import load_backend
-
-            self.backend = load_backend(self.model_spec())
-        return self.backend
 
 
 class _RayWorker:
@@ -231,4 +211,4 @@ def run_ray(todo: Sequence[Any], chunk_size: int, task: ChunkTask, store: JsonlS
     return written
 
 
-__all__ = ["ENGINES", "ChunkTask", "ReplicaTask", "init_ray", "run_ray", "check_ray_address"]
+__all__ = ["ENGINES", "ChunkTask", "init_ray", "run_ray", "check_ray_address"]
