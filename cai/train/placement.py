@@ -165,6 +165,7 @@ def _zero3(model: nn.Module, p: Parallelism) -> nn.Module:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     engine, *_ = deepspeed.initialize(model=model,
                                       config=zero3_inference_config(p.deepspeed_config, hidden))
+    engine.eval()  # the engine's eval() returns None, not the engine
     return engine
 
 
@@ -175,15 +176,18 @@ def place(model: nn.Module, where: Placement, p: Parallelism, device: Any) -> nn
         return model.to(device)
     if p.sharding == "fsdp":
         return _fully_shard(model, offload=where == "offload")
-    return _zero3(model, p).eval()
+    return _zero3(model, p)
 
 
 def local_fraction(model: nn.Module) -> float:
     """The share of a model's parameters this process holds (1.0 when whole)."""
     total = here = 0
     for t in model.parameters():
-        total += t.numel()
-        here += t.to_local().numel() if hasattr(t, "to_local") else t.numel()
+        if hasattr(t, "ds_numel"):  # a ZeRO-3 partition: the full size and this process's
+            total, here = total + t.ds_numel, here + t.ds_tensor.numel()
+        else:  # an FSDP DTensor (its local shard), or a whole tensor
+            total += t.numel()
+            here += t.to_local().numel() if hasattr(t, "to_local") else t.numel()
     return here / max(total, 1)
 
 
@@ -204,7 +208,7 @@ def place_frozen(reference: nn.Module, reward: Any, accelerator: Any, device: An
     if p.processes > 1 and accelerator.is_main_process:
         how = {"fsdp": "torch fully_shard", "zero3": "DeepSpeed ZeRO-3"}.get(p.sharding, "")
         parts = [f"{name} {w}" + (f" ({how}; {local_fraction(m):.0%} of its parameters on "
-                                  "this process)" if p.sharding == "fsdp" and w != "whole" else "")
+                                  "this process)" if w != "whole" else "")
                  for (name, w), m in zip(done.items(), (reference, getattr(reward, "model", None)))]
         print(f"[cai] PPO frozen models over {p.processes} processes: " + ", ".join(parts),
               file=sys.stderr)
