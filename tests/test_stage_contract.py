@@ -181,7 +181,9 @@ def test_score_mode_manifest_is_valid_json_and_keeps_prompts(tmp_path, tiny_mode
 def test_registry_and_manifest_lineage(tmp_path) -> None:
     stages = load_registry()
     assert {"sl", "label", "train.sft", "eval.labeler", "eval.constitutions"} <= set(stages)
-    assert REGISTRY["label"].inputs == ("pairs", "prompts")
+    assert [(i.field, i.kind) for i in REGISTRY["label"].reads] == [
+        ("pairs", "pairs"), ("prompts", "red-team-prompts"), ("policy", "policy"),
+        ("feedback_model", "judge-model")]
     up = tmp_path / "label"
     up.mkdir()
     (up / "preferences.jsonl").write_text('{"id": "1"}\n')
@@ -198,6 +200,41 @@ def test_registry_and_manifest_lineage(tmp_path) -> None:
     assert m["upstream"]["preferences"]["stage"] == "label"
     assert m["upstream"]["preferences"]["data_sha256"].startswith("sha256:")
     assert read_manifest(down)["upstream"] == m["upstream"]
+
+
+def test_declared_inputs_are_config_fields_and_reach_the_manifest(tmp_path, monkeypatch) -> None:
+    """A stage may only declare fields its config has (caught at registration), and
+    write_manifest lists every declared input, models included, without being told."""
+    from dataclasses import dataclass
+
+    from cai.core import stage as st
+    from cai.core.stage import Input, Output, Stage, register
+
+    monkeypatch.setattr(st, "REGISTRY", dict(st.REGISTRY))  # the test stages go afterwards
+    monkeypatch.setattr(st, "_RUNS", dict(st._RUNS))
+
+    @dataclass
+    class Cfg:
+        model: str = "x"
+        out: str = "o"
+
+    with pytest.raises(RuntimeError, match="declares input 'modle'"):
+        register(Stage("test.typo", Cfg, lambda c: {}, "t", inputs=(Input("modle", "policy"),)))
+    up = tmp_path / "sft"
+    up.mkdir()
+    (up / "model.safetensors").write_bytes(b"weights")
+    stamp = {"name": "harmless", "version": "1.0.0", "hash": "sha256:abc"}
+    write_manifest(up, "train.sft", config={"seed": 0}, constitution=stamp,
+                   data=("model.safetensors",))
+    register(Stage("test.policy-user", Cfg, lambda c: {}, "t", inputs=(Input("model", "policy"),),
+                   outputs=(Output("policy"),)))
+    m = write_manifest(tmp_path / "rl", "test.policy-user", config=Cfg(model=f"hf:{up}"), data=())
+    assert m["upstream"]["model"]["stage"] == "train.sft"
+    assert m["upstream"]["model"]["data_sha256"] == read_manifest(up)["data"]["sha256"]
+    assert m["constitution"] == stamp  # inherited through the model, not only through data
+    bare = write_manifest(tmp_path / "bare", "test.unregistered", config=Cfg(model=f"hf:{up}"),
+                          data=())
+    assert bare["upstream"] == {} and bare["constitution"] is None  # nothing declared, none read
 
 
 # ----------------------------------------------------------------------------- CLI
