@@ -1,7 +1,9 @@
 """Backends behind one protocol (`Backend`); `load_backend(spec)` picks one from a model spec.
 
 The spec is resolved once here (`cai.core.models.resolve`) and the backend is built from
-the resolved spec, so no backend parses it again.
+the resolved spec, so no backend parses it again. The package's face also holds what every
+stage uses beside a backend: the request and result types, and the policy for inputs too
+long for a model (`Overlong`, `fit_texts`).
 """
 
 from __future__ import annotations
@@ -9,20 +11,25 @@ from __future__ import annotations
 from typing import Any
 
 from cai.backends.base import (
+    OVERLONG_MODES,
     Backend,
     Chat,
     Generation,
     GenerationConfig,
     GenRequest,
+    JudgeQuestion,
+    Overlong,
     ScoreRequest,
     ScoreResult,
+    context_of,
+    fit_texts,
 )
 from cai.core.errors import CaiError
 from cai.core.models import ModelSpec, resolve
 
-__all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "ScoreRequest",
-           "ScoreResult", "ReplicaTask", "backend_class", "load_backend", "release",
-           "cached_specs"]
+__all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "JudgeQuestion",
+           "ScoreRequest", "ScoreResult", "OVERLONG_MODES", "Overlong", "context_of", "fit_texts",
+           "ReplicaTask", "backend_class", "load_backend", "release", "cached_specs"]
 
 _CACHE: dict[str, Backend] = {}
 CACHE_SIZE = 1

@@ -27,11 +27,10 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    bind_spec,
-    check_chat,
     trim_at_stop,
 )
 from cai.backends.chat import ChatFormat, check_fits, context_length, load_tokenizer
+from cai.backends.options import bind_spec, check_chat
 from cai.backends.prefix import (
     PrefixCache,
     cache_from,

@@ -27,11 +27,10 @@ from cai.backends.base import (
     GenRequest,
     ScoreRequest,
     ScoreResult,
-    bind_spec,
-    check_chat,
     render_plain,
 )
 from cai.backends.chat import check_fits
+from cai.backends.options import bind_spec, check_chat
 from cai.core.errors import CaiError
 from cai.core.models import ResolvedSpec, local_path
 from cai.core.seeds import derive_seed

@@ -17,16 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cai.backends.base import (
-    Generation,
-    GenerationConfig,
-    GenRequest,
-    ScoreRequest,
-    ScoreResult,
-    bind_spec,
-    check_chat,
-)
+from cai.backends.base import Generation, GenerationConfig, GenRequest, ScoreRequest, ScoreResult
 from cai.backends.chat import ChatFormat, check_fits
+from cai.backends.options import bind_spec, check_chat
 from cai.core.errors import CaiError
 from cai.core.models import ResolvedSpec
 from cai.core.seeds import derive_seed
