@@ -417,7 +417,7 @@ def test_resume_config_change_rl_is_refused_naming_the_fields(tmp_path: Path, ti
         # Killed after a checkpoint (no model, no manifest yet): the same rule.
         for p in [out / "manifest.json", *out.glob("*.safetensors")]:
             p.unlink()
-        assert (out / "checkpoint").is_dir()
+        assert (out / "checkpoints").is_dir()
         with pytest.raises(CaiError, match=r"different configuration \(learning_rate: 0\.001 -> 0\.002\)"):
             run_rl(_rl_cfg(tmp_path, tiny_model, learning_rate=2e-3))
         # From the command line: one line, exit 2, the field named, the folder untouched.

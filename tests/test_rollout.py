@@ -47,7 +47,7 @@ def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai.backends.chat import ChatFormat
-    from cai.train.ppo import PPOTrainer
+    from cai.train.ppo import PPOConfig, PPOTrainer
     from cai.train.rl import _lora_config
     from cai.train.rollout import VLLMRollout
 
@@ -63,7 +63,8 @@ def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     out.mkdir(parents=True)
     engine = VLLMRollout(path, ChatFormat(tok).stop_ids) if engine_name == "vllm" else None
-    return PPOTrainer(policy, reference, tok, LengthReward(), chats, cfg, out, engine=engine)
+    return PPOTrainer(policy, reference, tok, LengthReward(), chats, PPOConfig.from_fields(cfg), out,
+                      engine=engine)
 
 
 def _greedy_hf(trainer) -> list[list[int]]:

@@ -238,7 +238,8 @@ def test_run_rl_ppo_resumes_from_its_checkpoint(tiny_model, tiny_pm, prompts_fil
                   max_new_tokens=8, learning_rate=1e-3, save_every=1, lora_r=4, lora_alpha=8)
     out = tmp_path / "rl"
     run_rl(RLConfig(out=str(out), steps=2, **common))
-    assert (out / "checkpoint" / "state.pt").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / "state.pt").exists()
+    assert not (out / "checkpoints" / "checkpoint-1").exists()  # only the newest is kept
     manifest = run_rl(RLConfig(out=str(out), steps=4, **common))
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     assert manifest["stage"] == "train.rl" and manifest["config"]["steps"] == 4

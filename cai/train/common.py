@@ -480,6 +480,7 @@ def finish_training(trainer: Any, lora: bool) -> Any:
 __all__ = ["pm_text", "as_chat", "encode_chat", "prompt_completion_ids", "control_strings",
            "check_run_config", "config_hash", "start_run", "last_checkpoint", "resume_point",
            "checkpoint_problem", "write_checkpoint", "AtomicCheckpoints", "atomic_trainer",
-           "disk_errors", "RUN_CONFIG", "CHECKPOINTS", "LOG", "check_policy_folder",
+           "disk_errors", "RUN_CONFIG", "CHECKPOINTS", "STATE", "TRAINER_STATE", "LOG",
+           "check_policy_folder",
            "trainer_args", "finish_training", "log_callback", "log_entries", "write_log",
            "append_step", "read_steps", "rewrite_steps"]

@@ -11,8 +11,9 @@ preference model) is PPO, so here it is, small enough to read top to bottom:
 4. a few epochs of minibatch updates of the clipped policy loss plus the clipped value loss;
 5. optionally adapt β towards a target KL (Ziegler et al. 2019).
 
-The maths lives in small pure functions (`kl_per_token`, `gae`, `policy_loss`,
-`value_loss`, `AdaptiveKLController`) that the tests check on hand-computed tensors. Every
+The maths lives in small pure functions in `cai.train.ppo_maths` (`kl_per_token`, `gae`,
+`policy_loss`, `value_loss`, `AdaptiveKLController`) that the tests check on hand-computed
+tensors. The trainer takes its own `PPOConfig` (`cai.train.ppo_config`). Every
 random choice (prompt order, sampling, minibatch order) is a pure function of the seed and
 the step, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -36,145 +36,39 @@ import torch
 from torch import nn
 
 from cai.constitution import derive_seed
-from cai.train.common import Chat
+from cai.core.errors import CaiError
+from cai.train.common import (
+    CHECKPOINTS,
+    LOG,
+    STATE,
+    TRAINER_STATE,
+    Chat,
+    append_step,
+    read_steps,
+    resume_point,
+    rewrite_steps,
+    write_checkpoint,
+)
 from cai.train.monitors import monitor_stats
+from cai.train.ppo_config import PPOConfig
+from cai.train.ppo_maths import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 if TYPE_CHECKING:
     from cai.train.rewards import RewardSource
-    from cai.train.rl import RLConfig
 
 VF_COEF = 0.1
 """Weight of the value loss against the policy loss (they share the LM's trunk)."""
 MAX_GRAD_NORM = 1.0
-
-# --------------------------------------------------------------------------- the maths
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where mask is 1 (response tokens, not padding)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale to unit variance over the masked positions; optionally subtract the mean too."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of tokens sampled from π.
-
-    k1 = log π − log π_ref: unbiased, and its sum over a response is exactly the log-ratio
-    of the whole sequence, so it is the penalty PPO-RLHF puts in the reward; a single token
-    can be negative. k3 = (r − 1) − log r with r = π_ref/π: also unbiased, never negative,
-    lower variance; logged as a cross-check.
-    """
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
-
-
-def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                  beta: float) -> torch.Tensor:
-    """r_t = −β·KL_t on every response token, plus the sequence score at the last one. [B, T]"""
-    rewards = -beta * kl * mask
-    last = mask.sum(dim=1).long().clamp(min=1) - 1  # [B]
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens; returns (advantages, returns).
-
-    δ_t = r_t + γ·V_{t+1} − V_t and A_t = δ_t + γλ·A_{t+1}, where V and A are 0 after the last
-    response token (padding never leaks into a real token's estimate). Returns = A + V is the
-    value target. All [B, T].
-    """
-    values = values * mask
-    rewards = rewards * mask
-    adv = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_adv = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        next_value = values[:, t]
-        adv[:, t] = next_adv
-    return adv, (adv + values) * mask
-
-
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate, as a loss to minimise; returns (loss, clip fraction).
-
-    The pessimistic max of −A·ρ and −A·clip(ρ, 1 ± ε) keeps one batch from moving the policy
-    far from the one that sampled it. Clip fraction = share of tokens where the clipped term
-    was the one used.
-    """
-    ratio = torch.exp(logp - old_logp)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clipfrac
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """½·max((V − R)², (V_clipped − R)²), V_clipped within ±cliprange_value of the old value.
-
-    Returns (loss, clip fraction). Clipping the value like the policy keeps a noisy return
-    from yanking the shared trunk.
-    """
-    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    err = (values - returns) ** 2
-    err_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-    clipfrac = masked_mean((err_clipped > err).float(), mask)
-    return loss, clipfrac
-
-
-class AdaptiveKLController:
-    """β moves towards the value that keeps the per-response KL near `target`.
-
-    β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) after n samples: a proportional
-    controller, clipped so one noisy batch cannot swing β.
-    """
-
-    def __init__(self, beta: float, target: float, horizon: int = 10_000):
-        self.value = beta
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, kl: float, n_steps: int) -> float:
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value, self.target, self.horizon = state["value"], state["target"], int(state["horizon"])
-
-
-class FixedKLController(AdaptiveKLController):
-    """A constant β (the default)."""
-
-    def __init__(self, beta: float):
-        super().__init__(beta, target=1.0)
-
-    def update(self, kl: float, n_steps: int) -> float:
-        return self.value
-
 
 # --------------------------------------------------------------------------- the model
 
@@ -266,7 +160,8 @@ class PPOTrainer:
     """Owns the policy, value head, frozen reference, reward, optimizer and KL controller.
 
     `policy` may be a peft model (LoRA); `reference` is a separate frozen copy of the model
-    the run started from (the SL-CAI folder). `cfg` is an `RLConfig`. `engine` samples the
+    the run started from (the SL-CAI folder). `cfg` is a `PPOConfig` (`cai train rl` builds it
+    from its `RLConfig`). `engine` samples the
     rollouts (`cai.train.rollout`; default: the policy itself through transformers).
 
     With an `accelerator` of N processes (`accelerate launch`), each process samples and
@@ -278,7 +173,7 @@ class PPOTrainer:
     """
 
     def __init__(self, policy: nn.Module, reference: nn.Module, tokenizer: Any,
-                 reward: RewardSource, prompts: list[Chat], cfg: RLConfig, out: str | Path,
+                 reward: RewardSource, prompts: list[Chat], cfg: PPOConfig, out: str | Path,
                  engine: Any = None, accelerator: Any = None):
         from cai.backends.chat import ChatFormat
         from cai.train.placement import deepspeed_micro_batch, place_frozen
@@ -321,8 +216,6 @@ class PPOTrainer:
 
     def _check_split(self) -> None:
         """Across N processes every batch and minibatch must split into N equal shares."""
-        from cai.core.errors import CaiError
-
         cfg, n = self.cfg, self.world
         if n == 1:
             return
@@ -517,13 +410,13 @@ class PPOTrainer:
 
     @property
     def log_path(self) -> Path:
-        return self.out / "log.jsonl"
+        return self.out / LOG
 
     def train(self, steps: int) -> list[dict[str, Any]]:
         """Run (or continue) to `steps`, logging every step and checkpointing on schedule."""
         start = self.load_checkpoint()
-        if self.is_main:
-            self._trim_log(start)
+        if self.is_main:  # the steps after the checkpoint are about to be redone
+            rewrite_steps(self.log_path, read_steps(self.log_path, upto=start))
         if start:
             self.engine.sync(self.policy)  # the engine starts from the checkpoint's weights
         history = []
@@ -533,37 +426,19 @@ class PPOTrainer:
             every = self.cfg.save_every
             # Every process holds the same weights and stats; one writes them.
             if self.is_main:
-                with open(self.log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(stats) + "\n")
+                append_step(self.log_path, stats)
                 if step == steps or (every > 0 and step % every == 0):
                     self.save_checkpoint()
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         return history
 
-    def _trim_log(self, step: int) -> None:
-        """Drop log lines past the checkpoint: those steps are about to be redone."""
-        if not self.log_path.exists():
-            return
-        lines = [ln for ln in self.log_path.read_text(encoding="utf-8").splitlines()
-                 if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                if json.loads(ln)["step"] <= step:
-                    keep.append(ln)
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line from a kill
-        self.log_path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-
     # ---------------------------------------------------------------- checkpoints
 
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out / "checkpoint" / "state.pt"
-
     def save_checkpoint(self) -> None:
-        """Trainable weights (LoRA or full), value head, optimizer, KL β, step, RNG."""
+        """Trainable weights (LoRA or full), value head, optimizer, KL β, step, RNG, as
+        `checkpoints/checkpoint-N/state.pt`, written whole or not at all (the shared
+        checkpoint convention of every trainer)."""
         state = {
             "step": self.step,
             "trainable": {n: p.detach().cpu() for n, p in self.policy.named_parameters()
@@ -573,25 +448,28 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        from cai.train.common import disk_errors
 
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        try:  # written aside and renamed: a kill or a full disk leaves the previous one whole
-            with disk_errors(self.ckpt_path):
-                torch.save(state, tmp)
-                os.replace(tmp, self.ckpt_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        def write(folder: Path) -> None:
+            folder.mkdir(parents=True)
+            torch.save(state, folder / STATE)
+            (folder / TRAINER_STATE).write_text(json.dumps({"global_step": self.step}),
+                                                encoding="utf-8")
+
+        write_checkpoint(self.out / CHECKPOINTS, self.step, write)
 
     def load_checkpoint(self) -> int:
-        """Restore a checkpoint if there is one; returns the step it was taken after."""
-        if not self.ckpt_path.exists():
+        """Restore the newest complete checkpoint if there is one (or the one file an older
+        version kept in `checkpoint/`); returns the step it was taken after."""
+        found = resume_point(self.out)
+        path = Path(found) / STATE if found else self.out / "checkpoint" / STATE
+        if not path.exists():
             return 0
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         missing = set(state["trainable"]) - {n for n, _ in self.policy.named_parameters()}
         if missing:
-            raise RuntimeError(f"checkpoint does not fit this model: {sorted(missing)[:3]} ...")
+            raise CaiError(f"holds a checkpoint of another model (weights {', '.join(sorted(missing)[:3])}"
+                           " are not in this one); rerun with --force to start over, or use "
+                           "another --out", str(path))
         self.policy.load_state_dict(state["trainable"], strict=False)
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -604,4 +482,5 @@ class PPOTrainer:
 
 __all__ = ["kl_per_token", "gae", "policy_loss", "value_loss", "token_rewards", "masked_mean",
            "masked_whiten", "AdaptiveKLController", "FixedKLController", "ValueHead",
-           "response_forward", "PPOTrainer", "PolicyAndValue", "Rollout", "shards_weights"]
+           "response_forward", "PPOTrainer", "PPOConfig", "PolicyAndValue", "Rollout",
+           "shards_weights"]

@@ -14,7 +14,6 @@ run with the same config returns its manifest at once.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,14 +25,22 @@ from cai.core.stage import (
     Input,
     Output,
     Stage,
-    claim_dir,
     finished_run,
     register,
     write_card,
     write_manifest,
 )
-from cai.train.common import check_run_config
+from cai.train.common import (
+    CHECKPOINTS,
+    LOG,
+    atomic_trainer,
+    read_steps,
+    resume_point,
+    rewrite_steps,
+    start_run,
+)
 from cai.train.monitors import with_monitors
+from cai.train.ppo_config import PPOConfig
 from cai.train.rewards import RewardSource, load_reward
 
 STAGE = "train.rl"
@@ -146,8 +153,8 @@ class RLConfig:
     """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
     def __post_init__(self) -> None:
-        # PPO-only fields are checked only for PPO: RLOO/GRPO never read them, so their
-        # defaults (minibatch_size 4) must not refuse a small RLOO/GRPO batch.
+        # PPO's fields are checked by its own config, and only for PPO: RLOO/GRPO never read
+        # the PPO-only ones, so their defaults (minibatch_size 4) must not refuse a small batch.
         ppo = self.algo == "ppo"
         checks = [
             (self.algo in ALGOS, "algo", f"must be one of {ALGOS}"),
@@ -155,16 +162,9 @@ class RLConfig:
             (self.judge_principles >= 1, "judge_principles", "must be at least 1"),
             (ppo or not self.monitors, "monitors", "are logged by PPO only"),
             (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
-            (not ppo or self.target_kl > 0, "target_kl", "must be > 0"),
             (self.steps >= 1, "steps", "must be at least 1"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
-            (not ppo or 1 <= self.minibatch_size <= self.batch_size, "minibatch_size",
-             "must be between 1 and batch_size (PPO)"),
-            (not ppo or self.ppo_epochs >= 1, "ppo_epochs", "must be at least 1"),
             (self.cliprange > 0, "cliprange", "must be > 0"),
-            (not ppo or self.cliprange_value > 0, "cliprange_value", "must be > 0"),
-            (not ppo or 0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
-            (not ppo or 0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
             (self.temperature > 0, "temperature", "must be > 0 (RL samples; log-probs use it)"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
@@ -186,6 +186,8 @@ class RLConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
+        if ppo:
+            PPOConfig.from_fields(self)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -210,10 +212,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     main = state is None or state.is_main_process
     done = None
     if main:  # one writer per folder: under accelerate launch, process 0
-        claim_dir(out, STAGE)
-        done = finished_run(out, cfg, STAGE)
-        if done is None:  # the shared resume rule of every trainer (run_config.json)
-            check_run_config(out, cfg, ignore=RESUMABLE, force=cfg.force)
+        done = start_run(out, cfg, STAGE, ignore=RESUMABLE)
     if state is not None:
         state.wait_for_everyone()
         done = finished_run(out, cfg, STAGE)
@@ -235,8 +234,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         return None
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()
-           if x.strip()]
+    log = read_steps(out / LOG)
     metrics = summarize(log)
     reward_spec = getattr(reward, "spec", cfg.reward)
     manifest = write_manifest(
@@ -327,8 +325,8 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
         torch.manual_seed(cfg.seed)
         policy = get_peft_model(policy, _lora_config(cfg))
     engine = _rollout_engine(cfg, path, tok, chats, accelerator)
-    trainer = PPOTrainer(policy, reference, tok, reward, chats, cfg, out, engine=engine,
-                         accelerator=accelerator)
+    trainer = PPOTrainer(policy, reference, tok, reward, chats, PPOConfig.from_fields(cfg), out,
+                         engine=engine, accelerator=accelerator)
     trainer.train(cfg.steps)
     if engine is not None:
         engine.close()
@@ -375,7 +373,6 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     import datasets
     import torch
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from cai.core.models import local_path
 
@@ -390,9 +387,8 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     cuda = torch.cuda.is_available()
 
     reward_fn = trl_reward_fn(reward)
-    ckpts = out / "checkpoints"
     args = TRLConfig(
-        output_dir=str(ckpts), learning_rate=cfg.learning_rate, max_steps=cfg.steps,
+        output_dir=str(out / CHECKPOINTS), learning_rate=cfg.learning_rate, max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.cliprange,
@@ -404,11 +400,11 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     )
     ds = datasets.Dataset.from_list([{"prompt": c} for c in chats])
     # The model goes in as its saved path: TRL builds the KL reference from that same path.
-    trainer = Trainer(model=path, reward_funcs=reward_fn, args=args, train_dataset=ds,
-                      peft_config=_lora_config(cfg) if cfg.lora else None)
-    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
-    _write_trl_log(trainer.state.log_history, out / "log.jsonl", KL_ESTIMATOR[cfg.algo])
+    trainer = atomic_trainer(Trainer)(model=path, reward_funcs=reward_fn, args=args,
+                                      train_dataset=ds,
+                                      peft_config=_lora_config(cfg) if cfg.lora else None)
+    trainer.train(resume_from_checkpoint=resume_point(out))
+    _write_trl_log(trainer.state.log_history, out / LOG, KL_ESTIMATOR[cfg.algo])
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
@@ -487,15 +483,15 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "
         if "reward" not in e or "step" not in e:
             continue
         kl_tok, length = e.get("kl"), e.get("completions/mean_length")
-        kl = kl_tok * length if isinstance(kl_tok, int | float) and isinstance(length, int | float) \
-            else None
+        kl = (kl_tok * length if isinstance(kl_tok, int | float) and isinstance(length, int | float)
+              else None)
         rows.append({"step": e["step"], "reward": e.get("reward"), "reward_mean": e.get("reward"),
                      "reward_std": e.get("reward_std"), "kl": kl, "kl_per_token": kl_tok,
                      "kl_estimator": estimator,
                      "sqrt_kl": math.sqrt(kl) if kl is not None and kl >= 0 else None,
                      "entropy": e.get("entropy"), "response_length": length,
                      "clip_fraction": e.get("clip_ratio/region_mean"), "trl": e})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    rewrite_steps(path, rows)
 
 
 register(Stage(name=STAGE, config=RLConfig, run=run_rl,
