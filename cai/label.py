@@ -23,7 +23,7 @@ from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import load
 from cai.core.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.core.errors import CaiError
-from cai.core.models import model_identity
+from cai.core.models import ResolvedSpec, resolve
 from cai.core.records import JsonlStore, record_id, write_text_atomic
 from cai.core.seeds import derive_seed
 from cai.core.stage import (
@@ -102,15 +102,16 @@ class LabelConfig(EngineFields):
 
 
 def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
-                 overlong: Overlong | None = None) -> list[PairItem]:
+                 overlong: Overlong | None = None, *, policy_model: ResolvedSpec,
+                 judge_id: str) -> list[PairItem]:
     """Policy answers each prompt `responses_per_prompt` times; all unordered pairs follow.
 
     Responses are kept in responses.jsonl so a rerun does not sample them again. Only this
     run's responses are paired: a rerun into the same folder with another policy, seed or
-    temperature never mixes its responses with an earlier run's.
+    temperature never mixes its responses with an earlier run's. The policy comes resolved
+    (and the judge's identity with it) from `run_label`, so neither spec is parsed again.
     """
-    assert cfg.policy
-    policy_id = model_identity(cfg.policy)
+    policy_id = policy_model.identity
     store = JsonlStore(root / "responses.jsonl")
     gcfg = GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0, cfg.seed)
     planned: dict[str, tuple[PromptItem, int]] = {}
@@ -120,7 +121,7 @@ def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
             planned[rid] = (item, s)
     todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
     if todo:
-        policy = load_backend(cfg.policy)
+        policy = load_backend(policy_model)
         todo = _fit_policy_prompts(todo, policy, gcfg, overlong or Overlong(cfg.overlong))
 
         def generate(chunk: list[tuple[str, PromptItem, int]]) -> list[dict]:
@@ -134,7 +135,7 @@ def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
 
         run_chunks(todo, cfg.chunk_size, generate, store, total=len(planned), desc="sample",
                    unit="response")
-        if policy_id != model_identity(cfg.feedback_model):
+        if policy_id != judge_id:
             release(policy.spec)  # the judge comes next; do not keep both in memory
     by_prompt: dict[str, list[dict]] = {}
     for r in store:
@@ -180,19 +181,22 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     c = load(cfg.constitution)
     judge.check_principles(c)
     # Bad input fails here, before anything is written.
-    model_identity(cfg.feedback_model)  # a python: judge is imported (and checked) here
+    judge_model = resolve(cfg.feedback_model)
+    judge_id = judge_model.identity  # a python: judge is imported (and checked) here
+    policy_model = resolve(cfg.policy) if cfg.policy else None
     prompt_overlong = Overlong(cfg.overlong)
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
     else:
-        assert cfg.prompts is not None
+        assert cfg.prompts is not None and policy_model is not None
         prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
-        pairs = sample_pairs(cfg, stage.root, prompts, prompt_overlong)
+        pairs = sample_pairs(cfg, stage.root, prompts, prompt_overlong, policy_model=policy_model,
+                             judge_id=judge_id)
         prompt_overlong.warn("prompts (policy)")
     assert stage.store is not None
-    backend = backend or load_backend(cfg.feedback_model)
+    backend = backend or load_backend(judge_model)
     overlong = Overlong(cfg.overlong)
     pairs = fit_pairs(pairs, c, backend, judge, cfg.seed, overlong)
     overlong.warn("pairs")
@@ -200,7 +204,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         raise CaiError(f"every pair is too long for the judge's context of {overlong.limit} "
                        "tokens; use --overlong truncate, or a judge with a longer context",
                        field="overlong")
-    policy = model_identity(cfg.policy) if cfg.policy else None
+    policy = policy_model.identity if policy_model else None
     ids: dict[str, PairItem] = {}
     for pair in pairs:
         # The id is known before judging, so finished pairs are skipped without a model call.
