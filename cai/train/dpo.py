@@ -31,36 +31,14 @@ from typing import Any
 
 from cai.core.errors import CaiError
 from cai.core.stage import Input, Output, Stage, register, write_card
-from cai.train.common import (
-    CHECKPOINTS,
-    LOG,
-    finish_training,
-    log_callback,
-    log_entries,
-    resume_point,
-    start_run,
-    trainer_args,
-)
-from cai.train.prefs import (
-    PreferenceTrainConfig,
-    TrainResult,
-    check_common,
-    direction_accuracy,
-    fmt,
-    load_tokenizer,
-    load_training_rows,
-    preference_report,
-    save_preference_run,
-    soft_preference_loss,
-    split_rows,
-    split_summary,
-)
+from cai.train import prefs
+from cai.train.common import CHECKPOINTS, LOG, finish_training, log_callback, log_entries, trainer_args
 
 STAGE = "train.dpo"
 
 
 @dataclass
-class DPOTrainConfig(PreferenceTrainConfig):
+class DPOTrainConfig(prefs.PreferenceTrainConfig):
     """Configuration of `cai train dpo`."""
 
     model: str = "embedded:smollm2-135m"
@@ -78,7 +56,7 @@ class DPOTrainConfig(PreferenceTrainConfig):
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise CaiError("must be positive", field="beta")
-        check_common(self)
+        prefs.check_common(self)
 
 
 # --------------------------------------------------------------------------- data
@@ -215,14 +193,14 @@ def _soft_dpo_trainer_cls():
             mode = "train" if self.model.training else "eval"
             delta = self.pair_logratio(model, inputs).float()
             z = self.beta * delta
-            loss = soft_preference_loss(z, inputs["p_chosen"], inputs["weight"])
+            loss = prefs.soft_preference_loss(z, inputs["p_chosen"], inputs["weight"])
             with torch.no_grad():
                 m = self._metrics[mode]
                 implied = torch.sigmoid(z)
                 m["implied_p"].append(implied.mean().item())
                 m["mean_p"].append(inputs["p_chosen"].float().mean().item())
                 m["abs_error"].append((implied - inputs["p_chosen"]).abs().mean().item())
-                acc = direction_accuracy(delta, inputs["p_chosen"])
+                acc = prefs.direction_accuracy(delta, inputs["p_chosen"])
                 if acc is not None:
                     m["accuracy"].append(acc)
                 m["rewards/margins"].append(z.mean().item())
@@ -246,7 +224,7 @@ def _soft_dpo_trainer_cls():
 
 def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | None = None,
               resume_from: str | None = None, eval_rows: list[dict[str, Any]] | None = None,
-              callbacks: list[Any] | None = None) -> tuple[TrainResult, list[float | None]]:
+              callbacks: list[Any] | None = None) -> tuple[prefs.TrainResult, list[float | None]]:
     """Soft DPO on rows (as `load_preference_file` returns them).
 
     Returns the merged policy with its log, and Δ for each of `eval_rows` measured
@@ -266,7 +244,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
         raise CaiError("no training pairs left (all dropped as ties?)", field="ties")
     path = local_path(cfg.model)
     check_policy_folder(path)
-    tok = load_tokenizer(path)
+    tok = prefs.load_tokenizer(path)
     train_data = dpo_rows(rows, tok)  # tokenised (and checked) before the model loads
     if not any(len(r["prompt_ids"]) < cfg.max_length for r in train_data):
         raise CaiError(f"every pair's prompt fills max_length ({cfg.max_length} tokens), leaving "
@@ -304,7 +282,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     deltas = [found.get(i) for i in range(len(eval_rows or []))]
     log = log_entries(trainer.state.log_history)
     policy = finish_training(trainer, cfg.lora)
-    return TrainResult(policy, tok, log, trainer.state.global_step, round(time.time() - t0, 2),
+    return prefs.TrainResult(policy, tok, log, trainer.state.global_step, round(time.time() - t0, 2),
                        {"train": kept, "too_long_dropped": len(rows) - kept}), deltas
 
 
@@ -316,8 +294,8 @@ def evaluate_dpo(deltas: list[float | None], rows: list[dict[str, Any]], cfg: DP
     implied preference as `p_model`.
     """
     pairs = [(d, r) for d, r in zip(deltas, rows) if d is not None]
-    report = preference_report([d for d, _ in pairs], [r for _, r in pairs], cfg.bins, scale=cfg.beta,
-                               tie_threshold=cfg.tie_threshold)
+    report = prefs.preference_report([d for d, _ in pairs], [r for _, r in pairs], cfg.bins,
+                                     scale=cfg.beta, tie_threshold=cfg.tie_threshold)
     report["beta"] = cfg.beta
     if "mean_p_model" in report:
         report["mean_implied_p"] = report.pop("mean_p_model")
@@ -329,27 +307,20 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
 
     A run killed mid-way resumes from out/checkpoints when rerun with the same config.
     """
-    t0 = time.time()
-    out = Path(cfg.out)
-    rows, counts = load_training_rows(cfg)
-    done = start_run(out, cfg, STAGE)
-    if done is not None:
-        return done
-    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
-    resume = resume_point(out)
-    result, deltas = train_dpo(train_rows, cfg, out=out, resume_from=resume, eval_rows=eval_rows,
-                               callbacks=callbacks)
-    report = evaluate_dpo(deltas, eval_rows, cfg)
-    report["split"] = split_summary(train_rows, eval_rows, cfg.eval_fraction, cfg.seed)
-    manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
-                                   n_eval=len(eval_rows), resumed=bool(resume),
-                                   models={"base": cfg.model, "reference": cfg.model},
-                                   title="DPO implied preference")
+    run = prefs.PreferenceRun.open(cfg, STAGE)
+    if run.done is not None:
+        return run.done
+    out = run.out
+    result, deltas = train_dpo(run.train_rows, cfg, out=out, resume_from=run.resume,
+                               eval_rows=run.eval_rows, callbacks=callbacks)
+    report = evaluate_dpo(deltas, run.eval_rows, cfg)
+    manifest = run.finish(result, report, models={"base": cfg.model, "reference": cfg.model},
+                          title="DPO implied preference")
     write_card(out, "DPO policy",
                f"`{cfg.model}` trained with soft-label DPO (β = {cfg.beta}, "
                f"{'LoRA, merged' if cfg.lora else 'full'}); the folder is a model spec. Held-out "
-               f"implied preference {fmt(report.get('mean_implied_p'))} vs labels "
-               f"{fmt(report.get('mean_p_target'))} "
+               f"implied preference {prefs.fmt(report.get('mean_implied_p'))} vs labels "
+               f"{prefs.fmt(report.get('mean_p_target'))} "
                "(eval.json).", manifest)
     return manifest
 

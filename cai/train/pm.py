@@ -31,29 +31,17 @@ from typing import Any
 
 from cai.core.errors import CaiError
 from cai.core.stage import Input, Output, Stage, register, write_card
-from cai.train.common import (
-    CHECKPOINTS,
-    LOG,
-    finish_training,
-    log_callback,
-    log_entries,
-    resume_point,
-    start_run,
-    trainer_args,
-)
+from cai.train.common import CHECKPOINTS, LOG, finish_training, log_callback, log_entries, trainer_args
 from cai.train.prefs import (
+    PreferenceRun,
     PreferenceTrainConfig,
     TrainResult,
     check_common,
     direction_accuracy,
     fmt,
     load_tokenizer,
-    load_training_rows,
     preference_report,
-    save_preference_run,
     soft_preference_loss,
-    split_rows,
-    split_summary,
 )
 
 STAGE = "train.pm"
@@ -296,25 +284,18 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
 
     A run killed mid-way resumes from out/checkpoints when rerun with the same config.
     """
-    t0 = time.time()
-    out = Path(cfg.out)
-    rows, counts = load_training_rows(cfg)
-    done = start_run(out, cfg, STAGE)
-    if done is not None:
-        return done
-    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
+    run = PreferenceRun.open(cfg, STAGE)
+    if run.done is not None:
+        return run.done
+    out = run.out
     if cfg.split == "halves":  # the test PM first, into out/test; this trains on the rest
         from cai.train.pm_halves import train_test_half
 
-        train_rows = train_test_half(out, cfg, train_rows, eval_rows, counts)
-    resume = resume_point(out)
-    result = train_pm(train_rows, cfg, out=out, resume_from=resume, callbacks=callbacks)
+        run.train_rows = train_test_half(out, cfg, run.train_rows, run.eval_rows, run.counts)
+    result = train_pm(run.train_rows, cfg, out=out, resume_from=run.resume, callbacks=callbacks)
     result.tokenizer.model_max_length = cfg.max_length  # pm_scores truncates as training did
-    report = evaluate_pm(result.model, result.tokenizer, eval_rows, cfg)
-    report["split"] = split_summary(train_rows, eval_rows, cfg.eval_fraction, cfg.seed)
-    manifest = save_preference_run(out, STAGE, cfg, result, report, t0=t0, counts=counts,
-                                   n_eval=len(eval_rows), resumed=bool(resume),
-                                   models={"base": cfg.model}, title="PM calibration")
+    report = evaluate_pm(result.model, result.tokenizer, run.eval_rows, cfg)
+    manifest = run.finish(result, report, models={"base": cfg.model}, title="PM calibration")
     write_card(out, "Preference model",
                f"A soft-label preference model on `{cfg.model}` ({'LoRA, merged' if cfg.lora else 'full'}): "
                "load it with `cai.train.pm.load_reward_model` and score with `pm_scores`. Held-out "

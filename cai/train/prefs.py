@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +398,44 @@ def summary_metrics(log: list[dict[str, Any]], report: dict[str, Any]) -> dict[s
     return {"first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None,
             **{f"eval_{k}": v for k, v in report.items()
                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}}
+
+
+@dataclass
+class PreferenceRun:
+    """A PM or DPO run entering its folder: the rows it trains and is scored on, what it
+    resumes from, or (`done`) the manifest of the same run already finished."""
+
+    cfg: Any
+    stage: str
+    out: Path
+    started: float
+    counts: dict[str, Any]
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    resume: str | None
+    done: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, cfg: Any, stage: str) -> PreferenceRun:
+        """Read and check the inputs, claim the folder (the shared resume rule), split."""
+        from cai.train.common import resume_point, start_run
+
+        t0, out = time.time(), Path(cfg.out)
+        rows, counts = load_training_rows(cfg)
+        done = start_run(out, cfg, stage)
+        if done is not None:
+            return cls(cfg, stage, out, t0, counts, [], [], None, done)
+        train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
+        return cls(cfg, stage, out, t0, counts, train_rows, eval_rows, resume_point(out))
+
+    def finish(self, result: TrainResult, report: dict[str, Any], *, models: dict[str, str],
+               title: str) -> dict[str, Any]:
+        """Save the trained run with its held-out report (and how the split was made)."""
+        cfg = self.cfg
+        report["split"] = split_summary(self.train_rows, self.eval_rows, cfg.eval_fraction, cfg.seed)
+        return save_preference_run(self.out, self.stage, cfg, result, report, t0=self.started,
+                                   counts=self.counts, n_eval=len(self.eval_rows),
+                                   resumed=bool(self.resume), models=models, title=title)
 
 
 def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, report: dict[str, Any],
