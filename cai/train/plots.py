@@ -8,13 +8,13 @@ run can be plotted while it trains, after a crash, or on another machine.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.train.common import read_steps
 
 LOG_NAMES = ("log.jsonl", "training_log.jsonl")
 SKIP = {"step", "epoch", "total_flos", "num_tokens"}
@@ -39,17 +39,7 @@ def read_log(run: str | Path) -> tuple[Path, list[dict[str, Any]]]:
         p = found
     if not p.is_file():
         raise CaiError("not found", str(p))
-    entries = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise CaiError("not valid JSON", f"{p}:{n}") from None
-            if isinstance(obj, dict):
-                entries.append(obj)
+    entries = read_steps(p)  # a line a kill cut short is left out: a live run plots too
     return p, entries
 
 
