@@ -37,7 +37,6 @@ from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
 from cai.core.stage import Input, Output, Stage, load_registry, read_manifest
 
-CONSTITUTION_PART = {"sl": "sl", "label": "rl", "eval": ("rl", "helpfulness")}
 ROUND = ("label", "pm", "rl")
 """The steps that `rounds: R > 1` repeats with the newest policy."""
 
@@ -336,13 +335,11 @@ def _digest(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _constitution_part(path: str, part: str | tuple[str, ...]) -> str:
+def _constitution_part(path: str, parts: tuple[str, ...]) -> str:
     from cai.constitution import load
 
-    c = load(path)
-    if isinstance(part, tuple):
-        return _digest([c.to_json().get(p) for p in part])
-    return _digest(c.to_json().get(part))
+    c = load(path).to_json()
+    return _digest(c.get(parts[0]) if len(parts) == 1 else [c.get(p) for p in parts])
 
 
 def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
@@ -351,9 +348,9 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
     cfg = dataclasses.asdict(step.config)
     parts: dict[str, Any] = {"stage": step.stage, "config": {k: v for k, v in cfg.items()
                                                               if k != "constitution"}}
-    if step.stage in CONSTITUTION_PART:
+    if step.spec and step.spec.constitution_parts:
         parts["constitution"] = _constitution_part(step.config.constitution,
-                                                   CONSTITUTION_PART[step.stage])
+                                                   step.spec.constitution_parts)
     parts["deps"] = {d: done[d]["data"] for d in step.deps}
     # A prompt file's content, not just its path: a new split reruns what read the old one.
     files = {n: getattr(step.config, n) for n in step.prompt_fields()

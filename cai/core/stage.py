@@ -103,6 +103,9 @@ class Stage:
     step: str | None = None
     """Its section and folder in a pipeline run ("pm" for train.pm); None: not run by the
     pipeline. The pipeline runs these stages in registry order."""
+    constitution_parts: tuple[str, ...] = ()
+    """The constitution sections it reads ("sl"; "rl"; "rl" and "helpfulness"): a pipeline
+    reruns it when one of them changes, and only then (training stages read none)."""
 
     @property
     def reads(self) -> tuple[Input, ...]:

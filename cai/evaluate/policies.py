@@ -467,6 +467,6 @@ register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                        Input("pm_eval", "pm-eval"), Input("rl_log", "rl-log")),
                outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
                         "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
-               positional=("models",), step="eval"))
+               positional=("models",), step="eval", constitution_parts=("rl", "helpfulness")))
 
 __all__ = ["PoliciesEvalConfig", "run_policies_eval", "parse_models"]
