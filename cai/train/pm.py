@@ -291,7 +291,8 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
     if cfg.split == "halves":  # the test PM first, into out/test; this trains on the rest
         from cai.train.pm_halves import train_test_half
 
-        run.train_rows = train_test_half(out, cfg, run.train_rows, run.eval_rows, run.counts)
+        run.train_rows = train_test_half(out, cfg, run.train_rows, run.eval_rows, run.counts,
+                                         stage=STAGE, train_pm=train_pm, evaluate_pm=evaluate_pm)
     result = train_pm(run.train_rows, cfg, out=out, resume_from=run.resume, callbacks=callbacks)
     result.tokenizer.model_max_length = cfg.max_length  # pm_scores truncates as training did
     report = evaluate_pm(result.model, result.tokenizer, run.eval_rows, cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +53,24 @@ def split_halves(rows: list[dict[str, Any]], seed: int
 
 
 def train_test_half(out: Path, cfg: Any, train_rows: list[dict[str, Any]],
-                    eval_rows: list[dict[str, Any]], counts: dict[str, Any]
+                    eval_rows: list[dict[str, Any]], counts: dict[str, Any], *, stage: str,
+                    train_pm: Callable[..., Any], evaluate_pm: Callable[..., dict[str, Any]]
                     ) -> list[dict[str, Any]]:
     """Halve `train_rows` by prompt, train the test PM on one half and save it in
     `out/test` (scored on the same held-out `eval_rows` as the train PM); returns the other
     half, on which the caller trains the train PM. The test PM is trained first, so a rerun
-    after a kill finds it finished (its own manifest) and goes on with the train PM."""
+    after a kill finds it finished (its own manifest) and goes on with the train PM. The PM
+    stage hands in its own trainer and evaluator (`stage` names its manifests), so this
+    module needs nothing from it."""
     from cai.core.stage import finished_run
     from cai.train.common import check_run_config, resume_point
-    from cai.train.pm import STAGE, evaluate_pm, train_pm
     from cai.train.prefs import save_preference_run, split_summary
 
     t0 = time.time()
     train_half, test_half = split_halves(train_rows, cfg.seed)
     folder = out / TEST_FOLDER
     test_cfg = dataclasses.replace(cfg, out=str(folder), split="none")
-    if finished_run(folder, test_cfg, STAGE) is not None:
+    if finished_run(folder, test_cfg, stage) is not None:
         return train_half
     folder.mkdir(parents=True, exist_ok=True)
     check_run_config(folder, test_cfg, force=bool(cfg.force))
@@ -77,7 +80,7 @@ def train_test_half(out: Path, cfg: Any, train_rows: list[dict[str, Any]],
     report = evaluate_pm(result.model, result.tokenizer, eval_rows, test_cfg)
     report["split"] = split_summary(test_half, eval_rows, cfg.eval_fraction, cfg.seed)
     report["half"] = {"role": "test", "train_pairs": len(train_half), "test_pairs": len(test_half)}
-    save_preference_run(folder, STAGE, test_cfg, result, report, t0=t0,
+    save_preference_run(folder, stage, test_cfg, result, report, t0=t0,
                         counts={**counts, "half": "test"}, n_eval=len(eval_rows),
                         resumed=bool(resume), models={"base": cfg.model},
                         title="Test PM calibration")
