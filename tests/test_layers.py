@@ -1,4 +1,5 @@
-"""Import layering: the plumbing (`cai.core`) and the backends never reach up into the stages.
+"""Import layering: the plumbing (`cai.core`) and the backends never reach up into the stages,
+and no modules of `cai` import each other in a loop.
 
 Every import counts, wherever it stands: at the top, inside a function (a lazy import is
 still a dependency) or under `TYPE_CHECKING`.
@@ -14,7 +15,7 @@ CAI = ROOT / "cai"
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = path.resolve().relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -64,8 +65,9 @@ def test_seeds_come_from_core() -> None:
     assert not via_constitution
 
 
-def test_no_cycle_in_core_and_backends() -> None:
-    g = graph(["core", "backends"])
+def test_no_import_cycle_in_cai() -> None:
+    g = graph(["."])
+    assert "cai.core.models" in g and "cai.backends" in g and len(g) > 40
     done: set[str] = set()
 
     def visit(m: str, stack: list[str]) -> None:
