@@ -414,7 +414,8 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
 
 
 def label_stats(records: list[dict]) -> dict[str, float]:
-    """Label statistics kept in the manifest."""
+    """Statistics of a set of labels: the label stage's manifest and the policy evaluation's
+    report (`judge_stats`) keep them."""
     if not records:
         return {}
     n = len(records)
@@ -451,6 +452,7 @@ class JudgeTask(ReplicaTask):
 
     def __call__(self, chunk: list[PairItem]) -> list[LabelRecord]:
         return judge_pairs(chunk, self.c, self.replica(), self.judge, self.seed, self.policy)
+
 
 __all__ = ["JudgeConfig", "Judgement", "LabelRecord", "JudgeTask", "judge_pairs", "label_id",
            "label_flags", "label_stats", "p_response_a", "pair_key", "split_reasoning",
