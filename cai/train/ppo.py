@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cai.constitution import derive_seed
 from cai.core.errors import CaiError
+from cai.core.seeds import derive_seed
 from cai.train.common import (
     CHECKPOINTS,
     LOG,
