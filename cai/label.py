@@ -23,7 +23,7 @@ from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import load
 from cai.core.data import PairItem, PromptItem, load_pairs, load_prompts
 from cai.core.errors import CaiError
-from cai.core.models import ResolvedSpec, resolve
+from cai.core.models import ResolvedSpec, resolve_spec
 from cai.core.records import JsonlStore, record_id, write_text_atomic
 from cai.core.seeds import derive_seed
 from cai.core.stage import (
@@ -181,9 +181,9 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     c = load(cfg.constitution)
     judge.check_principles(c)
     # Bad input fails here, before anything is written.
-    judge_model = resolve(cfg.feedback_model)
+    judge_model = resolve_spec(cfg.feedback_model)
     judge_id = judge_model.identity  # a python: judge is imported (and checked) here
-    policy_model = resolve(cfg.policy) if cfg.policy else None
+    policy_model = resolve_spec(cfg.policy) if cfg.policy else None
     prompt_overlong = Overlong(cfg.overlong)
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)

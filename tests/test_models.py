@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai.core.errors import CaiError
-from cai.core.models import SPEED_OPTIONS, local_path, model_identity, parse_spec, resolve
+from cai.core.models import SPEED_OPTIONS, local_path, model_identity, parse_spec, resolve_spec
 
 CAI = str(Path(sys.executable).parent / "cai")
 
@@ -41,14 +41,14 @@ def test_models_list_and_path(embedded_path: Path) -> None:
 
 
 def test_resolved_spec_identity_and_speed_options() -> None:
-    r = resolve("hf:/models/x?dtype=bfloat16&batch_size=4&progress=0")
+    r = resolve_spec("hf:/models/x?dtype=bfloat16&batch_size=4&progress=0")
     assert r.speed == {"batch_size", "progress"} and r.speed <= SPEED_OPTIONS
     assert r.identity == "hf:/models/x?dtype=bfloat16" == model_identity(r.raw)
     assert (r.backend, r.target, r.options["dtype"]) == ("hf", "/models/x", "bfloat16")
-    assert resolve(r) is r  # handing a resolved spec on never parses it again
+    assert resolve_spec(r) is r  # handing a resolved spec on never parses it again
     # Speed options leave the identity alone; an option that changes outputs does not.
-    assert resolve("hf:/models/x?dtype=bfloat16&batch_size=16").identity == r.identity
-    assert resolve("hf:/models/x?dtype=float32&batch_size=4").identity != r.identity
+    assert resolve_spec("hf:/models/x?dtype=bfloat16&batch_size=16").identity == r.identity
+    assert resolve_spec("hf:/models/x?dtype=float32&batch_size=4").identity != r.identity
     assert "dtype" not in SPEED_OPTIONS and "chat" not in SPEED_OPTIONS
 
 
@@ -56,7 +56,7 @@ def test_resolved_spec_works_things_out_once(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "manifest.json").write_text('{"data": {"sha256": "sha256:' + "a" * 64 + '"}}')
-    r = resolve(f"hf:{folder}?batch_size=2")
+    r = resolve_spec(f"hf:{folder}?batch_size=2")
     assert r.identity == f"hf:{folder}@{'a' * 12}" and r.path == folder
     # Retrained weights: a fresh resolve names another model, the resolved one keeps its own.
     (folder / "manifest.json").write_text('{"data": {"sha256": "sha256:' + "b" * 64 + '"}}')
@@ -72,7 +72,7 @@ def test_resolved_spec_works_things_out_once(tmp_path: Path) -> None:
 def test_backend_takes_the_resolved_spec(tiny_model: Path) -> None:
     from cai.backends import load_backend
 
-    r = resolve(f"hf:{tiny_model}?progress=0&batch_size=2")
+    r = resolve_spec(f"hf:{tiny_model}?progress=0&batch_size=2")
     b = load_backend(r, reuse=False)
     assert b.resolved is r and b.identity == r.identity == f"hf:{tiny_model}"
     assert b.spec == r.raw and b.options.batch_size == 2 and not b.options.progress

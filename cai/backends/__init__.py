@@ -1,6 +1,6 @@
 """Backends behind one protocol (`Backend`); `load_backend(spec)` picks one from a model spec.
 
-The spec is resolved once here (`cai.core.models.resolve`) and the backend is built from
+The spec is resolved once here (`cai.core.models.resolve_spec`) and the backend is built from
 the resolved spec, so no backend parses it again. The package's face also holds what every
 stage uses beside a backend: the request and result types, and the policy for inputs too
 long for a model (`Overlong`, `fit_texts`).
@@ -25,7 +25,7 @@ from cai.backends.base import (
     fit_texts,
 )
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec, resolve
+from cai.core.models import ModelSpec, resolve_spec
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "JudgeQuestion",
            "ScoreRequest", "ScoreResult", "OVERLONG_MODES", "Overlong", "context_of", "fit_texts",
@@ -43,7 +43,7 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
     cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
-    resolved = resolve(spec)
+    resolved = resolve_spec(spec)
     key = resolved.raw
     if reuse and key in _CACHE:
         return _CACHE[key]

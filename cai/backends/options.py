@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from cai.core.errors import CaiError
-from cai.core.models import ResolvedSpec, resolve
+from cai.core.models import ResolvedSpec, resolve_spec
 
 OptionsT = TypeVar("OptionsT")
 
@@ -28,7 +28,7 @@ def bind_spec(spec: str | ResolvedSpec, cls: type[OptionsT],
               options: OptionsT | None = None) -> tuple[ResolvedSpec, OptionsT]:
     """What a backend takes from its spec: the spec resolved (once: a resolved spec passes
     through) and its options, `options` when given, else read from the spec's `?key=value`."""
-    resolved = resolve(spec)
+    resolved = resolve_spec(spec)
     return resolved, options or parse_options(cls, resolved.options, resolved.backend)
 
 

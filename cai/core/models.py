@@ -131,7 +131,7 @@ class ResolvedSpec(ModelSpec):
         return _local_path(self)
 
 
-def resolve(spec: str | ModelSpec) -> ResolvedSpec:
+def resolve_spec(spec: str | ModelSpec) -> ResolvedSpec:
     """Resolve a model spec once: parse it and mark its speed options (a resolved spec is
     returned as it is, so passing one on never parses again)."""
     if isinstance(spec, ResolvedSpec):
@@ -147,7 +147,7 @@ def model_identity(spec: str | ModelSpec) -> str:
     `hf:PATH?batch_size=4` and `hf:PATH?batch_size=16` give the same records, so they share
     one identity; `dtype` or `chat` change outputs and stay in it.
     """
-    return resolve(spec).identity
+    return resolve_spec(spec).identity
 
 
 def _identity(s: ModelSpec, speed: frozenset[str]) -> str:
@@ -249,7 +249,7 @@ def ensure_embedded(name: str) -> Path:
 
 def local_path(spec: str | ModelSpec) -> Path:
     """The local folder of a model spec's weights (converting the embedded model if needed)."""
-    return resolve(spec).path
+    return resolve_spec(spec).path
 
 
 def _local_path(s: ModelSpec) -> Path:
