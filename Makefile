@@ -39,8 +39,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cai pipeline run configs/demo.yaml
 
 # A gold preference that code can check, planted in the labels; see configs/known-answer.yaml.
+# `cai eval known-answer` then scores it with the exact gold (benchmarks/results/known_answer.json).
 known-answer: $(STAMP)
-	$(VENV)/bin/cai pipeline run configs/known-answer.yaml
+	@start=$$(date +%s); $(VENV)/bin/cai pipeline run configs/known-answer.yaml && \
+	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 1 --best-of 4 \
+	  --max-new-tokens 40 --json benchmarks/results/known_answer.json --started $$start
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks
