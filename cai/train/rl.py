@@ -61,8 +61,10 @@ save interval, the folder moved); any other change is refused by the shared resu
 
 
 @dataclass
-class RLConfig:
-    """Configuration of `cai train rl`; saved in the manifest so a run can be repeated."""
+class RLConfig(PPOConfig):
+    """Configuration of `cai train rl`; saved in the manifest so a run can be repeated. The
+    rollout, KL, update and checkpoint fields are PPO's (`PPOConfig`); RLOO and GRPO read
+    the shared ones."""
 
     algo: str = "ppo"
     """"ppo" (own implementation, value head + GAE), "rloo" or "grpo" (TRL)."""
@@ -87,40 +89,8 @@ class RLConfig:
     """Constitution whose RL principles a judge: reward asks about (unused with a PM)."""
     judge_principles: int = 1
     """Principles sampled per response for a judge: reward (ratings are averaged)."""
-    beta: float = 0.05
-    """KL coefficient β to the reference; what it weighs depends on the algorithm (see
-    KL_PENALTY): PPO and RLOO take β·KL (k1, log π − log π_ref) out of the reward (PPO per
-    token, RLOO summed per response); GRPO adds β·k3 per token to the loss instead, so the
-    same β is a different strength there. Compare β only within one algorithm. PPO: the
-    initial β when adaptive."""
-    adaptive_kl: bool = False
-    """PPO: adapt β so the per-response KL approaches target_kl."""
-    target_kl: float = 6.0
-    """PPO: target per-response KL (nats) of the adaptive controller."""
     steps: int = 100
     """Optimizer steps (PPO: rollout + update rounds); raising it on a rerun continues."""
-    batch_size: int = 8
-    """Responses sampled per step (GRPO/RLOO: prompts × num_generations)."""
-    minibatch_size: int = 4
-    """PPO: responses per gradient step within a rollout."""
-    ppo_epochs: int = 4
-    """PPO: passes over each rollout."""
-    cliprange: float = 0.2
-    """Clip ε of the policy ratio (PPO, and epsilon of RLOO/GRPO)."""
-    cliprange_value: float = 0.2
-    """PPO: how far a value prediction may move from its rollout value per update."""
-    gamma: float = 1.0
-    """PPO: discount γ over response tokens."""
-    lam: float = 0.95
-    """PPO: GAE λ (bias–variance trade-off of the advantages)."""
-    whiten_rewards: bool = False
-    """PPO: standardise each batch's rewards before adding the KL penalty."""
-    max_new_tokens: int = 64
-    """Tokens per sampled response."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts (log-probs are taken at the same temperature)."""
-    learning_rate: float = 5e-5
-    """AdamW learning rate (LoRA tolerates ~1e-4; full fine-tuning wants ~1e-6–1e-5)."""
     lora: bool = True
     """Train LoRA adapters (peft) instead of all weights; merged before saving."""
     lora_r: int = 16
@@ -129,12 +99,6 @@ class RLConfig:
     """LoRA scaling numerator."""
     num_generations: int = 4
     """RLOO/GRPO: responses per prompt in a group; must divide batch_size."""
-    seed: int = 0
-    """Run seed: prompt order, sampling and minibatch order derive from it and the step."""
-    bf16: bool = False
-    """bf16 autocast on a GPU that supports it (ignored on CPU)."""
-    save_every: int = 25
-    """Checkpoint every N steps (0: only at the end); a rerun continues from the last."""
     rollout_engine: str = "hf"
     """Who samples the responses: "hf" (transformers' generate on the policy) or "vllm"
     (an in-process vLLM engine; PPO loads the policy's new weights into it after every
@@ -153,24 +117,15 @@ class RLConfig:
     """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
     def __post_init__(self) -> None:
-        # PPO's fields are checked by its own config, and only for PPO: RLOO/GRPO never read
-        # the PPO-only ones, so their defaults (minibatch_size 4) must not refuse a small batch.
         ppo = self.algo == "ppo"
         checks = [
             (self.algo in ALGOS, "algo", f"must be one of {ALGOS}"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
             (self.judge_principles >= 1, "judge_principles", "must be at least 1"),
             (ppo or not self.monitors, "monitors", "are logged by PPO only"),
-            (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
             (self.steps >= 1, "steps", "must be at least 1"),
-            (self.batch_size >= 1, "batch_size", "must be at least 1"),
-            (self.cliprange > 0, "cliprange", "must be > 0"),
-            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
-            (self.temperature > 0, "temperature", "must be > 0 (RL samples; log-probs use it)"),
-            (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (self.lora_r >= 1, "lora_r", "must be at least 1"),
             (self.lora_alpha >= 1, "lora_alpha", "must be at least 1"),
-            (self.save_every >= 0, "save_every", "must be ≥ 0"),
             (self.algo == "ppo" or self.num_generations >= 2, "num_generations",
              "must be at least 2 (RLOO/GRPO compare responses within a group)"),
             (self.algo == "ppo" or self.batch_size % self.num_generations == 0, "num_generations",
@@ -186,8 +141,7 @@ class RLConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
-        if ppo:
-            PPOConfig.from_fields(self)
+        self.check_ppo(ppo)  # the PPO-only fields for PPO alone
 
 
 # --------------------------------------------------------------------------- the stage
