@@ -9,6 +9,12 @@ A model spec is one string that says which backend runs which weights:
     python:MODULE:FN / python:FILE.py:FN  a Python function as the judge (`cai.backends.pyfunc`)
 
 Options follow `?`: `hf:PATH?dtype=bfloat16&batch_size=8`, `openai:URL#MODEL?tokenizer=PATH`.
+Some only change speed (`SPEED_OPTIONS`: batch size, device, ...) and stay out of the
+model's identity, which names its outputs in record ids and manifests.
+
+A spec is resolved once, here at the bottom of the stack (`resolve_spec` gives a
+`ResolvedSpec`: the parsed spec, which options are speed options, its identity and its
+local folder), and handed on: backends and stages read from it and never parse it again.
 The embedded model ships as a GGUF file; it is converted once into a safetensors folder
 (`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads take seconds, not 20 s.
 """
