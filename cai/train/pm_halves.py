@@ -62,18 +62,15 @@ def train_test_half(out: Path, cfg: Any, train_rows: list[dict[str, Any]],
     after a kill finds it finished (its own manifest) and goes on with the train PM. The PM
     stage hands in its own trainer and evaluator (`stage` names its manifests), so this
     module needs nothing from it."""
-    from cai.core.stage import finished_run
-    from cai.train.common import check_run_config, resume_point
+    from cai.train.common import resume_point, start_run
     from cai.train.prefs import save_preference_run, split_summary
 
     t0 = time.time()
     train_half, test_half = split_halves(train_rows, cfg.seed)
     folder = out / TEST_FOLDER
     test_cfg = dataclasses.replace(cfg, out=str(folder), split="none")
-    if finished_run(folder, test_cfg, stage) is not None:
+    if start_run(folder, test_cfg, stage) is not None:  # the shared finished-run and resume rule
         return train_half
-    folder.mkdir(parents=True, exist_ok=True)
-    check_run_config(folder, test_cfg, force=bool(cfg.force))
     resume = resume_point(folder)
     result = train_pm(test_half, test_cfg, out=folder, resume_from=resume)
     result.tokenizer.model_max_length = cfg.max_length  # pm_scores truncates as training did
