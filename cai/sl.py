@@ -31,22 +31,12 @@ from pydantic import BaseModel
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, ReplicaTask, load_backend
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, load, sample_sl_principle
+from cai.core.chunks import Engine, EngineFields, run_chunks
 from cai.core.data import PromptItem, load_prompts
 from cai.core.errors import CaiError
 from cai.core.records import Provenance, Record, record_id, write_text_atomic
 from cai.core.seeds import derive_seed
-from cai.core.stage import (
-    Engine,
-    EngineFields,
-    Input,
-    Output,
-    Stage,
-    StageDir,
-    register,
-    run_chunks,
-    write_card,
-    write_manifest,
-)
+from cai.core.stage import Input, Output, Stage, StageDir, register, write_card, write_manifest
 from cai.core.text import is_bare_refusal, normalise
 from cai.templates import CRITIQUE_PREFIX, REVISION_PREFIX, SLConversation
 

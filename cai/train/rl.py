@@ -448,11 +448,10 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "
     rewrite_steps(path, rows)
 
 
-register(Stage(name=STAGE, config=RLConfig, run=run_rl,
-               help="RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward",
+register(Stage(STAGE, RLConfig, run_rl,
+               "RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward", step="rl",
                inputs=(Input("model", "policy"), Input("reward", "reward"),
                        Input("prompts", "red-team-prompts")),
-               outputs=(Output("policy", player="rl-cai"), Output("rl-log", file="log.jsonl")),
-               step="rl"))
+               outputs=(Output("policy", player="rl-cai"), Output("rl-log", file="log.jsonl"))))
 
 __all__ = ["RLConfig", "run_rl", "summarize", "ALGOS"]
