@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.models import model_identity
+from cai.core.models import resolve_spec
 from cai.core.stage import Input, Output, Stage, register, write_card, write_manifest
 
 STAGE = "train.sft"
@@ -135,7 +135,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from cai.core.models import local_path
     from cai.train.common import (
         CHECKPOINTS,
         LOG,
@@ -155,7 +154,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     done = start_run(out, cfg, STAGE, ignore=("save_steps", "logging_steps"))
     if done is not None:
         return done
-    base = local_path(cfg.model)
+    base_model = resolve_spec(cfg.model)  # its folder and identity, worked out once
+    base = base_model.path
     check_policy_folder(base)
     tok = AutoTokenizer.from_pretrained(str(base))
     features, too_long = sft_features(rows, tok, cfg.max_length)
@@ -189,7 +189,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     metrics = {"first_loss": log[0]["loss"] if log else None,
                "last_loss": log[-1]["loss"] if log else None, "resumed": resume is not None}
     manifest = write_manifest(out, STAGE, config=cfg,
-                              models={"base": model_identity(cfg.model)},
+                              models={"base": base_model.identity},
                               counts={"examples": len(features), "too_long_dropped": too_long,
                                       "steps": trainer.state.global_step},
                               started=t0, data=("model.safetensors",),
