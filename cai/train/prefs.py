@@ -443,13 +443,13 @@ def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, re
                         models: dict[str, str], title: str) -> dict[str, Any]:
     """What a finished PM or DPO run leaves: the model folder, log.jsonl, eval.json, the
     calibration plot and the manifest; its checkpoints are no longer needed."""
-    from cai.train.common import disk_errors, write_log
+    from cai.train.common import LOG, disk_errors, write_log
     from cai.train.plots import reliability_png
 
     with disk_errors(out, "model"):
         result.model.save_pretrained(str(out), safe_serialization=True)
         result.tokenizer.save_pretrained(str(out))
-    log = write_log(out / "log.jsonl", result.log)
+    log = write_log(out / LOG, result.log)
     write_json_atomic(out / "eval.json", report)
     if report.get("reliability") is not None:
         reliability_png(report["reliability"], out / "calibration.png",
