@@ -501,8 +501,9 @@ def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: 
 
     cfg = pipeline.PipelineConfig(name="t", out=str(tmp_path / "run"), stages=["sft"],
                                   sft={"learning_rate": 1e-3})
-    real = pipeline.REGISTRY["train.sft"]
-    pipeline.REGISTRY["train.sft"] = pipeline.dataclasses.replace(real, run=fake_sft)
+    registry = pipeline.load_registry()
+    real = registry["train.sft"]
+    registry["train.sft"] = pipeline.dataclasses.replace(real, run=fake_sft)
     try:
         with pytest.raises(KeyboardInterrupt):
             pipeline.run_pipeline(cfg)
@@ -512,7 +513,7 @@ def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: 
         with pytest.raises(KeyboardInterrupt):
             pipeline.run_pipeline(cfg)
     finally:
-        pipeline.REGISTRY["train.sft"] = real
+        registry["train.sft"] = real
     assert calls == [1e-3, 2e-3]  # the second run started from an empty folder
 
 
