@@ -192,7 +192,7 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
     def wire(inp: Input) -> tuple[Any, list[str]]:
         found = made.get(inp.kind, [])
         if inp.many:  # every named output of the kind, the newest of each name; base first
-            named = {"base": (None, cfg.model)}
+            named: dict[str, tuple[Step | None, str]] = {"base": (None, cfg.model)}
             for st, out in found:
                 if out.player:
                     named[out.player] = (st, out.value(st.folder))
