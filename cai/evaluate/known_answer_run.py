@@ -8,8 +8,9 @@ the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never 
   with a 95 % bootstrap interval over prompts, the train and test PMs' mean scores, and the
   KL from the SL-CAI model (the mean of log π − log π_sl over the policy's own answers);
 - rl − sl and dpo − sl: the paired difference of gold rates, bootstrapped over prompts;
-- the PM's accuracy against the gold: every pair of one prompt's SL answers on which the
-  gold differs, counted right when the PM scores the gold's choice higher;
+- the PM's accuracy against the gold: every pair of one prompt's held-out answers (all the
+  policies' samples together) on which the gold differs, counted right when the PM scores
+  the gold's choice higher;
 - best-of-n for n = 1, 2, 4, …, k from the SL answers, picked by the train PM and scored by
   the train PM, the test PM and the gold against sqrt(KL_bon), KL_bon = log n − (n − 1)/n;
 - RL's own per-step log (train PM = its reward, test PM and gold as monitors) against
@@ -367,8 +368,12 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
             result[key] = bootstrap_mean(diff, cfg.n_boot, cfg.seed + 1)
     for k in ("train_pm", "test_pm"):
         if k in sl:
-            acc = pair_accuracy([(sl[k][i].tolist(), sl["gold"][i].tolist())
-                                 for i in range(sl["gold"].shape[0])])
+            # Every held-out answer to a prompt, whichever policy wrote it: more pairs,
+            # and answers the PM never saw from policies it did and did not shape.
+            acc = pair_accuracy([
+                (np.concatenate([p["scores"][k][i] for p in per.values()]).tolist(),
+                 np.concatenate([p["scores"]["gold"][i] for p in per.values()]).tolist())
+                for i in range(sl["gold"].shape[0])])
             result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_accuracy"] = acc["accuracy"]
             result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_pairs"] = acc["pairs"]
     result.setdefault("pm_gold_accuracy", None)
