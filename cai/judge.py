@@ -36,9 +36,10 @@ from pydantic import BaseModel
 from cai.backends import Backend, GenerationConfig, GenRequest, ReplicaTask, ScoreRequest
 from cai.backends.base import JudgeQuestion, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, RLPrinciple, sample_rl_principles
+from cai.core.chunks import Engine, run_chunks
 from cai.core.data import PairItem
 from cai.core.errors import CaiError
-from cai.core.records import Provenance, Record, record_id
+from cai.core.records import JsonlStore, Provenance, Record, record_id
 from cai.core.seeds import derive_seed
 from cai.templates import (
     COT_ANSWER,
@@ -379,12 +380,8 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
     texts first), as large as still fits; the pair keeps its id and is flagged
     `truncated-input`. Use it before `judge_pairs` wherever pairs come from users' data.
     """
-    limit, count = context_of(backend)
-    if limit is None or count is None:
-        return pairs
-    state.limit = limit
-
     def n(chat, prefix: str) -> int:
+        assert count is not None  # only called once the backend said it can count
         return count(chat, prefix) or 0
 
     def longest(texts: tuple[str, ...], ps: list[RLPrinciple]) -> int:
@@ -403,14 +400,58 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
         key = pair_key(PairItem("", *texts))
         return longest(texts, sample_rl_principles(c, cfg.principles, seed, *key))
 
+    limit, count = context_of(backend)
+    if limit is None or count is None:
+        return pairs
+    state.limit = limit
     base = longest(("", "", ""), c.rl_principles)  # any principle, empty texts
-    out = []
+    texts = [(pair.prompt, pair.response_a, pair.response_b) for pair in pairs]
+    fitted = [fit_texts(t, needed, limit, state, base) for t in texts]
+    return [pair if cut == t else PairItem(pair.id, *cut, truncated=True)
+            for pair, t, cut in zip(pairs, texts, fitted) if cut is not None]
+
+
+@dataclass
+class Labels:
+    """What `label_pairs` leaves: this run's label records, read back from the store in
+    its order, how many of them were judged now, and their statistics."""
+
+    records: list[dict]
+    """Every label of the run's pairs (judged now or earlier), as stored."""
+    new: int
+    """How many were judged (and written) by this call."""
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """`label_stats` of `records` (what the label stage's manifest keeps)."""
+        return label_stats(self.records)
+
+
+def label_pairs(pairs: list[PairItem], c: Constitution, backend: Backend, cfg: JudgeConfig,
+                seed: int, store: JsonlStore, *, feedback_model: str, policy: str | None,
+                overlong: Overlong, chunk_size: int, engine: Engine) -> Labels:
+    """Judge pairs into a store, resumably: the whole of judging for a stage that keeps
+    labels (`cai label`).
+
+    Pairs too long for the judge are skipped or cut first (`fit_pairs`); each label's id is
+    known before judging, so pairs already in the store cost no model call; the rest are
+    judged in chunks (here, or on Ray actors that load `feedback_model` themselves).
+    """
+    pairs = fit_pairs(pairs, c, backend, cfg, seed, overlong)
+    overlong.warn("pairs")
+    if not pairs and overlong.skipped:
+        raise CaiError(f"every pair is too long for the judge's context of {overlong.limit} "
+                       "tokens; use --overlong truncate, or a judge with a longer context",
+                       field="overlong")
+    ids: dict[str, PairItem] = {}
     for pair in pairs:
-        texts = (pair.prompt, pair.response_a, pair.response_b)
-        fitted = fit_texts(texts, needed, limit, state, base)
-        if fitted is not None:
-            out.append(pair if fitted == texts else PairItem(pair.id, *fitted, truncated=True))
-    return out
+        ids.setdefault(label_id(pair, c, backend.identity, cfg, seed), pair)
+    todo = [p for rid, p in ids.items() if rid not in store]
+    task = JudgeTask(cfg, seed, c, feedback_model, policy,
+                     backend if engine.name == "local" else None)
+    new = run_chunks(todo, chunk_size, task, store, total=len(ids), desc="label", unit="pair",
+                     engine=engine)
+    return Labels([r for r in store if r["id"] in ids], new)
 
 
 def label_stats(records: list[dict]) -> dict[str, float]:
@@ -454,6 +495,7 @@ class JudgeTask(ReplicaTask):
         return judge_pairs(chunk, self.c, self.replica(), self.judge, self.seed, self.policy)
 
 
-__all__ = ["JudgeConfig", "Judgement", "LabelRecord", "JudgeTask", "judge_pairs", "label_id",
+__all__ = ["JudgeConfig", "Judgement", "LabelRecord", "JudgeTask", "Labels", "judge_pairs",
+           "label_id", "label_pairs",
            "label_flags", "label_stats", "p_response_a", "pair_key", "split_reasoning",
            "rating_distribution", "expected_ratings", "fit_pairs"]

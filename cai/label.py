@@ -1,6 +1,6 @@
 """The label stage (`cai label`): soft AI preference labels for pairs, written to disk.
 
-Pairs come from a file, or from a policy that answers prompts several times (every
+Pairs come from a file, or from a policy that answers prompts several times (`cai.answers`; every
 unordered pair of its answers to a prompt is labelled). Each pair is judged by
 `cai.judge`: K sampled principles, both orders, p(a ≻ b) from the feedback model's
 log-probs of "A" and "B". Labels are kept as records (resumable: a label's id is known
@@ -9,23 +9,21 @@ before judging) and as preferences.jsonl in TRL's preference format plus `p_chos
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from cai.backends import Backend, GenerationConfig, GenRequest, load_backend, release
-from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
+from cai.answers import Sampling, sample_pairs
+from cai.backends import Backend, GenerationConfig, load_resolved
+from cai.backends.base import OVERLONG_MODES, Overlong
 from cai.constitution import load
-from cai.core.data import PairItem, PromptItem, load_pairs, load_prompts
+from cai.core.data import load_pairs, read_prompts
 from cai.core.errors import CaiError
-from cai.core.models import ResolvedSpec, resolve_spec
-from cai.core.records import JsonlStore, record_id, write_text_atomic
-from cai.core.seeds import derive_seed
+from cai.core.models import resolve_spec
+from cai.core.records import write_text_atomic
+from cai.core.resources import resolve
 from cai.core.stage import (
     Engine,
     EngineFields,
@@ -34,11 +32,10 @@ from cai.core.stage import (
     Stage,
     StageDir,
     register,
-    run_chunks,
     write_card,
     write_manifest,
 )
-from cai.judge import LABEL, JudgeConfig, JudgeTask, fit_pairs, label_id, label_stats
+from cai.judge import LABEL, JudgeConfig, label_pairs
 
 STAGE = LABEL
 
@@ -101,137 +98,55 @@ class LabelConfig(EngineFields):
                 raise CaiError(msg, field=name)
 
 
-def sample_pairs(cfg: LabelConfig, root: Path, prompts: list[PromptItem],
-                 overlong: Overlong | None = None, *, policy_model: ResolvedSpec,
-                 judge_id: str) -> list[PairItem]:
-    """Policy answers each prompt `responses_per_prompt` times; all unordered pairs follow.
-
-    Responses are kept in responses.jsonl so a rerun does not sample them again. Only this
-    run's responses are paired: a rerun into the same folder with another policy, seed or
-    temperature never mixes its responses with an earlier run's. The policy comes resolved
-    (and the judge's identity with it) from `run_label`, so neither spec is parsed again.
-    """
-    policy_id = policy_model.identity
-    store = JsonlStore(root / "responses.jsonl")
-    gcfg = GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0, cfg.seed)
-    planned: dict[str, tuple[PromptItem, int]] = {}
-    for item in prompts:
-        for s in range(cfg.responses_per_prompt):
-            rid = record_id("response", item.prompt, policy_id, gcfg.as_dict(), cfg.seed, s)
-            planned[rid] = (item, s)
-    todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
-    if todo:
-        policy = load_backend(policy_model)
-        todo = _fit_policy_prompts(todo, policy, gcfg, overlong or Overlong(cfg.overlong))
-
-        def generate(chunk: list[tuple[str, PromptItem, int]]) -> list[dict]:
-            reqs = [GenRequest([{"role": "user", "content": it.prompt}], "",
-                               derive_seed(cfg.seed, it.id, s) % 2**31) for _, it, s in chunk]
-            return [{"id": rid, "prompt_id": it.id, "prompt": it.prompt, "sample": s,
-                     "text": g.text, "finish": g.finish_reason, "model": policy_id,
-                     "sampling": gcfg.as_dict(), "seed": cfg.seed,
-                     **({"truncated": True} if it.truncated else {})}
-                    for (rid, it, s), g in zip(chunk, policy.generate(reqs, gcfg))]
-
-        run_chunks(todo, cfg.chunk_size, generate, store, total=len(planned), desc="sample",
-                   unit="response")
-        if policy_id != judge_id:
-            release(policy.spec)  # the judge comes next; do not keep both in memory
-    by_prompt: dict[str, list[dict]] = {}
-    for r in store:
-        if r["id"] in planned:
-            by_prompt.setdefault(r["prompt_id"], []).append(r)
-    pairs = []
-    for item in prompts:
-        rs = sorted(by_prompt.get(item.id, []), key=lambda r: r["sample"])
-        for x, y in itertools.combinations(rs, 2):
-            # The prompt the policy saw: cut to its context when it was truncated.
-            pairs.append(PairItem(f"{item.id}:{x['sample']}-{y['sample']}", x["prompt"],
-                                  x["text"], y["text"],
-                                  truncated=bool(x.get("truncated") or y.get("truncated"))))
-    return pairs
-
-
-def _fit_policy_prompts(todo: list[tuple[str, PromptItem, int]], policy: Backend,
-                        gcfg: GenerationConfig, state: Overlong) -> list[tuple[str, PromptItem, int]]:
-    """Prompts the policy can answer within its context (prompt + max_new_tokens): the rest
-    are skipped or truncated per `state.mode`. A truncated prompt keeps its response ids."""
-    limit, count = context_of(policy)
-    if limit is None or count is None:
-        return todo
-    state.limit = limit
-
-    def needed(texts: tuple[str, ...]) -> int:
-        return (count([{"role": "user", "content": texts[0]}], "") or 0) + gcfg.max_new_tokens + 2
-
-    base = needed(("",))
-    fitted: dict[str, PromptItem | None] = {}
-    for _, it, _ in todo:
-        if it.id not in fitted:
-            cut = fit_texts((it.prompt,), needed, limit, state, base)
-            fitted[it.id] = (None if cut is None else it if cut[0] == it.prompt
-                             else dataclasses.replace(it, prompt=cut[0], truncated=True))
-    return [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
-
-
 def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any]:
-    """Run (or resume) the labelling stage; returns the manifest."""
+    """Run (or resume) the labelling stage; returns the manifest.
+
+    Everything that can refuse the input (constitution, K, model specs, data) is read
+    before anything is written. Each model spec is resolved once here and handed on."""
     t0 = time.time()
     judge = cfg.judge
     c = load(cfg.constitution)
     judge.check_principles(c)
-    # Bad input fails here, before anything is written.
     judge_model = resolve_spec(cfg.feedback_model)
     judge_id = judge_model.identity  # a python: judge is imported (and checked) here
     policy_model = resolve_spec(cfg.policy) if cfg.policy else None
     prompt_overlong = Overlong(cfg.overlong)
+    # A bare name picks a shipped prompt set (said on stderr).
+    prompts_file = resolve(cfg.prompts, "prompts") if cfg.prompts else None
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)
         stage = StageDir(cfg.out, STAGE)
     else:
-        assert cfg.prompts is not None and policy_model is not None
-        prompts = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
+        assert prompts_file is not None and policy_model is not None
+        prompts = read_prompts(prompts_file, cfg.text_field, cfg.limit, cfg.prompts)
         stage = StageDir(cfg.out, STAGE)
-        pairs = sample_pairs(cfg, stage.root, prompts, prompt_overlong, policy_model=policy_model,
-                             judge_id=judge_id)
-        prompt_overlong.warn("prompts (policy)")
+        sampling = Sampling(cfg.responses_per_prompt,
+                            GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0,
+                                             cfg.seed), cfg.seed, cfg.chunk_size)
+        pairs = sample_pairs(prompts, stage.root, sampling, prompt_overlong,
+                             policy_model=policy_model, judge_id=judge_id)
     assert stage.store is not None
-    backend = backend or load_backend(judge_model)
+    backend = backend or load_resolved(judge_model)
     overlong = Overlong(cfg.overlong)
-    pairs = fit_pairs(pairs, c, backend, judge, cfg.seed, overlong)
-    overlong.warn("pairs")
-    if not pairs and overlong.skipped:
-        raise CaiError(f"every pair is too long for the judge's context of {overlong.limit} "
-                       "tokens; use --overlong truncate, or a judge with a longer context",
-                       field="overlong")
     policy = policy_model.identity if policy_model else None
-    ids: dict[str, PairItem] = {}
-    for pair in pairs:
-        # The id is known before judging, so finished pairs are skipped without a model call.
-        ids.setdefault(label_id(pair, c, backend.identity, judge, cfg.seed), pair)
-    todo = [p for rid, p in ids.items() if rid not in stage.store]
-    engine = Engine.of(cfg)
-    task = JudgeTask(judge, cfg.seed, c, cfg.feedback_model, policy,
-                     backend if engine.name == "local" else None)
-    new = run_chunks(todo, cfg.chunk_size, task, stage.store, total=len(ids), desc="label",
-                     unit="pair", engine=engine)
-    records = [r for r in stage.store if r["id"] in ids]
+    labels = label_pairs(pairs, c, backend, judge, cfg.seed, stage.store,
+                         feedback_model=cfg.feedback_model, policy=policy, overlong=overlong,
+                         chunk_size=cfg.chunk_size, engine=Engine.of(cfg))
     prefs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}],
-              "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in records]
+              "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in labels.records]
     write_text_atomic(stage.root / "preferences.jsonl",
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prefs))
-    stats = label_stats(records)
     manifest = write_manifest(
         stage.root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(),
         models={"feedback": backend.identity, **({"policy": policy} if policy else {})},
-        counts={"records": len(records), "new": new, **overlong.counts(),
+        counts={"records": len(labels.records), "new": labels.new, **overlong.counts(),
                 **prompt_overlong.counts("overlong_prompts")},
         started=t0,
         data=("data.jsonl", "preferences.jsonl", "responses.jsonl"),
-        extra={"label_stats": stats})
+        extra={"label_stats": labels.stats})
     write_card(stage.root, "AI preference labels",
                f"Soft preference labels from `{backend.identity}` under {judge.principles} sampled "
                f"principles per pair ({judge.orders} orders, mode {judge.mode}); preferences.jsonl "

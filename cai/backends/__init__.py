@@ -25,11 +25,12 @@ from cai.backends.base import (
     fit_texts,
 )
 from cai.core.errors import CaiError
-from cai.core.models import ModelSpec, resolve_spec
+from cai.core.models import ModelSpec, ResolvedSpec, resolve_spec
 
 __all__ = ["Backend", "Chat", "Generation", "GenerationConfig", "GenRequest", "JudgeQuestion",
            "ScoreRequest", "ScoreResult", "OVERLONG_MODES", "Overlong", "context_of", "fit_texts",
-           "ReplicaTask", "backend_class", "load_backend", "release", "cached_specs"]
+           "ReplicaTask", "backend_class", "load_backend", "load_resolved", "release",
+           "cached_specs"]
 
 _CACHE: dict[str, Backend] = {}
 CACHE_SIZE = 1
@@ -43,7 +44,12 @@ def load_backend(spec: str | ModelSpec, reuse: bool = True) -> Backend:
     Reuse matters: a pipeline that uses one model as policy and judge loads it once. The
     cache holds `CACHE_SIZE` models; loading another evicts the oldest.
     """
-    resolved = resolve_spec(spec)
+    return load_resolved(resolve_spec(spec), reuse)
+
+
+def load_resolved(resolved: ResolvedSpec, reuse: bool = True) -> Backend:
+    """`load_backend` for a spec already resolved: a stage that resolved its models up
+    front hands them on, and the spec is not looked at again."""
     key = resolved.raw
     if reuse and key in _CACHE:
         return _CACHE[key]

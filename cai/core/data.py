@@ -112,8 +112,16 @@ def load_prompts(source: str | Path, text_field: str = "prompt",
     from cai.core.resources import resolve
 
     _check_limit(limit)
+    return read_prompts(resolve(source, "prompts"), text_field, limit, source)
+
+
+def read_prompts(path: str | Path, text_field: str = "prompt", limit: int | None = None,
+                 source: str | Path | None = None) -> list[PromptItem]:
+    """`load_prompts` for a path already resolved (a caller that resolves its inputs up
+    front); `source` is the name the user gave, for the error of an empty set."""
+    _check_limit(limit)
     items, errors, seen = [], [], set()
-    for where, row in _rows(resolve(source, "prompts")):
+    for where, row in _rows(path):
         text = _text(row, text_field, where, errors)
         pid = _row_id(row, _text_id(text))
         if pid in seen:
@@ -123,7 +131,7 @@ def load_prompts(source: str | Path, text_field: str = "prompt",
     if errors:
         raise ValidationErrors(errors[:20])
     if not items:
-        raise CaiError("no prompts", str(source))
+        raise CaiError("no prompts", str(path if source is None else source))
     return items[:limit] if limit else items
 
 
