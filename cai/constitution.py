@@ -367,12 +367,12 @@ def load(path: str | Path) -> Constitution:
     """Load and validate a constitution file, or a shipped one by name (`harmless`)."""
     from cai.core.resources import resolve
 
-    try:
-        p = resolve(path, "constitutions")
-    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
-        raise CaiError(f"cannot read constitution: {getattr(exc, 'strerror', None) or exc}",
-                       str(path)) from None
-    return parse(read_text(p, "constitution"), str(p))
+    return read(resolve(path, "constitutions"))
+
+
+def read(path: Path) -> Constitution:
+    """`load` for a path already resolved (a stage that resolves its input files up front)."""
+    return parse(read_text(path, "constitution"), str(path))
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -18,7 +18,7 @@ from typing import Any
 from cai.answers import Sampling, sample_pairs
 from cai.backends import Backend, GenerationConfig, load_resolved
 from cai.backends.base import OVERLONG_MODES, Overlong
-from cai.constitution import load
+from cai.constitution import read
 from cai.core.data import load_pairs, read_prompts
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
@@ -105,14 +105,15 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     before anything is written. Each model spec is resolved once here and handed on."""
     t0 = time.time()
     judge = cfg.judge
-    c = load(cfg.constitution)
+    # Input files first, in one place (a bare name picks a shipped file, said on stderr).
+    constitution_file = resolve(cfg.constitution, "constitutions")
+    prompts_file = resolve(cfg.prompts, "prompts") if cfg.prompts else None
+    c = read(constitution_file)
     judge.check_principles(c)
     judge_model = resolve_spec(cfg.feedback_model)
     judge_id = judge_model.identity  # a python: judge is imported (and checked) here
     policy_model = resolve_spec(cfg.policy) if cfg.policy else None
     prompt_overlong = Overlong(cfg.overlong)
-    # A bare name picks a shipped prompt set (said on stderr).
-    prompts_file = resolve(cfg.prompts, "prompts") if cfg.prompts else None
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs, cfg.limit)
         stage = StageDir(cfg.out, STAGE)

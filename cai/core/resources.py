@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cai.core.errors import CaiError
+
 _PKG = Path(__file__).resolve().parents[1]  # the `cai` package
 KINDS = {"constitutions": ".yaml", "prompts": ".jsonl"}
 
@@ -35,7 +37,14 @@ def resolve(value: str | Path, kind: str, announce: bool = True) -> Path:
     relative path the defaults used to carry (`constitutions/harmless.yaml`). When a shipped
     file is picked, one line on stderr says which, so a run never uses a file silently.
     """
-    p = Path(value)
+    try:
+        return _resolve(Path(value), kind, announce)
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise CaiError(f"cannot read {kind[:-1]}: {getattr(exc, 'strerror', None) or exc}",
+                       str(value)) from None
+
+
+def _resolve(p: Path, kind: str, announce: bool) -> Path:
     if p.exists():
         return p
     name = p.name if p.parent in (Path("."), Path(kind)) else None
