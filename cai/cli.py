@@ -246,13 +246,13 @@ def constitution_diff(old: Path, new: Path, as_json: bool = typer.Option(False, 
 
 
 def _register_stages() -> None:
-    """One command per registered stage: "sl" → `cai sl`, "train.pm" → `cai train pm`."""
+    """One command per registered stage: "sl" → `cai sl`, "pm" → `cai train pm`."""
     from cai.core.stage import load_registry
 
     groups = {"train": train_app, "eval": eval_app}
-    for name, stage in load_registry().items():
-        group, _, leaf = name.rpartition(".")
-        config_command(groups[group] if group else app, leaf, stage.config, stage.help,
+    for stage in load_registry().values():
+        leaf = (stage.command or stage.name).split()[-1]
+        config_command(groups[stage.group] if stage.group else app, leaf, stage.config, stage.help,
                        stage.run, positional=stage.positional)
 
 

@@ -159,6 +159,6 @@ register(Stage("label", LabelConfig, run_label,
                "RLAIF: soft preference labels from the feedback model's log-probs.",
                inputs=(Input("pairs", "pairs"), Input("prompts", "red-team-prompts"),
                        Input("policy", "policy"), Input("feedback_model", "judge-model")),
-               outputs=(Output("labels"),), step="label", constitution_parts=("rl",)))
+               outputs=(Output("labels"),), pipeline=True, constitution_parts=("rl",)))
 
 __all__ = ["LabelConfig", "run_label", "sample_pairs"]

@@ -43,7 +43,7 @@ ROUND = ("label", "pm", "rl")
 
 def stages() -> dict[str, Stage]:
     """The stages a pipeline runs, by step name, in the registry's (the method's) order."""
-    return {s.step: s for s in load_registry().values() if s.step}
+    return {s.name: s for s in load_registry().values() if s.pipeline}
 
 
 def steps_order() -> tuple[str, ...]:
@@ -147,7 +147,7 @@ class Step:
     key: str
     """"sl", "label", or "round-2/label" for later rounds."""
     stage: str
-    """Pipeline step name of the stage (sl, sft, ...: its `Stage.step`)."""
+    """The stage's name (sl, sft, ...: its `Stage.name`)."""
     config: Any
     deps: list[str]
     folder: Path
@@ -159,7 +159,7 @@ class Step:
 
     @property
     def is_eval(self) -> bool:
-        return bool(self.spec) and self.spec.name.startswith("eval.")
+        return bool(self.spec) and self.spec.group == "eval"
 
 
 def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str,
@@ -434,7 +434,7 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         _say(f"{n}/{len(steps)} {step.key}: running" +
              (f" (last run took {estimate:.0f} s)" if estimate else "") +
              f"; {time.time() - t_run:.0f} s elapsed")
-        if step.spec.name.startswith("train.") and (prev.get("key") not in (None, key) or force):
+        if step.spec.group == "train" and (prev.get("key") not in (None, key) or force):
             _clear(step.folder)
         # The key is recorded before the stage runs, so a killed run whose config then
         # changes is cleared too (its checkpoints would otherwise be refused, or resumed).

@@ -419,6 +419,6 @@ def write_outputs(root: Path, records: list[dict], seed: int,
 register(Stage("sl", SLConfig, run_sl, "SL-CAI: respond, critique and revise in rounds.",
                inputs=(Input("prompts", "red-team-prompts"),
                        Input("helpful_prompts", "helpful-prompts"), Input("model", "base-model")),
-               outputs=(Output("sl-data"),), step="sl", constitution_parts=("sl",)))
+               outputs=(Output("sl-data"),), pipeline=True, constitution_parts=("sl",)))
 
 __all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl", "fit_prompts"]

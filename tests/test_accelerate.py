@@ -43,7 +43,7 @@ def test_trainer_under_accelerate_launch(tmp_path, tiny_model, stage, extra) -> 
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())
-    assert m["stage"] == f"train.{stage}" and (out / "model.safetensors").exists()
+    assert m["stage"] == stage and (out / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- PPO, 2 processes

@@ -264,7 +264,7 @@ def test_report_has_elo_win_rates_and_refusals(run) -> None:
     assert all(g["p_a"] == 0.5 for g in games if g["comparison"] is None)
     examples = [json.loads(x) for x in (root / "examples.jsonl").read_text().splitlines()]
     assert examples and all(set(e["responses"]) == set(players) for e in examples)
-    assert manifest["stage"] == "eval.policies"
+    assert manifest["stage"] == "eval"
     assert set(manifest["metrics"]["elo"]) == set(players)
     assert manifest["models"]["feedback"].startswith("hf:") and "reward" in manifest["models"]
     assert manifest["constitution"]["name"] == "minimal"

@@ -182,7 +182,7 @@ def test_known_answer_writer_on_a_tiny_run(boosted_model: tuple[Path, int], tiny
         max_new_tokens=6, batch_size=8, n_boot=200))
     result = json.loads(bench.read_text())
     assert result == json.loads((run / "known-answer" / "known_answer.json").read_text())
-    assert manifest["stage"] == "eval.known-answer"
+    assert manifest["stage"] == "eval-known-answer"
     for key in ("rl_minus_sl_gold", "dpo_minus_sl_gold"):
         d = result[key]
         assert d["ci_low"] <= d["mean"] <= d["ci_high"] and d["prompts"] == len(PROMPTS)

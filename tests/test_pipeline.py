@@ -167,21 +167,21 @@ def test_manifests_trace_every_input_back_to_the_constitution(tiny_run, tiny_mod
 
     rl = m["rl"]["upstream"]
     assert rl["model"]["path"] == str(root / "sft") and rl["reward"]["path"] == f"pm:{root / 'pm'}"
-    check(rl["model"], "train.sft", "sft")
-    check(rl["reward"], "train.pm", "pm")
+    check(rl["model"], "sft", "sft")
+    check(rl["reward"], "pm", "pm")
     assert rl["prompts"]["sha256"].startswith("sha256:")  # the prompt file itself
     assert m["rl"]["constitution"] == stamp
     dpo = m["dpo"]["upstream"]
-    check(dpo["model"], "train.sft", "sft")
+    check(dpo["model"], "sft", "sft")
     check(dpo["preferences"], "label", "label")
     check(dpo["pairs"], "sl", "sl")
     assert m["dpo"]["constitution"] == stamp
     check(m["pm"]["upstream"]["preferences"], "label", "label")
     ev = m["eval"]["upstream"]
-    check(ev["models.sl-cai"], "train.sft", "sft")
-    check(ev["models.rl-cai"], "train.rl", "rl")
-    check(ev["models.dpo"], "train.dpo", "dpo")
-    check(ev["reward"], "train.pm", "pm")
+    check(ev["models.sl-cai"], "sft", "sft")
+    check(ev["models.rl-cai"], "rl", "rl")
+    check(ev["models.dpo"], "dpo", "dpo")
+    check(ev["reward"], "pm", "pm")
     assert ev["models.base"]["path"] == str(tiny_model) and "stage" not in ev["models.base"]
     assert ev["models.base"]["identity"] and ev["feedback_model"]["identity"]  # no manifest
 

@@ -142,7 +142,7 @@ def test_lock_loaders_refuse_duplicate_ids(tmp_path: Path) -> None:
 def test_lock_cli_second_writer_is_one_line(tmp_path: Path) -> None:
     """While this process holds a folder, a `cai` process writing there exits 2, one line."""
     out = tmp_path / "held"
-    claim_dir(out, "train.sft")
+    claim_dir(out, "sft")
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
                    '"content": "y"}]}\n')
@@ -502,8 +502,8 @@ def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: 
     cfg = pipeline.PipelineConfig(name="t", out=str(tmp_path / "run"), stages=["sft"],
                                   sft={"learning_rate": 1e-3})
     registry = pipeline.load_registry()
-    real = registry["train.sft"]
-    registry["train.sft"] = pipeline.dataclasses.replace(real, run=fake_sft)
+    real = registry["sft"]
+    registry["sft"] = pipeline.dataclasses.replace(real, run=fake_sft)
     try:
         with pytest.raises(KeyboardInterrupt):
             pipeline.run_pipeline(cfg)
@@ -513,7 +513,7 @@ def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: 
         with pytest.raises(KeyboardInterrupt):
             pipeline.run_pipeline(cfg)
     finally:
-        registry["train.sft"] = real
+        registry["sft"] = real
     assert calls == [1e-3, 2e-3]  # the second run started from an empty folder
 
 

@@ -180,7 +180,7 @@ def test_score_mode_manifest_is_valid_json_and_keeps_prompts(tmp_path, tiny_mode
 
 def test_registry_and_manifest_lineage(tmp_path) -> None:
     stages = load_registry()
-    assert {"sl", "label", "train.sft", "eval.labeler", "eval.constitutions"} <= set(stages)
+    assert {"sl", "label", "sft", "eval-labeler", "eval-constitutions"} <= set(stages)
     assert [(i.field, i.kind) for i in REGISTRY["label"].reads] == [
         ("pairs", "pairs"), ("prompts", "red-team-prompts"), ("policy", "policy"),
         ("feedback_model", "judge-model")]
@@ -194,7 +194,7 @@ def test_registry_and_manifest_lineage(tmp_path) -> None:
     down = tmp_path / "pm"
     down.mkdir()
     cfg = {"preferences": str(up / "preferences.jsonl"), "lr": float("nan")}
-    m = write_manifest(down, "train.pm", config=cfg, inputs=("preferences",), data=())
+    m = write_manifest(down, "pm", config=cfg, inputs=("preferences",), data=())
     assert m["config"]["lr"] is None  # NaN never reaches manifest.json
     assert m["constitution"] == stamp  # inherited from the upstream data
     assert m["upstream"]["preferences"]["stage"] == "label"
@@ -224,17 +224,107 @@ def test_declared_inputs_are_config_fields_and_reach_the_manifest(tmp_path, monk
     up.mkdir()
     (up / "model.safetensors").write_bytes(b"weights")
     stamp = {"name": "harmless", "version": "1.0.0", "hash": "sha256:abc"}
-    write_manifest(up, "train.sft", config={"seed": 0}, constitution=stamp,
+    write_manifest(up, "sft", config={"seed": 0}, constitution=stamp,
                    data=("model.safetensors",))
     register(Stage("test.policy-user", Cfg, lambda c: {}, "t", inputs=(Input("model", "policy"),),
                    outputs=(Output("policy"),)))
     m = write_manifest(tmp_path / "rl", "test.policy-user", config=Cfg(model=f"hf:{up}"), data=())
-    assert m["upstream"]["model"]["stage"] == "train.sft"
+    assert m["upstream"]["model"]["stage"] == "sft"
     assert m["upstream"]["model"]["data_sha256"] == read_manifest(up)["data"]["sha256"]
     assert m["constitution"] == stamp  # inherited through the model, not only through data
     bare = write_manifest(tmp_path / "bare", "test.unregistered", config=Cfg(model=f"hf:{up}"),
                           data=())
     assert bare["upstream"] == {} and bare["constitution"] is None  # nothing declared, none read
+
+
+# ----------------------------------------------------------------------------- stage names
+
+
+def _rename_recorded(folder: Path, old: str) -> None:
+    """Make a folder look as if written before its stage was renamed: the old name in its
+    manifest and in its ownership marker."""
+    m = json.loads((folder / "manifest.json").read_text())
+    m["stage"] = old
+    (folder / "manifest.json").write_text(json.dumps(m))
+    (folder / ".cai-stage").write_text(old + "\n")
+
+
+def test_one_name_per_stage_and_the_old_names_map_onto_them() -> None:
+    from cai.core.folders import RENAMED, stage_name
+
+    stages = load_registry()
+    assert set(RENAMED.values()) <= set(stages) and not set(RENAMED) & set(stages)
+    assert {"sl", "sft", "label", "pm", "rl", "dpo", "eval"} == {
+        n for n, st in stages.items() if st.pipeline}
+    assert stage_name("train.pm") == "pm" and stage_name("pm") == "pm" and stage_name(None) is None
+    # The command line still spells each stage as before.
+    assert {n: st.command or n for n, st in stages.items()} == {
+        "sl": "sl", "sft": "train sft", "label": "label", "pm": "train pm", "rl": "train rl",
+        "dpo": "train dpo", "eval": "eval policies", "eval-labeler": "eval labeler",
+        "eval-constitutions": "eval constitutions", "eval-known-answer": "eval known-answer"}
+
+
+def test_folder_written_under_an_old_stage_name_still_resumes(tmp_path, tiny_backend) -> None:
+    """A real stage reruns into its folder after the folder's recorded name was the old one;
+    another stage is still refused that folder, under either name."""
+    from cai.evaluate.labeler import LabelerEvalConfig, run_labeler_eval
+
+    rows = [{"id": f"i{k}", "context": f"Question {k}?", "options": [f"good {k}", f"bad {k}"],
+             "correct": k % 2} for k in range(4)]
+    items = tmp_path / "ab.jsonl"
+    items.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ev"
+    cfg = LabelerEvalConfig(items=str(items), constitution=str(MINIMAL),
+                            judge=JudgeConfig(principles=1), out=str(out))
+    first = run_labeler_eval(cfg, tiny_backend)
+    assert first["stage"] == "eval-labeler"
+    _rename_recorded(out, "eval.labeler")
+    assert read_manifest(out)["stage"] == "eval-labeler"  # read through the table
+    again = run_labeler_eval(cfg, tiny_backend)  # accepted: no "holds the output of" error
+    assert again["stage"] == "eval-labeler" and again["metrics"] == first["metrics"]
+    _rename_recorded(out, "eval.labeler")
+    with pytest.raises(CaiError, match="holds the output of stage `eval-labeler`"):
+        run_label(LabelConfig(pairs=str(_pairs(tmp_path)), constitution=str(MINIMAL),
+                              judge=JudgeConfig(principles=1), out=str(out)), tiny_backend)
+    assert not (out / "data.jsonl").exists()  # refused before writing anything
+
+
+def test_old_training_folder_is_finished_upstream_and_shown(tmp_path) -> None:
+    """A training folder recorded as `train.pm`: its rerun is still recognised as finished,
+    a downstream manifest names it `pm`, the viewer lists it under `pm`; an SFT run is
+    refused it, and an SFT folder recorded as `train.sft` is refused to the PM."""
+    from dataclasses import dataclass
+
+    from cai.core.stage import claim_dir, finished_run
+    from cai.view.runs import Run
+
+    @dataclass
+    class Cfg:
+        seed: int = 0
+
+    run = tmp_path / "run"
+    pm = run / "pm"
+    claim_dir(pm, "pm")
+    for name in ("config.json", "model.safetensors"):
+        (pm / name).write_text("{}")
+    write_manifest(pm, "pm", config=Cfg(), data=("model.safetensors",))
+    assert finished_run(pm, Cfg(), "pm") is not None
+    _rename_recorded(pm, "train.pm")
+    assert finished_run(pm, Cfg(), "pm")["stage"] == "pm"
+    assert finished_run(pm, Cfg(seed=1), "pm") is None  # another config still trains again
+    claim_dir(pm, "pm")  # accepted
+    with pytest.raises(CaiError, match="holds the output of stage `pm`; give `sft`"):
+        claim_dir(pm, "sft")
+    down = write_manifest(run / "rl", "rl", config={"reward": f"pm:{pm}"}, inputs=("reward",),
+                          data=())
+    assert down["upstream"]["reward"]["stage"] == "pm"
+    assert [s.key for s in Run(run).of("pm")] == ["pm"]
+    sft = tmp_path / "sft"
+    claim_dir(sft, "sft")
+    (sft / ".cai-stage").write_text("train.sft\n")
+    claim_dir(sft, "sft")
+    with pytest.raises(CaiError, match="holds the output of stage `sft`"):
+        claim_dir(sft, "pm")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -135,7 +135,7 @@ def test_run_dpo_writes_a_traceable_policy_folder(tiny_model: Path, tmp_path: Pa
     for name in ("model.safetensors", "config.json", "eval.json", "log.jsonl", "README.md",
                  "calibration.png"):
         assert (out / name).is_file(), name
-    assert m["stage"] == "train.dpo" and m["constitution"] == STAMP
+    assert m["stage"] == "dpo" and m["constitution"] == STAMP
     assert m["upstream"]["preferences"]["stage"] == "label"
     assert m["models"]["reference"] == str(tiny_model)
     assert m["counts"]["eval"] == 2 and m["counts"]["steps"] == 4

@@ -267,7 +267,7 @@ def test_run_pm_writes_a_traceable_loadable_folder(tiny_model: Path, tmp_path: P
                  "README.md", "manifest.json"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoints").exists()
-    assert m["stage"] == "train.pm" and m["constitution"] == STAMP
+    assert m["stage"] == "pm" and m["constitution"] == STAMP
     label_manifest = json.loads((up / "manifest.json").read_text())
     assert m["upstream"]["preferences"]["data_sha256"] == label_manifest["data"]["sha256"]
     assert m["upstream"]["pairs"]["sha256"].startswith("sha256:")

@@ -242,7 +242,7 @@ def test_run_rl_ppo_resumes_from_its_checkpoint(tiny_model, tiny_pm, prompts_fil
     assert not (out / "checkpoints" / "checkpoint-1").exists()  # only the newest is kept
     manifest = run_rl(RLConfig(out=str(out), steps=4, **common))
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
-    assert manifest["stage"] == "train.rl" and manifest["config"]["steps"] == 4
+    assert manifest["stage"] == "rl" and manifest["config"]["steps"] == 4
     assert manifest["counts"]["steps"] == 4 and manifest["metrics"]["steps"] == 4
     assert manifest["models"]["reward"] == f"pm:{tiny_pm}"
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()

@@ -166,10 +166,23 @@ def _lock_owner(path: Path) -> str | None:
         return None
 
 
+RENAMED = {"train.sft": "sft", "train.pm": "pm", "train.rl": "rl", "train.dpo": "dpo",
+           "eval.policies": "eval", "eval.labeler": "eval-labeler",
+           "eval.constitutions": "eval-constitutions", "eval.known-answer": "eval-known-answer"}
+"""Stage names that folders written before each stage had one name still carry (in their
+manifest's `stage` and their `.cai-stage` marker), and the name each stage has now."""
+
+
+def stage_name(recorded: str | None) -> str | None:
+    """The stage a recorded name means today: every reader of a folder's recorded stage
+    goes through this, so an old run folder still resumes, caches and validates."""
+    return RENAMED.get(recorded, recorded) if recorded else recorded
+
+
 def _owner(root: Path) -> str | None:
     marker = root / ".cai-stage"
     if marker.is_file():
-        return marker.read_text(encoding="utf-8").strip() or None
+        return stage_name(marker.read_text(encoding="utf-8").strip() or None)
     m = read_manifest(root)
     return m.get("stage") if m else None
 
@@ -183,10 +196,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        m = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CaiError("not a valid manifest", str(path)) from None
+    if isinstance(m, dict) and isinstance(m.get("stage"), str):
+        m["stage"] = stage_name(m["stage"])  # a folder written under a stage's old name
+    return m
 
 
-__all__ = ["MANIFEST", "LOCK", "StageDir", "claim_dir", "lock_dir", "read_manifest", "spec_parts",
-           "spec_target", "check_out_over_inputs"]
+__all__ = ["MANIFEST", "LOCK", "RENAMED", "StageDir", "claim_dir", "lock_dir", "read_manifest",
+           "spec_parts", "spec_target", "stage_name", "check_out_over_inputs"]

@@ -38,6 +38,7 @@ from cai.core.folders import (
     read_manifest,
     spec_parts,
     spec_target,
+    stage_name,
 )
 from cai.core.records import (
     cai_version,
@@ -93,8 +94,9 @@ class Stage:
     """One registered stage."""
 
     name: str
-    """Its one name: registry key, manifest `stage`, folder owner, CLI path with dots
-    ("sl", "label", "train.pm" is `cai train pm`, "eval.labeler")."""
+    """Its one name: registry key, manifest `stage`, folder owner, and (for a pipeline
+    stage) its section and folder in a pipeline run: "sl", "sft", "label", "pm", "rl",
+    "dpo", "eval" (the policy evaluation), "eval-labeler", ..."""
     config: type
     """The stage's config dataclass (fields become CLI flags and YAML keys)."""
     run: Callable[[Any], dict[str, Any]]
@@ -107,12 +109,20 @@ class Stage:
     """What it leaves for later stages (a bare string: a file no stage reads)."""
     positional: tuple[str, ...] = ()
     """Config fields also accepted as positional CLI arguments."""
-    step: str | None = None
-    """Its section and folder in a pipeline run ("pm" for train.pm); None: not run by the
-    pipeline. The pipeline runs these stages in registry order."""
+    command: str = ""
+    """The words after `cai` that run it ("train pm", "eval policies"); empty: its name.
+    How the command line spells it, grouped as users type it, not a name of the stage."""
+    pipeline: bool = False
+    """Run by the pipeline (in registry order), under its name."""
     constitution_parts: tuple[str, ...] = ()
     """The constitution sections it reads ("sl"; "rl"; "rl" and "helpfulness"): a pipeline
     reruns it when one of them changes, and only then (training stages read none)."""
+
+    @property
+    def group(self) -> str | None:
+        """Its command group ("train", "eval"), or None for a top-level command."""
+        words = (self.command or self.name).split()
+        return words[0] if len(words) > 1 else None
 
     @property
     def reads(self) -> tuple[Input, ...]:
@@ -350,4 +360,4 @@ def write_card(root: str | Path, title: str, summary: str, manifest: dict[str, A
 __all__ = ["Stage", "Input", "Output", "StageDir", "Engine", "EngineFields", "REGISTRY", "register",
            "load_registry", "run_chunks", "finished_run", "write_manifest", "write_card",
            "read_manifest", "upstream", "claim_dir", "lock_dir", "check_out_over_inputs", "LOCK",
-           "MANIFEST", "spec_parts", "spec_target"]
+           "MANIFEST", "spec_parts", "spec_target", "stage_name"]

@@ -19,7 +19,7 @@ from cai.core.records import JsonlStore, read_records, write_json_atomic
 from cai.core.stage import Input, Stage, claim_dir, load_registry, register, write_manifest
 from cai.judge import JudgeConfig
 
-STAGE = "eval.constitutions"
+STAGE = "eval-constitutions"
 
 
 @dataclass
@@ -103,6 +103,7 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
 register(Stage(STAGE, ConstitutionsEvalConfig, run_constitutions_eval,
                "Label the same pairs under two constitutions and compare.",
                inputs=(Input("pairs", "pairs"), Input("feedback_model", "judge-model")),
-               outputs=("report.json",), positional=("old", "new")))
+               outputs=("report.json",), positional=("old", "new"),
+               command="eval constitutions"))
 
 __all__ = ["ConstitutionsEvalConfig", "compare", "run_constitutions_eval"]

@@ -36,7 +36,7 @@ from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
 from cai.core.stage import Stage, register, write_manifest
 
-STAGE = "eval.known-answer"
+STAGE = "eval-known-answer"
 GOLD = "python:cai.evaluate.known_answer:gold_score"
 POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"))
 """Policies scored, with their folder in the run (base: the run's `model`)."""
@@ -402,7 +402,7 @@ register(Stage(name=STAGE, config=KnownAnswerConfig, run=run_known_answer,
                help="Score a known-answer run with its gold: gold rates, PM accuracy, "
                     "best-of-n and RL overoptimization curves.",
                inputs=(), outputs=("known_answer.json", "report.md", "known_answer.png"),
-               positional=("run",)))
+               positional=("run",), command="eval known-answer"))
 
 __all__ = ["KnownAnswerConfig", "run_known_answer", "bootstrap_mean", "pair_accuracy",
            "best_of_n", "summarise", "rl_points"]

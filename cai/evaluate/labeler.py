@@ -23,7 +23,7 @@ from cai.core.stage import Input, Stage, claim_dir, register, write_manifest
 from cai.judge import JudgeConfig, judge_pairs
 from cai.train.plots import expected_calibration_error, reliability_png
 
-STAGE = "eval.labeler"
+STAGE = "eval-labeler"
 
 
 @dataclass
@@ -144,7 +144,8 @@ def run_labeler_eval(cfg: LabelerEvalConfig, backend: Backend | None = None) -> 
 register(Stage(STAGE, LabelerEvalConfig, run_labeler_eval,
                "Judge accuracy, calibration and position bias on A/B items.",
                inputs=(Input("items", "labeler-items"), Input("feedback_model", "judge-model")),
-               outputs=("report.json", "reliability.png"), positional=("items",)))
+               outputs=("report.json", "reliability.png"), positional=("items",),
+               command="eval labeler"))
 
 __all__ = ["LabelerEvalConfig", "evaluate_labeler", "run_labeler_eval", "load_items",
            "expected_calibration_error"]

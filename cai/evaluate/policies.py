@@ -71,7 +71,7 @@ from cai.evaluate.elo import Game, win_rate_matrix, win_rate_vs_field
 from cai.evaluate.evidence import elo_block, elo_plot, pm_calibration, rl_plot, rl_points
 from cai.judge import JudgeConfig, JudgeTask, label_id, label_stats
 
-STAGE = "eval.policies"
+STAGE = "eval"
 SETS = ("red_team", "helpful", "benign")
 JUDGED = {"red_team": "harmlessness", "helpful": "helpfulness"}
 """The sets whose answers are compared, what a win there means, and so which principle
@@ -467,6 +467,7 @@ register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                        Input("pm_eval", "pm-eval"), Input("rl_log", "rl-log")),
                outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
                         "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
-               positional=("models",), step="eval", constitution_parts=("rl", "helpfulness")))
+               positional=("models",), command="eval policies", pipeline=True,
+               constitution_parts=("rl", "helpfulness")))
 
 __all__ = ["PoliciesEvalConfig", "run_policies_eval", "parse_models"]

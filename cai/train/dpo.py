@@ -34,7 +34,7 @@ from cai.core.stage import Input, Output, Stage, register, write_card
 from cai.train import prefs
 from cai.train.common import CHECKPOINTS, LOG, finish_training, log_callback, log_entries, trainer_args
 
-STAGE = "train.dpo"
+STAGE = "dpo"
 
 
 @dataclass
@@ -329,6 +329,7 @@ register(Stage(name=STAGE, config=DPOTrainConfig, run=run_dpo,
                help="DPO of the SL-CAI model on soft AI labels (and SL pairs).",
                inputs=(Input("preferences", "labels", pick="first"), Input("pairs", "sl-data"),
                        Input("model", "sl-model")),
-               outputs=(Output("policy", player="dpo"),), step="dpo"))
+               outputs=(Output("policy", player="dpo"),), command="train dpo",
+               pipeline=True))
 
 __all__ = ["DPOTrainConfig", "run_dpo", "train_dpo", "evaluate_dpo", "dpo_rows", "completion_logps"]

@@ -44,7 +44,7 @@ from cai.train.prefs import (
     soft_preference_loss,
 )
 
-STAGE = "train.pm"
+STAGE = "pm"
 
 
 @dataclass
@@ -309,7 +309,7 @@ register(Stage(name=STAGE, config=PMConfig, run=run_pm,
                inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
                        Input("model", "base-model")),
                outputs=(Output("reward", prefix="pm:"), Output("pm-eval", file="eval.json")),
-               step="pm"))
+               command="train pm", pipeline=True))
 
 __all__ = ["PMConfig", "run_pm", "train_pm", "load_reward_model", "pm_scores", "encode_pm",
            "evaluate_pm"]

@@ -43,7 +43,7 @@ from cai.train.monitors import with_monitors
 from cai.train.ppo_config import PPOConfig
 from cai.train.rewards import RewardSource, load_reward
 
-STAGE = "train.rl"
+STAGE = "rl"
 ALGOS = ("ppo", "rloo", "grpo")
 KL_PENALTY = {
     "ppo": "reward: -beta * k1 per response token (the sum is the sequence log-ratio)",
@@ -449,7 +449,8 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "
 
 
 register(Stage(STAGE, RLConfig, run_rl,
-               "RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward", step="rl",
+               "RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward",
+               command="train rl", pipeline=True,
                inputs=(Input("model", "policy"), Input("reward", "reward"),
                        Input("prompts", "red-team-prompts")),
                outputs=(Output("policy", player="rl-cai"), Output("rl-log", file="log.jsonl"))))

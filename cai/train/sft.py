@@ -18,7 +18,7 @@ from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
 from cai.core.stage import Input, Output, Stage, register, write_card, write_manifest
 
-STAGE = "train.sft"
+STAGE = "sft"
 
 
 @dataclass
@@ -202,6 +202,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
                inputs=(Input("data", "sl-data", missing="folder"), Input("model", "base-model")),
-               outputs=(Output("policy", player="sl-cai"), Output("sl-model")), step="sft"))
+               outputs=(Output("policy", player="sl-cai"), Output("sl-model")), command="train sft",
+               pipeline=True))
 
 __all__ = ["SFTConfig", "run_sft", "load_sft_rows", "sft_features"]

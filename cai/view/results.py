@@ -45,9 +45,12 @@ def curves(log: list[dict[str, Any]], width: int = 240, height: int = 70) -> lis
 
 def training(run: Run) -> list[dict[str, Any]]:
     """Per training folder: its kind, eval numbers, the last log line and its PNGs."""
+    from cai.core.stage import load_registry
+
+    registry = load_registry()
     out = []
     for s in run.stages:
-        if not s.stage.startswith("train."):
+        if s.stage not in registry or registry[s.stage].group != "train":
             continue
         log = _read_jsonl(s.path / "log.jsonl")
         ev = PreferenceEval.read(s.path) or PreferenceEval({})
@@ -65,7 +68,7 @@ def training(run: Run) -> list[dict[str, Any]]:
 
 def evaluation(run: Run, key: str | None = None) -> dict[str, Any] | None:
     """The Elo table and every judged prompt with each policy's answer and the verdicts."""
-    s = run.pick("eval.policies", key)
+    s = run.pick("eval", key)
     if s is None:
         return None
     rep = _read_json(s.path / "report.json") or {}

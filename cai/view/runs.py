@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.folders import stage_name
 from cai.core.results import read_json as _read_json
 
 PAGE_SIZE = 50
@@ -40,7 +41,7 @@ class StageFolder:
 
     @property
     def stage(self) -> str:
-        return str(self.manifest.get("stage") or "")
+        return str(stage_name(self.manifest.get("stage")) or "")
 
 
 class Run:
@@ -72,7 +73,8 @@ class Run:
                            "(runs/NAME) or a stage folder", str(root))
 
     def of(self, stage: str) -> list[StageFolder]:
-        """Stage folders whose manifest says `stage` ("sl", "label", "train.pm", ...)."""
+        """Stage folders whose manifest says `stage` ("sl", "label", "pm", ...; a folder
+        written under a stage's old name counts as the stage's)."""
         return [s for s in self.stages if s.stage == stage]
 
     def pick(self, stage: str, key: str | None) -> StageFolder | None:
