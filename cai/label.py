@@ -1,8 +1,8 @@
 """The label stage (`cai label`): soft AI preference labels for pairs, written to disk.
 
-Pairs come from a file, or from a policy that answers prompts several times (`cai.answers`; every
-unordered pair of its answers to a prompt is labelled). Each pair is judged by
-`cai.judge`: K sampled principles, both orders, p(a ≻ b) from the feedback model's
+Pairs come from a file, or from a policy that answers prompts several times
+(`cai.policy_pairs`; every unordered pair of its answers to a prompt is labelled). Each pair
+is judged by `cai.judge`: K sampled principles, both orders, p(a ≻ b) from the feedback model's
 log-probs of "A" and "B". Labels are kept as records (resumable: a label's id is known
 before judging) and as preferences.jsonl in TRL's preference format plus `p_chosen`.
 """
@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai.answers import Sampling, sample_pairs
 from cai.backends import Backend, GenerationConfig, load_resolved
 from cai.backends.base import OVERLONG_MODES, Overlong
 from cai.constitution import read
@@ -36,6 +35,7 @@ from cai.core.stage import (
     write_manifest,
 )
 from cai.judge import LABEL, JudgeConfig, label_pairs
+from cai.policy_pairs import Sampling, sample_pairs
 
 STAGE = LABEL
 
