@@ -167,6 +167,15 @@ def test_rl_points(tmp_path: Path) -> None:
     assert [p["step"] for p in rl["points"]] == [1, 3]
     assert [p["sqrt_kl"] for p in rl["points"]] == pytest.approx([math.sqrt(0.2), 0.6])
     assert all(p["sqrt_kl"] > 0 for p in rl["points"])
+    # Read as training writes it: a last line cut by a kill is left out; a bad line inside
+    # the log is one error naming file:line.
+    with log.open("a", encoding="utf-8") as f:
+        f.write('{"step": 4, "reward_mean": 2.0, "kl"')
+    assert [p["step"] for p in rl_points(log)["points"]] == [1, 3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "reward_mean": 0.1, "kl": 0.2}\nnot json\n', encoding="utf-8")
+    with pytest.raises(CaiError, match=r"bad\.jsonl:2"):
+        rl_points(bad)
     from cai.evaluate.evidence import rl_plot
 
     rl_plot(rl, tmp_path / "rl.png")

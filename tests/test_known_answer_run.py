@@ -190,6 +190,10 @@ def test_known_answer_writer_on_a_tiny_run(boosted_model: tuple[Path, int], tiny
     assert set(result["policies"]) == {"base", "sl-cai", "rl-cai", "dpo"}
     assert all(abs(p["kl_from_sl"]) < 1e-3 for p in result["policies"].values())
     assert 0 <= result["base_rate"] <= 1 and result["wall_s"] > 0
+    # Without `started`, wall_s is the stages' own times (listed per folder) plus the eval's.
+    stages_s = result["machine"]["stages_s"]
+    assert stages_s["pm"] > 0 and "known-answer" not in stages_s
+    assert result["wall_s"] >= sum(stages_s.values()) + result["machine"]["eval_s"] - 0.2
     assert result["pm_gold_accuracy"] is None or 0 <= result["pm_gold_accuracy"] <= 1
     assert [r["n"] for r in result["best_of_n"]] == [1, 2, 4]
     assert set(result["bon_fit"]) == {"bon", "rl"} and set(result["rl_fit"]) == {"rl", "bon"}

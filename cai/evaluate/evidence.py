@@ -27,14 +27,10 @@ def rl_points(path: str | Path) -> dict[str, Any]:
         p = p / "log.jsonl"
     if not p.is_file():
         raise CaiError("RL log not found", str(p), "rl_log")
+    from cai.train.common import read_steps
+
     points = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            raise CaiError("not valid JSON", f"{p}:{n}", "rl_log") from None
+    for e in read_steps(p):  # the one log reader: a bad line is file:line, a cut last line left out
         reward = e.get("reward_mean", e.get("reward"))
         sq = e.get("sqrt_kl")
         for key in ("kl_k3", "kl"):

@@ -160,17 +160,13 @@ def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float
 
 
 def rl_points(log_path: Path) -> list[dict[str, Any]]:
-    """RL's per-step sqrt(KL), reward (the train PM) and monitors, from its log.jsonl."""
-    if not log_path.is_file():
-        return []
-    rows = []
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            e = json.loads(line)
-            rows.append({"step": e.get("step"), "sqrt_kl": e.get("sqrt_kl"),
-                         "train_pm": e.get("reward_mean"), "test_pm": e.get("monitor/test_pm"),
-                         "gold": e.get("monitor/gold")})
-    return rows
+    """RL's per-step sqrt(KL), reward (the train PM) and monitors, from its log.jsonl (read
+    as training writes it: a line cut by a kill is left out)."""
+    from cai.train.common import read_steps
+
+    return [{"step": e.get("step"), "sqrt_kl": e.get("sqrt_kl"), "train_pm": e.get("reward_mean"),
+             "test_pm": e.get("monitor/test_pm"), "gold": e.get("monitor/gold")}
+            for e in read_steps(log_path)]
 
 
 # --------------------------------------------------------------------------- sampling
@@ -260,13 +256,15 @@ def _policy_specs(run: Path) -> dict[str, str]:
     return specs
 
 
-def _stage_seconds(run: Path) -> float:
-    total = 0.0
-    for m in run.glob("*/manifest.json"):
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Each pipeline stage's own wall time (its manifest's `timings_s.total`), by folder:
+    where the run's minutes went."""
+    out: dict[str, float] = {}
+    for m in sorted(run.glob("*/manifest.json")):
         t = (json.loads(m.read_text(encoding="utf-8")).get("timings_s") or {}).get("total")
         if isinstance(t, int | float) and m.parent.name != "known-answer":
-            total += float(t)
-    return total
+            out[m.parent.name] = round(float(t), 1)
+    return out
 
 
 def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
@@ -318,10 +316,12 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     result["rl_steps"] = rlog
     pts = [(r["sqrt_kl"], r["gold"]) for r in rlog]
     result["rl_fit"] = {form: fit_or_none(pts, form, sl_gold) for form in ("rl", "bon")}
+    stages_s = stage_seconds(run)
     result["wall_s"] = round((time.time() - cfg.started) if cfg.started
-                             else _stage_seconds(run) + time.time() - t0, 1)
+                             else sum(stages_s.values()) + time.time() - t0, 1)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": load_start,
-                         "load_avg_at_end": os.getloadavg(), "eval_s": round(time.time() - t0, 1)}
+                         "load_avg_at_end": os.getloadavg(), "stages_s": stages_s,
+                         "eval_s": round(time.time() - t0, 1)}
     result["provenance"] = {"run": str(run), "gold": getattr(gold, "spec", cfg.gold),
                             "policies": specs, "pms": {k: v.spec for k, v in pms.items()},
                             "sampling": {"temperature": cfg.temperature, "top_p": 1.0,
