@@ -57,11 +57,9 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
         for s in range(sampling.responses):
             rid = record_id("response", item.prompt, policy_id, gcfg.as_dict(), sampling.seed, s)
             planned[rid] = (item, s)
-    loaded: str | None = None  # the policy's cache key, once it is loaded
     todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
     if todo:
         policy = load_resolved(policy_model)
-        loaded = policy.spec
         limit, count = context_of(policy)
         if limit is not None and count is not None:
             # Prompts the policy cannot answer within its context (prompt + token budget)
@@ -93,6 +91,8 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
 
         run_chunks(todo, sampling.chunk_size, generate, store, total=len(planned),
                    desc="sample", unit="response")
+        if policy_id != judge_id:
+            release(policy.spec)  # the judge comes next; do not keep both in memory
     by_prompt: dict[str, list[dict]] = {}
     for r in store:
         if r["id"] in planned:
@@ -105,8 +105,6 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
             pairs.append(PairItem(f"{item.id}:{x['sample']}-{y['sample']}", x["prompt"],
                                   x["text"], y["text"],
                                   truncated=bool(x.get("truncated") or y.get("truncated"))))
-    if loaded is not None and policy_id != judge_id:
-        release(loaded)  # the judge comes next; do not keep both in memory
     return pairs
 
 

@@ -259,9 +259,11 @@ def _policy_specs(run: Path) -> dict[str, str]:
 def stage_seconds(run: Path) -> dict[str, float]:
     """Each pipeline stage's own wall time (its manifest's `timings_s.total`), by folder:
     where the run's minutes went."""
+    from cai.core.folders import read_manifest
+
     out: dict[str, float] = {}
     for m in sorted(run.glob("*/manifest.json")):
-        t = (json.loads(m.read_text(encoding="utf-8")).get("timings_s") or {}).get("total")
+        t = ((read_manifest(m.parent) or {}).get("timings_s") or {}).get("total")
         if isinstance(t, int | float) and m.parent.name != "known-answer":
             out[m.parent.name] = round(float(t), 1)
     return out
