@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cai.core.config import from_dict  # noqa: E402
+from cai.core.errors import CaiError  # noqa: E402
 from cai.evaluate.known_answer import gold_score  # noqa: E402
 from cai.train.pm import PMConfig, pm_scores, train_pm  # noqa: E402
 from cai.train.prefs import apply_ties, load_preference_file, split_rows  # noqa: E402
@@ -37,12 +39,17 @@ def _text(row: dict, key: str) -> str:
 
 def main() -> None:
     label = sys.argv[1] if len(sys.argv) > 1 else "runs/known-answer/label"
-    overrides = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    try:
+        overrides = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    except json.JSONDecodeError as exc:
+        raise CaiError(f"not a JSON object of PM settings: {exc.msg}", field="overrides") from None
+    if not isinstance(overrides, dict):
+        raise CaiError("expected a JSON object of PM settings", field="overrides")
     rows = load_preference_file(label, "labels", "preferences.jsonl")
     train, test = split_rows(rows, 0.5, 7)
     train, _ = apply_ties(train, "drop", 0.05)
     test = [r for r in test if gold_score("", _text(r, "chosen")) != gold_score("", _text(r, "rejected"))]
-    cfg = PMConfig(**{**KNOWN_ANSWER_PM, "save_steps": 10**6, **overrides})
+    cfg = from_dict(PMConfig, {**KNOWN_ANSWER_PM, "save_steps": 10**6, **overrides}, "overrides")
     t0 = time.time()
     result = train_pm(train, cfg)
     seconds = time.time() - t0
@@ -57,4 +64,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CaiError as err:  # a bad folder, JSON or override: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
