@@ -99,8 +99,7 @@ def build_inputs(root: Path, embedded: Path) -> None:
     on the same body, the prompts, and the recorded SL and label outputs under `in/`."""
     import numpy as np
     import torch
-    from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                              LlamaForSequenceClassification)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(str(embedded))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

@@ -203,15 +203,27 @@ def test_report_tables_come_from_the_stages_results(tiny_run) -> None:
         assert f"| {model} | " in md
 
 
-def test_constitution_edit_reruns_only_what_it_reaches(tiny_run) -> None:
+def test_constitution_edit_reruns_only_what_it_reaches(tiny_run, monkeypatch) -> None:
+    from transformers import PreTrainedModel
+
     edited, cfg_path, tmp_path = tiny_run["constitution"], tiny_run["cfg_path"], tiny_run["root"].parent
     stages = ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
     first = tiny_run["first"]
     assert [first["steps"][s]["status"] for s in stages] == ["ran"] * 7
-    t0 = time.time()
-    again = run_pipeline(load_pipeline_config(cfg_path))
+    # A rerun with nothing changed loads no model and rewrites no stage file: a tripwire on
+    # every model load, and each file's modification time before and after.
+    def stamps() -> dict[str, int]:
+        return {str(f): f.stat().st_mtime_ns for s in stages
+                for f in (tmp_path / "run" / s).rglob("*") if f.is_file()}
+
+    before = stamps()
+    with monkeypatch.context() as m:
+        def tripwire(*a, **k):
+            raise AssertionError("a cached rerun loaded a model")
+        m.setattr(PreTrainedModel, "from_pretrained", classmethod(tripwire))
+        again = run_pipeline(load_pipeline_config(cfg_path))
     assert [again["steps"][s]["status"] for s in stages] == ["cached"] * 7
-    assert time.time() - t0 < 30
+    assert stamps() == before
     # Edit one comparison principle: label and what follows rerun, sl and sft stay cached.
     data = yaml.safe_load(edited.read_text())
     data["rl"]["principles"][0]["text"] += " Think about who could be hurt."

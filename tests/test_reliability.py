@@ -716,6 +716,12 @@ def test_config_values_and_errors_are_bounded(tmp_path: Path) -> None:
     assert load_yaml_config(SFTConfig, ok).lora_alpha == 3
 
 
+# A probe that ignored its 2-3 s timeout would wait on a silent server for minutes (Ray's own
+# client retries without end); a minute tells such a hang from a slow or loaded machine. The
+# message naming the timeout shows which path was taken.
+HANG_S = 60
+
+
 def test_dead_ray_address_fails_fast_in_one_line(tmp_path: Path) -> None:
     import socket
 
@@ -724,10 +730,11 @@ def test_dead_ray_address_fails_fast_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.time()
-    with pytest.raises(CaiError, match=f"ray_address: the Ray cluster at 127.0.0.1:{port} does not answer"):
+    # Refused at once by the operating system, not left to run into the timeout: the message
+    # carries the refusal, where a silent address would say "no answer within 2 s".
+    with pytest.raises(CaiError, match=f"ray_address: the Ray cluster at 127.0.0.1:{port} does not "
+                                       "answer .*refused"):
         check_ray_address(f"127.0.0.1:{port}", timeout=2)
-    assert time.time() - t0 < 5
     check_ray_address(None)  # no address: a local cluster, nothing to probe
 
 
@@ -773,7 +780,7 @@ def test_ray_address_that_accepts_but_says_nothing_fails_within_the_timeout(tmp_
                                                r"connections but says nothing to the gRPC handshake "
                                                r"within 2 s\)"):
                 check_ray_address(address, timeout=2)
-            assert time.time() - t0 < 5
+            assert time.time() - t0 < HANG_S  # (why: see HANG_S)
         # From the command line: checked when the config is read, one line, exit 2, no folder.
         t0 = time.time()
         out = tmp_path / "out"
@@ -782,7 +789,7 @@ def test_ray_address_that_accepts_but_says_nothing_fails_within_the_timeout(tmp_
                                      "hf:/no/such/model", "--engine", "ray", "--ray-address",
                                      f"127.0.0.1:{port}", "--out", str(out)],
                                env={"CAI_RAY_TIMEOUT": "2"})
-        assert r.exit_code == 2 and time.time() - t0 < 10, (r.exit_code, r.stderr)
+        assert r.exit_code == 2 and time.time() - t0 < HANG_S, (r.exit_code, r.stderr)
         lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
         assert len(lines) == 1 and "says nothing to the gRPC handshake within 2 s" in lines[0]
         assert "Traceback" not in r.stderr and not out.exists()
@@ -824,10 +831,9 @@ def test_ray_init_is_bounded_when_the_peer_passes_the_handshake_but_is_not_ray()
         "    sys.exit(2)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
+    # A join that ignored its 3 s timeout would retry for minutes: the subprocess's own
+    # timeout (HANG_S) tells that hang from a slow machine, and the message names the 3 s.
     r = subprocess.run([sys.executable, "-c", script, ""], capture_output=True, text=True,
-                       timeout=60, env=env)
-    took = time.time() - t0
+                       timeout=HANG_S, env=env)
     assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
     assert "does not answer (Ray could not join it within 3 s" in r.stdout, r.stdout
-    assert took < 30, took

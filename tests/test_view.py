@@ -130,7 +130,7 @@ class _Server:
                                                     port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 20
+        deadline = time.time() + 60  # a hang, not a slow start, on a loaded machine
         while not self.server.started:
             assert time.time() < deadline, "the viewer did not start"
             time.sleep(0.05)
