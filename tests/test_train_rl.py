@@ -203,12 +203,14 @@ def test_ppo_raises_a_toy_reward_and_beta_keeps_kl_bounded(boosted_model, prompt
     for beta in (0.0, 0.5):
         cfg = RLConfig(algo="ppo", model=str(path), reward=reward.spec, prompts=str(prompts_file),
                        out=str(tmp_path / f"beta{beta}"), beta=beta, steps=20, batch_size=8,
-                       minibatch_size=4, ppo_epochs=2, max_new_tokens=10, learning_rate=1e-3,
-                       lora=False, save_every=0, seed=2)
+                       minibatch_size=4, ppo_epochs=2, max_new_tokens=10, learning_rate=5e-4,
+                       lora=False, save_every=0, seed=0)
         run_rl(cfg, reward=reward)
         logs[beta] = read_log(tmp_path / f"beta{beta}")
-    # (Seed 2: at seed 0 the first update, which β cannot influence since the KL is still
-    # 0, overshoots to KL ≈ 25 in both runs at this learning rate; seeds 1 and 2 do not.)
+    # The seed is the default, not a chosen one: at this learning rate seeds 0, 1 and 3 all
+    # gave a reward gain of 3.3-5.8, free KL 13-25 against 1.5-2.1 leashed. At 1e-3 the first
+    # update (which β cannot hold back: the KL is still 0) could overshoot to KL ≈ 25 in both
+    # runs, so the margins then depended on the seed.
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
