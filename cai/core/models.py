@@ -105,9 +105,11 @@ SPEED_OPTIONS = frozenset({
     "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
     "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
     "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "kv_cache_gb",
+    "usd_per_mtok_in", "usd_per_mtok_out",
 })
-"""Options that change how fast (or where) a model runs, never what it outputs. They are
-left out of a model's identity; `api_key` is also a secret that must never be recorded."""
+"""Options that change how fast (or where) a model runs, or what its tokens cost, never
+what it outputs. They are left out of a model's identity; `api_key` is also a secret that
+must never be recorded."""
 
 
 @dataclass(frozen=True)
