@@ -409,7 +409,9 @@ def label_stats(records: list[dict]) -> dict[str, float]:
     return {"pairs": n, "position_inconsistency_rate": rate("position-inconsistent"),
             "mean_abs_p_minus_half": round(float(np.mean([abs(r["p_a"] - 0.5) for r in records])), 4),
             "low_mass_rate": rate("low-mass"), "tie_rate": rate("tie"),
-            "mean_mass": _mean_mass(records)}
+            "mean_mass": _mean_mass(records),
+            **({f"{f.replace('-', '_')}_rate": rate(f) for f in (*VOTE_FLAGS, "no-verdict")}
+               if any(j.get("votes") for r in records for j in r["judgements"]) else {})}
 
 
 def _mean_mass(records: list[dict]) -> float | None:
