@@ -145,6 +145,9 @@ def resolve_spec(spec: str | ModelSpec) -> ResolvedSpec:
     if isinstance(spec, ResolvedSpec):
         return spec
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    from cai.core.usage import parse_price
+
+    parse_price(s.options)  # a bad price is refused with the spec, before any work
     return ResolvedSpec(s.raw, s.backend, s.target, s.served_name, s.options,
                         frozenset(k for k in s.options if k in SPEED_OPTIONS))
 
