@@ -120,7 +120,8 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, *decls, help=escape(f"{docs.get(f.name, '')} [default: {default}]"),
-                                 show_default=False),
+                                 show_default=False,
+                                 metavar=f"<{tp.__name__}>" if f.name in many else None),
             annotation=Optional[list[tp]] if f.name in many else Optional[tp]))  # noqa: UP045
 
     @user_errors

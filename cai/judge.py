@@ -99,7 +99,7 @@ def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig, seed: int) -
             for o in orders:
                 first, second = ((pair.response_a, pair.response_b) if o == "ab"
                                  else (pair.response_b, pair.response_a))
-                chat = (verdict_chat(pair.prompt, first, second, p, cfg.layout, cfg.verdict_reasoning)
+                chat = (verdict_chat(pair.prompt, first, second, p, cfg.layout, cfg.reason_first)
                         if cfg.mode == "verdict" else judge_chat(pair.prompt, first, second, p, cfg.layout))
                 # The parts travel with the chat for function judges (`python:` specs).
                 question = JudgeQuestion(pair.prompt, first, second, p.text,
@@ -171,7 +171,7 @@ def _verdict_pairs(pairs: list[PairItem], qs: list[_Question], c: Constitution, 
     parts = [(q.request.question.prompt, q.request.question.first, q.request.question.second,
               q.principle) for q in qs if q.request.question is not None]
     answers = ask(backend, [(q.request.chat, x) for q, x in zip(qs, parts)], cfg.votes,
-                  cfg.verdict_temperature, cfg.verdict_max_new_tokens, seed)
+                  cfg.vote_temperature, cfg.vote_max_tokens, seed)
     per_pair: dict[int, list[Judgement]] = {}
     for q, texts in zip(qs, answers):
         votes = [parse_verdict(t) for t in texts]

@@ -51,11 +51,11 @@ class JudgeConfig:
     """Token budget of the judge's reasoning in "cot" mode."""
     votes: int = 1
     """Verdict mode: written answers sampled per question; p is the share choosing (A)."""
-    verdict_temperature: float = 1.0
+    vote_temperature: float = 1.0
     """Verdict mode: sampling temperature of the answers (above 0 when votes > 1)."""
-    verdict_reasoning: bool = False
+    reason_first: bool = False
     """Verdict mode: the judge compares the replies in writing before it chooses."""
-    verdict_max_new_tokens: int = 16
+    vote_max_tokens: int = 16
     """Verdict mode: token budget of each written answer (raise it with reasoning)."""
     models: list[str] = field(default_factory=list, metadata={"cli": False})
     """A panel: two or more feedback model specs judging every pair, p their (weighted)
@@ -81,14 +81,14 @@ class JudgeConfig:
         self._check_verdict_and_panel()
 
     def _check_verdict_and_panel(self) -> None:
-        t = self.verdict_temperature
+        t = self.vote_temperature
         if not (isinstance(t, int | float) and math.isfinite(t) and 0 <= t <= 100):
-            raise CaiError("must be from 0 to 100", field="verdict_temperature")
+            raise CaiError("must be from 0 to 100", field="vote_temperature")
         if self.votes < 1 or (self.votes > 1 and t == 0):
             raise CaiError("must be at least 1, and with more than one vote the temperature must "
                            "be above 0 (greedy votes all agree)", field="votes")
-        if self.verdict_max_new_tokens < 1:
-            raise CaiError("must be at least 1", field="verdict_max_new_tokens")
+        if self.vote_max_tokens < 1:
+            raise CaiError("must be at least 1", field="vote_max_tokens")
         if isinstance(self.models, str):
             self.models = [self.models]
         if isinstance(self.panel_weights, str):  # "--panel-weights 2,1"
@@ -114,8 +114,8 @@ class JudgeConfig:
         if self.mode == "cot":  # the key ids have always hashed
             out["max_new_tokens"] = self.cot_max_new_tokens
         if self.mode == "verdict":
-            out.update(votes=self.votes, temperature=self.verdict_temperature,
-                       reasoning=self.verdict_reasoning, max_new_tokens=self.verdict_max_new_tokens)
+            out.update(votes=self.votes, temperature=self.vote_temperature,
+                       reasoning=self.reason_first, max_new_tokens=self.vote_max_tokens)
         return out
 
     def capped(self, n: int) -> JudgeConfig:

@@ -182,7 +182,7 @@ def test_verdict_one_vote_gives_hard_labels(chat_judge: str) -> None:
     c = load(MINIMAL)
     backend = OpenAIBackend(f"openai:{chat_judge}#judge?retries=0")
     recs = judge_pairs([PAIRS[0], PAIRS[3]], c, backend,
-                       JudgeConfig(principles=1, mode="verdict", votes=1, verdict_temperature=0.0), 0)
+                       JudgeConfig(principles=1, mode="verdict", votes=1, vote_temperature=0.0), 0)
     for r in recs:
         assert all(j.p_first in (0.0, 1.0) for j in r.judgements)
         assert r.p_a in (0.0, 0.5, 1.0)
@@ -220,8 +220,8 @@ def test_verdict_cli_counts_flags_tokens_and_cost(chat_judge: str, tmp_path: Pat
 
 def test_verdict_bad_settings_are_one_line_exit_2(tmp_path: Path) -> None:
     with pytest.raises(CaiError, match="temperature must be above 0"):
-        JudgeConfig(mode="verdict", votes=5, verdict_temperature=0.0)
-    for flags, field in ((["--votes", "0"], "votes"), (["--verdict-temperature", "nan"], "verdict"),
+        JudgeConfig(mode="verdict", votes=5, vote_temperature=0.0)
+    for flags, field in ((["--votes", "0"], "votes"), (["--vote-temperature", "nan"], "verdict"),
                          (["--mode", "verdicts"], "mode")):
         r = subprocess.run([CAI, "label", "--pairs", str(tmp_path / "none.jsonl"), *flags,
                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
@@ -232,10 +232,10 @@ def test_verdict_bad_settings_are_one_line_exit_2(tmp_path: Path) -> None:
 
 def test_verdict_ids_change_with_the_verdict_settings_only_in_verdict_mode() -> None:
     base = JudgeConfig().method()
-    assert JudgeConfig(votes=7, verdict_temperature=0.3).method() == base  # log-prob ids kept
+    assert JudgeConfig(votes=7, vote_temperature=0.3).method() == base  # log-prob ids kept
     a = JudgeConfig(mode="verdict", votes=3).method()
     assert a != JudgeConfig(mode="verdict", votes=5).method()
-    assert a != JudgeConfig(mode="verdict", votes=3, verdict_reasoning=True).method()
+    assert a != JudgeConfig(mode="verdict", votes=3, reason_first=True).method()
 
 
 # --------------------------------------------------------------------------- real models
@@ -245,7 +245,7 @@ def test_verdict_tiny_model_symmetry_and_flags(tiny_backend, one_thread) -> None
     """A random model writes gibberish: its answers are flagged and counted, the stored
     value is the same for both orders of a pair, and no vote is made up."""
     c = load(MINIMAL)
-    cfg = JudgeConfig(principles=1, mode="verdict", votes=3, verdict_max_new_tokens=6)
+    cfg = JudgeConfig(principles=1, mode="verdict", votes=3, vote_max_tokens=6)
     pairs = PAIRS[:2]
     a = judge_pairs(pairs, c, tiny_backend, cfg, 5)
     b = judge_pairs([_swap(p) for p in pairs], c, tiny_backend, cfg, 5)
@@ -269,7 +269,7 @@ def test_verdict_through_vllm_serve_chat_endpoint(vllm_server: str) -> None:  # 
     spec = f"openai:{vllm_server}#smol?concurrency=1"
     backend = OpenAIBackend(spec)
     assert backend.fmt is None  # no tokenizer: the chat endpoint, as a hosted API
-    cfg = JudgeConfig(principles=2, mode="verdict", votes=3, verdict_max_new_tokens=12)
+    cfg = JudgeConfig(principles=2, mode="verdict", votes=3, vote_max_tokens=12)
     mark = usage.mark()
     a = judge_pairs([PAIRS[0], PAIRS[3]], c, backend, cfg, 11)
     b = judge_pairs([_swap(PAIRS[0]), _swap(PAIRS[3])], c, backend, cfg, 11)
