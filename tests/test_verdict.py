@@ -221,7 +221,7 @@ def test_verdict_cli_counts_flags_tokens_and_cost(chat_judge: str, tmp_path: Pat
 def test_verdict_bad_settings_are_one_line_exit_2(tmp_path: Path) -> None:
     with pytest.raises(CaiError, match="temperature must be above 0"):
         JudgeConfig(mode="verdict", votes=5, vote_temperature=0.0)
-    for flags, field in ((["--votes", "0"], "votes"), (["--vote-temperature", "nan"], "verdict"),
+    for flags, field in ((["--votes", "0"], "votes"), (["--vote-temperature", "nan"], "vote_temperature"),
                          (["--mode", "verdicts"], "mode")):
         r = subprocess.run([CAI, "label", "--pairs", str(tmp_path / "none.jsonl"), *flags,
                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
