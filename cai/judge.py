@@ -332,6 +332,9 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
         if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
             return max(n(rating_chat(prompt, r, p), RATING_PREFIX + "1")
                        for p in ps for r in (a, b)) + 1
+        if cfg.mode == "verdict":  # a written answer of up to its token budget
+            return max(n(verdict_chat(prompt, x, y, p, cfg.layout, cfg.reason_first), "")
+                       for p in ps for x, y in ((a, b), (b, a))) + cfg.vote_max_tokens
         chats = [judge_chat(prompt, x, y, p, cfg.layout) for p in ps for x, y in ((a, b), (b, a))]
         if cfg.mode == "cot":  # reasoning of up to its token budget, then the answer prefix
             return (max(n(ch, f"{COT_PREFIX} {COT_ANSWER}") for ch in chats)

@@ -290,3 +290,26 @@ def test_verdict_through_vllm_serve_chat_endpoint(vllm_server: str) -> None:  # 
     gen = backend.generate([GenRequest([{"role": "user", "content": "Say hi."}], seed=1)],
                            GenerationConfig(max_new_tokens=4, temperature=0.0))
     assert gen[0].text
+
+
+def test_verdict_overlong_pairs_are_fitted_to_the_answer_budget(tiny_backend) -> None:
+    """A pair whose question plus the written answer's budget overflows the context is
+    skipped (or cut); the same pair fits when the budget is small."""
+    from cai.backends.base import Overlong
+    from cai.judge import fit_pairs
+    from cai.templates import verdict_chat
+
+    c = load(MINIMAL)
+    limit = tiny_backend.context_length()
+    words = " ".join(["word"] * 60)
+    pair = PairItem("long", "Q?", words, words)
+    cfg = JudgeConfig(principles=1, mode="verdict", vote_max_tokens=1)
+    sizes = [tiny_backend.count_tokens(verdict_chat("Q?", words, words, p)) for p in c.rl_principles]
+    assert max(sizes) + 1 < limit
+    state = Overlong("skip")
+    assert fit_pairs([pair], c, tiny_backend, cfg, 0, state) == [pair] and state.skipped == 0
+    big = JudgeConfig(principles=1, mode="verdict", vote_max_tokens=limit - min(sizes) + 1)
+    assert fit_pairs([pair], c, tiny_backend, big, 0, state) == [] and state.skipped == 1
+    cut = Overlong("truncate")
+    (fitted,) = fit_pairs([pair], c, tiny_backend, big, 0, cut)
+    assert fitted.truncated and cut.truncated == 1
