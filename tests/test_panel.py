@@ -193,7 +193,8 @@ def test_panel_eval_labeler_reports_each_judge_and_the_panel(judges: Path, tmp_p
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         alone = json.loads((out / "report.json").read_text())
-        for k in ("accuracy", "mean_p_correct", "accuracy_order_ab", "position_bias"):
+        for k in ("accuracy", "mean_p_correct", "accuracy_order_ab", "position_bias",
+                  "position_inconsistency_rate"):
             assert report["judges"][ident][k] == pytest.approx(alone[k], abs=1e-12), k
     (row,) = report["agreement"]
     assert row["judges"] == [ida, idb] and -1 <= row["kappa"] <= 1

@@ -21,7 +21,7 @@ from cai.core.data import PairItem, _rows
 from cai.core.errors import CaiError, ValidationErrors
 from cai.core.records import write_json_atomic
 from cai.core.stage import Input, Stage, claim_dir, register, write_manifest
-from cai.judge import JudgeConfig, LabelRecord, judge_pairs
+from cai.judge import JudgeConfig, LabelRecord, judge_pairs, label_flags
 from cai.panel import judge_panel, load_panel
 from cai.train.plots import expected_calibration_error, reliability_png
 
@@ -98,7 +98,8 @@ def evaluate_labeler(items: list[ABItem], backend: Backend | list[Backend],
         recs = judge_panel(pairs, c, backend, cfg.judge, cfg.seed)
         report = _report(items, recs, cfg, c, recs[0].provenance.model if recs else "panel")
         ids = [b.identity for b in backend]
-        judges = {m: _report(items, [_member(r, m) for r in recs], cfg, c, m) for m in ids}
+        judges = {m: _report(items, [_member(r, m, cfg.judge) for r in recs], cfg, c, m)
+                  for m in ids}
         report["judges"] = {m: {k: v for k, v in r.items() if k not in ("constitution", "judge")}
                             for m, r in judges.items()}
         report["agreement"] = agreement({m: [r.panel[m] for r in recs if r.panel] for m in ids})
@@ -107,11 +108,13 @@ def evaluate_labeler(items: list[ABItem], backend: Backend | list[Backend],
     return _report(items, recs, cfg, c, backend.identity)
 
 
-def _member(r: LabelRecord, judge: str) -> LabelRecord:
-    """One panel judge's own label of a pair, from the panel's record."""
+def _member(r: LabelRecord, judge: str, cfg: JudgeConfig) -> LabelRecord:
+    """One panel judge's own label of a pair (its p, questions and flags), from the
+    panel's record."""
     assert r.panel is not None
-    return r.model_copy(update={"p_a": r.panel[judge],
-                                "judgements": [j for j in r.judgements if j.judge == judge]})
+    js = [j for j in r.judgements if j.judge == judge]
+    return r.model_copy(update={"p_a": r.panel[judge], "judgements": js,
+                                "flags": label_flags(js, r.panel[judge], cfg)})
 
 
 def agreement(ps: dict[str, list[float]]) -> list[dict[str, Any]]:
