@@ -102,7 +102,10 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
             default=typer.Argument(None, metavar=pos.upper(), show_default=False,
                                    help=f"Same as --{pos.replace('_', '-')}.")))
     paths: dict[str, str] = {}  # parameter name -> field path ("judge.principles")
+    many: dict[str, str] = {}  # a repeatable flag -> the field path its repeats fill
     for path, f, owner in flat_fields(cls):
+        if f.metadata.get("cli") is False:  # set by another field's repeated flag
+            continue
         if f.name in paths:
             raise RuntimeError(f"{cls.__name__}: two fields would share the flag of {f.name!r}")
         paths[f.name] = path
@@ -112,11 +115,14 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         docs = field_docs(owner)
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
+        if f.metadata.get("many"):
+            many[f.name] = f.metadata["many"]
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, *decls, help=escape(f"{docs.get(f.name, '')} [default: {default}]"),
-                                 show_default=False),
-            annotation=Optional[tp]))  # noqa: UP045
+                                 show_default=False,
+                                 metavar=f"<{tp.__name__}>" if f.name in many else None),
+            annotation=Optional[list[tp]] if f.name in many else Optional[tp]))  # noqa: UP045
 
     @user_errors
     def command(**kwargs: Any) -> None:
@@ -125,6 +131,12 @@ def config_command(group: typer.Typer, name: str, cls: type, help: str,
             value = kwargs.pop(f"{pos}_arg")
             if value is not None:
                 kwargs[pos] = value
+        for k, target in many.items():  # one value: the field; repeated: the list field
+            values = kwargs.pop(k)
+            if values:
+                kwargs[k if len(values) == 1 else target] = (values[0] if len(values) == 1
+                                                              else list(values))
+                paths.setdefault(target, target)
         given = nest({paths.get(k, k): v for k, v in kwargs.items() if v is not None})
         cfg = (load_yaml_config(cls, path, overrides=given) if path else from_dict(cls, given))
         result = run(cfg)

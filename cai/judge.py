@@ -16,7 +16,9 @@ inconsistent, low-mass and tied pairs.
 
 Modes: `logprob` (above); `cot` (the judge reasons first, then is scored; p is clamped to
 [0.4, 0.6] because reasoned labels come out overconfident); `score` (the judge rates each
-response 1–10, read as an expected value from the digit probabilities; usable as a reward).
+response 1–10, read as an expected value from the digit probabilities; usable as a reward);
+`verdict` (the judge writes its choice, `votes` samples per question; `cai.verdict`).
+Several judges at once are a panel (`cai.panel`).
 
 This module is the judge as a component: the label stage (`cai.label`), the evaluations
 and the judge reward all judge through it, and it registers no stage of its own.
@@ -24,147 +26,40 @@ and the judge reward all judge through it, and it registers no stage of its own.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from cai.backends import Backend, GenerationConfig, GenRequest, ReplicaTask, ScoreRequest
 from cai.backends.base import JudgeQuestion, Overlong, context_of, fit_texts
+from cai.backends.pyfunc import LOG_ZERO
 from cai.constitution import Constitution, RLPrinciple, sample_rl_principles
 from cai.core.chunks import Engine, run_chunks
 from cai.core.data import PairItem
 from cai.core.errors import CaiError
-from cai.core.records import JsonlStore, Provenance, Record, record_id
+from cai.core.records import JsonlStore, Provenance, record_id
 from cai.core.seeds import derive_seed
+from cai.judge_config import (
+    COT_CLAMP,
+    LABEL,
+    MODES,
+    ORDERS,
+    JudgeConfig,
+    Judgement,
+    LabelRecord,
+)
 from cai.templates import (
     COT_ANSWER,
     COT_PREFIX,
     JUDGE_PREFIX,
-    LAYOUTS,
     RATING_PREFIX,
     judge_chat,
     rating_chat,
+    verdict_chat,
 )
-
-LABEL = "label"
-"""The kind of a judge's records (a label's id hashes it; so do the evaluations' ones)."""
-MODES = ("logprob", "cot", "score")
-ORDERS = ("both", "one")
-COT_CLAMP = (0.4, 0.6)
-
-
-@dataclass
-class JudgeConfig:
-    """How the feedback model judges a pair: one nested `judge` in every config that judges
-    (labelling, both judge evals, the policy evaluation). Everything here but `keep_prompts`
-    changes a label, so it goes into a label's id and provenance; the constitution and the
-    seed are the run's and are handed to the judge beside it."""
-
-    principles: int = 4
-    """K: distinct principles sampled per pair."""
-    orders: str = "both"
-    """"both" asks each question with the responses in both orders; "one" in one order,
-    drawn per pair."""
-    mode: str = "logprob"
-    """"logprob", "cot" (reason, then score; p clamped to [0.4, 0.6]) or "score" (1–10)."""
-    layout: str = "options-first"
-    """Judge prompt layout: "options-first" (shares work across principles) or
-    "principle-first" (the original layout)."""
-    tie_threshold: float = 0.05
-    """A pair with |p − ½| below this is flagged as a tie."""
-    low_mass_threshold: float = 0.5
-    """A judgement whose probability mass on the answer tokens is below this is flagged."""
-    cot_max_new_tokens: int = 128
-    """Token budget of the judge's reasoning in "cot" mode."""
-    keep_prompts: bool = False
-    """Store the exact text scored and the token strings, to recompute any label."""
-
-    def __post_init__(self) -> None:
-        finite = all(math.isfinite(x) for x in (self.tie_threshold, self.low_mass_threshold))
-        checks = [(finite, "tie_threshold", "thresholds must be finite numbers"),
-                  (self.mode in MODES, "mode", f"must be one of {MODES}"),
-                  (self.orders in ORDERS, "orders", f"must be one of {ORDERS}"),
-                  (self.layout in LAYOUTS, "layout", f"must be one of {LAYOUTS}"),
-                  (self.principles >= 1, "principles", "must be at least 1"),
-                  (0 <= self.tie_threshold < 0.5, "tie_threshold", "must be in [0, 0.5)"),
-                  (0 <= self.low_mass_threshold <= 1, "low_mass_threshold", "must be in [0, 1]"),
-                  (self.cot_max_new_tokens >= 1, "cot_max_new_tokens", "must be at least 1")]
-        for ok, name, msg in checks:
-            if not ok:
-                raise CaiError(msg, field=name)
-
-    def method(self) -> dict[str, Any]:
-        """The fields that decide a label (ids and provenance carry these)."""
-        out = {"mode": self.mode, "principles": self.principles, "orders": self.orders,
-               "layout": self.layout, "tie_threshold": self.tie_threshold,
-               "low_mass_threshold": self.low_mass_threshold}
-        if self.mode == "cot":  # the key ids have always hashed
-            out["max_new_tokens"] = self.cot_max_new_tokens
-        return out
-
-    def capped(self, n: int) -> JudgeConfig:
-        """This judge asking at most `n` principles (a principle set smaller than K)."""
-        return dataclasses.replace(self, principles=min(self.principles, n))
-
-    def check_principles(self, c: Constitution) -> None:
-        """Refuse a K larger than the constitution's comparison principles, before any work."""
-        if self.principles > len(c.rl_principles):
-            raise CaiError(f"asks for {self.principles} distinct principles but {c.path} has "
-                           f"{len(c.rl_principles)}", field="judge.principles")
-
-
-class Judgement(BaseModel):
-    """One question put to the judge: a principle in one order."""
-
-    principle: str
-    order: str
-    """"ab" (response_a shown as (A)) or "ba"."""
-    logprob_a: float
-    """Full-vocabulary log-prob of the letter "A" as the next token."""
-    logprob_b: float
-    mass: float
-    """p("A") + p("B"): how much the judge answers the question at all."""
-    p_first: float
-    """softmax over the two letters: probability that option (A) is better."""
-    truncated: bool = False
-    """A letter was missing from a server's top log-probs: its value is an upper bound."""
-    reasoning: str | None = None
-    prompt_text: str | None = None
-    """With --keep-prompts: the exact text scored."""
-    prompt_ids: list[int] | None = None
-    """With --keep-prompts, when the text holds control-token strings from the data: the
-    exact token ids scored (`tokenizer(prompt_text)` would parse those strings)."""
-
-
-class LabelRecord(Record):
-    """A soft AI preference label for one pair."""
-
-    pair_id: str
-    prompt: str
-    response_a: str
-    response_b: str
-    p_a: float
-    """Probability that response_a is better (before picking chosen/rejected)."""
-    chosen: str
-    rejected: str
-    p_chosen: float
-    judgements: list[Judgement]
-    scores: dict[str, float] | None = None
-    """Score mode: expected 1–10 rating of each response ("a", "b")."""
-    rating_mass: float | None = None
-    """Score mode: mean probability the judge put on the rating digits."""
-    rating_prompts: list[str] | None = None
-    """Score mode with --keep-prompts: the exact texts rated."""
-    flags: list[str]
-    choice_tokens: list[str] | None = None
-    """With --keep-prompts: the token strings whose log-probs were read."""
-    policy: str | None = None
-
+from cai.verdict import ask, parse_verdict
 
 # --------------------------------------------------------------------------- judging
 
@@ -204,7 +99,8 @@ def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig, seed: int) -
             for o in orders:
                 first, second = ((pair.response_a, pair.response_b) if o == "ab"
                                  else (pair.response_b, pair.response_a))
-                chat = judge_chat(pair.prompt, first, second, p, cfg.layout)
+                chat = (verdict_chat(pair.prompt, first, second, p, cfg.layout, cfg.reason_first)
+                        if cfg.mode == "verdict" else judge_chat(pair.prompt, first, second, p, cfg.layout))
                 # The parts travel with the chat for function judges (`python:` specs).
                 question = JudgeQuestion(pair.prompt, first, second, p.text,
                                          f"pair {pair.id!r}, principle {p.id}, order {o}")
@@ -243,6 +139,8 @@ def judge_pairs(pairs: list[PairItem], c: Constitution, backend: Backend, cfg: J
     if cfg.mode == "score":
         return _score_pairs(pairs, c, backend, cfg, seed, policy)
     qs = _plan(pairs, c, cfg, seed)
+    if cfg.mode == "verdict":
+        return _verdict_pairs(pairs, qs, c, backend, cfg, seed, policy)
     if cfg.mode == "cot":
         _add_reasoning(qs, backend, cfg, seed)
     result = backend.choice_logprobs([q.request for q in qs], ("A", "B"))
@@ -266,8 +164,43 @@ def judge_pairs(pairs: list[PairItem], c: Constitution, backend: Backend, cfg: J
             for i, pair in enumerate(pairs)]
 
 
+def _verdict_pairs(pairs: list[PairItem], qs: list[_Question], c: Constitution, backend: Backend,
+                   cfg: JudgeConfig, seed: int, policy: str | None) -> list[LabelRecord]:
+    """Verdict mode: `votes` written answers per question, p_first the share of "A" among
+    the answers that chose; the log-probs kept are the logs of the two shares."""
+    parts = [(q.request.question.prompt, q.request.question.first, q.request.question.second,
+              q.principle) for q in qs if q.request.question is not None]
+    answers = ask(backend, [(q.request.chat, x) for q, x in zip(qs, parts)], cfg.votes,
+                  cfg.vote_temperature, cfg.vote_max_tokens, seed)
+    per_pair: dict[int, list[Judgement]] = {}
+    for q, texts in zip(qs, answers):
+        votes = [parse_verdict(t) for t in texts]
+        na, nb = votes.count("A"), votes.count("B")
+        per_pair.setdefault(q.pair, []).append(Judgement(
+            principle=q.principle, order=q.order, logprob_a=_log(na / len(votes)),
+            logprob_b=_log(nb / len(votes)), mass=(na + nb) / len(votes),
+            p_first=na / (na + nb) if na + nb else 0.5, votes=votes, answers=texts,
+            prompt_text=backend.render(q.request.chat) if cfg.keep_prompts else None))
+    return [_finish(pair, per_pair[i], None, c, backend, cfg, seed, None, policy)
+            for i, pair in enumerate(pairs)]
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else LOG_ZERO
+
+
+def _answered(js: list[Judgement]) -> list[Judgement]:
+    """The judgements that carry a choice: a verdict question none of whose answers chose
+    gives no probability and is left out (flagged, never read as ½)."""
+    return [j for j in js if j.votes is None or j.mass > 0]
+
+
 def p_response_a(js: list[Judgement]) -> float:
-    """Mean over principles of the both-order (or one-order) probability that a is better."""
+    """Mean over principles of the both-order (or one-order) probability that a is better
+    (½, flagged `no-verdict`, when no verdict question was answered at all)."""
+    js = _answered(js)
+    if not js:
+        return 0.5
     by_principle: dict[str, list[float]] = {}
     for j in js:
         by_principle.setdefault(j.principle, []).append(j.p_first if j.order == "ab"
@@ -287,19 +220,28 @@ def label_flags(js: list[Judgement], p_a: float, cfg: JudgeConfig,
     """What a label's reader should know: the orders disagree, the judge barely answered,
     the label is a tie, or a server hid a letter's log-prob."""
     flags = []
+    votes = [v for j in js for v in j.votes or ()]
+    asked, js = js, _answered(js)
     if {j.order for j in js} == {"ab", "ba"}:
         ab = np.mean([j.p_first for j in js if j.order == "ab"])
         ba = np.mean([1 - j.p_first for j in js if j.order == "ba"])
         if (ab - 0.5) * (ba - 0.5) < 0:
             flags.append("position-inconsistent")
-    mass = np.mean([j.mass for j in js]) if js else rating_mass
+    mass = np.mean([j.mass for j in asked]) if asked else rating_mass
     if mass is not None and mass < cfg.low_mass_threshold:
         flags.append("low-mass")
     if abs(p_a - 0.5) < cfg.tie_threshold:
         flags.append("tie")
     if any(j.truncated for j in js):
         flags.append("truncated-choices")
+    flags += [flag for flag, vote in VOTE_FLAGS.items() if vote in votes]
+    if votes and not js:
+        flags.append("no-verdict")
     return flags
+
+
+VOTE_FLAGS = {"unparsed": "unparsed", "judge-refused": "refused"}
+"""Verdict mode: a label's flag when any of its answers was read as this vote."""
 
 
 def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None,
@@ -390,6 +332,9 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
         if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
             return max(n(rating_chat(prompt, r, p), RATING_PREFIX + "1")
                        for p in ps for r in (a, b)) + 1
+        if cfg.mode == "verdict":  # a written answer of up to its token budget
+            return max(n(verdict_chat(prompt, x, y, p, cfg.layout, cfg.reason_first), "")
+                       for p in ps for x, y in ((a, b), (b, a))) + cfg.vote_max_tokens
         chats = [judge_chat(prompt, x, y, p, cfg.layout) for p in ps for x, y in ((a, b), (b, a))]
         if cfg.mode == "cot":  # reasoning of up to its token budget, then the answer prefix
             return (max(n(ch, f"{COT_PREFIX} {COT_ANSWER}") for ch in chats)
@@ -467,7 +412,9 @@ def label_stats(records: list[dict]) -> dict[str, float]:
     return {"pairs": n, "position_inconsistency_rate": rate("position-inconsistent"),
             "mean_abs_p_minus_half": round(float(np.mean([abs(r["p_a"] - 0.5) for r in records])), 4),
             "low_mass_rate": rate("low-mass"), "tie_rate": rate("tie"),
-            "mean_mass": _mean_mass(records)}
+            "mean_mass": _mean_mass(records),
+            **({f"{f.replace('-', '_')}_rate": rate(f) for f in (*VOTE_FLAGS, "no-verdict")}
+               if any(j.get("votes") for r in records for j in r["judgements"]) else {})}
 
 
 def _mean_mass(records: list[dict]) -> float | None:
@@ -495,7 +442,8 @@ class JudgeTask(ReplicaTask):
         return judge_pairs(chunk, self.c, self.replica(), self.judge, self.seed, self.policy)
 
 
-__all__ = ["JudgeConfig", "Judgement", "LabelRecord", "JudgeTask", "Labels", "judge_pairs",
+__all__ = ["LABEL", "MODES", "ORDERS", "COT_CLAMP", "JudgeConfig", "Judgement", "LabelRecord",
+           "JudgeTask", "Labels", "judge_pairs",
            "label_id", "label_pairs",
            "label_flags", "label_stats", "p_response_a", "pair_key", "split_reasoning",
            "rating_distribution", "expected_ratings", "fit_pairs"]

@@ -18,6 +18,7 @@ from typing import Any
 from cai.backends import Backend, GenerationConfig, load_resolved
 from cai.backends.base import OVERLONG_MODES, Overlong
 from cai.constitution import read
+from cai.core import usage
 from cai.core.data import load_pairs, read_prompts
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
@@ -35,6 +36,7 @@ from cai.core.stage import (
     write_manifest,
 )
 from cai.judge import LABEL, JudgeConfig, label_pairs
+from cai.panel import label_panel, load_panel, panel_identity
 from cai.policy_pairs import Sampling, sample_pairs
 
 STAGE = LABEL
@@ -47,8 +49,10 @@ class LabelConfig(EngineFields):
     constitution: str = "harmless"
     """Constitution whose comparison principles the judge is asked (a file, or a shipped
     name such as `harmless`)."""
-    feedback_model: str = "embedded:smollm2-135m"
-    """Model spec of the feedback model (the judge)."""
+    feedback_model: str = field(default="embedded:smollm2-135m",
+                                metadata={"many": "judge.models"})
+    """Model spec of the feedback model (the judge); given more than once, a panel of
+    judges whose mean p is the label (`judge.models`)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """How the feedback model judges: principles, orders, mode, layout, thresholds (a
     nested `judge:` mapping in YAML; the same flags as each field on the command line)."""
@@ -103,15 +107,18 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
 
     Everything that can refuse the input (constitution, K, model specs, data) is read
     before anything is written. Each model spec is resolved once here and handed on."""
-    t0 = time.time()
+    t0, tokens = time.time(), usage.mark()
     judge = cfg.judge
     # Input files first, in one place (a bare name picks a shipped file, said on stderr).
     constitution_file = resolve(cfg.constitution, "constitutions")
     prompts_file = resolve(cfg.prompts, "prompts") if cfg.prompts else None
     c = read(constitution_file)
     judge.check_principles(c)
+    panel = [resolve_spec(m) for m in judge.models]
     judge_model = resolve_spec(cfg.feedback_model)
-    judge_id = judge_model.identity  # a python: judge is imported (and checked) here
+    # A python: judge is imported (and checked) here.
+    judge_id = (panel_identity([m.identity for m in panel], judge.panel_weights) if panel
+                else judge_model.identity)
     policy_model = resolve_spec(cfg.policy) if cfg.policy else None
     prompt_overlong = Overlong(cfg.overlong)
     if cfg.pairs:
@@ -127,32 +134,55 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         pairs = sample_pairs(prompts, stage.root, sampling, prompt_overlong,
                              policy_model=policy_model, judge_id=judge_id)
     assert stage.store is not None
-    backend = backend or load_resolved(judge_model)
     overlong = Overlong(cfg.overlong)
     policy = policy_model.identity if policy_model else None
-    labels = label_pairs(pairs, c, backend, judge, cfg.seed, stage.store,
-                         feedback_model=cfg.feedback_model, policy=policy, overlong=overlong,
-                         chunk_size=cfg.chunk_size, engine=Engine.of(cfg))
+    if panel:
+        members = load_panel(judge)
+        labels = label_panel(pairs, c, members, judge, cfg.seed, stage.store, policy=policy,
+                             overlong=overlong, chunk_size=cfg.chunk_size, engine=Engine.of(cfg))
+        judges = {"feedback": judge_id,
+                  **{f"feedback_{n + 1}": b.identity for n, b in enumerate(members)}}
+    else:
+        backend = backend or load_resolved(judge_model)
+        labels = label_pairs(pairs, c, backend, judge, cfg.seed, stage.store,
+                             feedback_model=cfg.feedback_model, policy=policy, overlong=overlong,
+                             chunk_size=cfg.chunk_size, engine=Engine.of(cfg))
+        judges = {"feedback": backend.identity}
+    # A label whose judge gave no verdict at all is kept (flagged) but trains nothing.
+    usable = [r for r in labels.records if "no-verdict" not in r["flags"]]
     prefs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}],
-              "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in labels.records]
+              "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in usable]
     write_text_atomic(stage.root / "preferences.jsonl",
                       "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prefs))
     manifest = write_manifest(
         stage.root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(),
-        models={"feedback": backend.identity, **({"policy": policy} if policy else {})},
+        models={**judges, **({"policy": policy} if policy else {})},
         counts={"records": len(labels.records), "new": labels.new, **overlong.counts(),
-                **prompt_overlong.counts("overlong_prompts")},
+                **prompt_overlong.counts("overlong_prompts"), **verdict_counts(labels.records)},
         started=t0,
         data=("data.jsonl", "preferences.jsonl", "responses.jsonl"),
-        extra={"label_stats": labels.stats})
+        extra={"label_stats": labels.stats, "tokens": usage.since(tokens)})
     write_card(stage.root, "AI preference labels",
-               f"Soft preference labels from `{backend.identity}` under {judge.principles} sampled "
+               f"Soft preference labels from `{judge_id}` under {judge.principles} sampled "
                f"principles per pair ({judge.orders} orders, mode {judge.mode}); preferences.jsonl "
                "is in TRL's preference format plus `p_chosen`.", manifest)
     return manifest
+
+
+def verdict_counts(records: list[dict]) -> dict[str, int]:
+    """Verdict mode's counts for the manifest: written answers read as unparsed or refused,
+    and labels flagged for them (absent when no answer was written)."""
+    votes = [v for r in records for j in r["judgements"] for v in j.get("votes") or ()]
+    if not votes:
+        return {}
+    return {"verdict_votes": len(votes), "votes_unparsed": votes.count("unparsed"),
+            "votes_refused": votes.count("refused"),
+            "labels_unparsed": sum("unparsed" in r["flags"] for r in records),
+            "labels_judge_refused": sum("judge-refused" in r["flags"] for r in records),
+            "labels_no_verdict": sum("no-verdict" in r["flags"] for r in records)}
 
 
 register(Stage("label", LabelConfig, run_label,

@@ -232,6 +232,20 @@ def _times(root: Path) -> list[str]:
     return lines
 
 
+def _tokens(root: Path) -> list[str]:
+    """Tokens each stage's models read and wrote (and their cost, where priced), beside the
+    time per stage: from each stage manifest's `tokens`."""
+    rows = []
+    for path in sorted([*root.glob("*/manifest.json"), *root.glob("round-*/*/manifest.json")]):
+        for model, t in ((_json(path) or {}).get("tokens") or {}).items():
+            rows.append([str(path.parent.relative_to(root)), f"`{model}`", t.get("prompt_tokens"),
+                         t.get("completion_tokens"), t.get("usd", "")])
+    if not rows:
+        return []
+    return (["## Tokens per stage", ""]
+            + _table(["stage", "model", "prompt tokens", "completion tokens", "cost (USD)"], rows))
+
+
 def _examples(root: Path, n: int = 3) -> list[str]:
     rows = Example.read_all(root / "eval")[:n]
     if not rows:
@@ -249,7 +263,7 @@ def write_report(root: str | Path) -> Path:
     state = _json(root / "pipeline.json") or {}
     name = (state.get("config") or {}).get("name", root.name)
     body = [f"# Run report: {name}", ""]
-    for part in (_prompt_split, _sl, _labels, _pm, _rl, _policies, _examples, _times):
+    for part in (_prompt_split, _sl, _labels, _pm, _rl, _policies, _examples, _times, _tokens):
         body += part(root)
     path = root / "report.md"
     write_text_atomic(path, "\n".join(body) + "\n")

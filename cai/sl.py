@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, ReplicaTask, load_backend
 from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, load, sample_sl_principle
+from cai.core import usage
 from cai.core.chunks import Engine, EngineFields, run_chunks
 from cai.core.data import PromptItem, load_prompts
 from cai.core.errors import CaiError
@@ -332,7 +333,7 @@ class SLTask(ReplicaTask):
 
 def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Run (or resume) the SL stage; returns the manifest."""
-    t0 = time.time()
+    t0, tokens = time.time(), usage.mark()
     c = load(cfg.constitution)
     if cfg.few_shot is not None and cfg.few_shot > len(c.few_shot):
         # Refused, not clamped: few_shot is part of every record id, so a clamped 10 would
@@ -373,7 +374,7 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
         constitution=c.stamp.as_dict(), models={"policy": backend.identity},
         counts={"records": len(records), "new": new, "rounds": rounds, **counts,
                 **overlong.counts()}, started=t0,
-        data=("data.jsonl", "sft.jsonl", "pairs.jsonl"))
+        data=("data.jsonl", "sft.jsonl", "pairs.jsonl"), extra={"tokens": usage.since(tokens)})
     write_card(stage.root, "SL-CAI data", "Red-team prompts answered, critiqued and revised "
                f"under {rounds} sampled principles each (constitution `{c.name}`).", manifest)
     return manifest

@@ -80,26 +80,40 @@ class SLConversation:
 LAYOUTS = ("options-first", "principle-first")
 
 
+VERDICT_ASK = "Reply with your choice only: (A) or (B)."
+VERDICT_ASK_REASONED = ("First compare the two replies in a few sentences. Then end with one "
+                        "line of the form \"Answer: (A)\" or \"Answer: (B)\".")
+
+
 def judge_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
-               layout: str = "options-first") -> Chat:
+               layout: str = "options-first", ask: str = "Answer with (A) or (B).") -> Chat:
     """The multiple-choice question put to the feedback model for one order.
 
     `options-first` puts the conversation and both options before the principle, so the K
     principles of one order share one long token prefix and only the question differs
     (computed once by the hf backend, prefix-cached by vLLM). `principle-first` is the
-    layout of the original work: the question comes before the options.
+    layout of the original work: the question comes before the options. `ask` is the last
+    line: how the judge should answer (a letter to be scored, or a written verdict).
     """
     conversation = ("Consider this conversation between a human and an AI assistant.\n\n"
                     f"Human: {prompt}")
     options = f"Options:\n(A) {first}\n(B) {second}"
     if layout == "options-first":
         body = (f"{conversation}\n\nHere are two possible replies from the assistant.\n\n"
-                f"{options}\n\n{principle.text}\nAnswer with (A) or (B).")
+                f"{options}\n\n{principle.text}\n{ask}")
     elif layout == "principle-first":
-        body = f"{conversation}\n\n{principle.text}\n\n{options}\nAnswer with (A) or (B)."
+        body = f"{conversation}\n\n{principle.text}\n\n{options}\n{ask}"
     else:
         raise CaiError(f"unknown layout {layout!r}; use one of {LAYOUTS}", field="layout")
     return [_user(body)]
+
+
+def verdict_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
+                 layout: str = "options-first", reasoning: bool = False) -> Chat:
+    """Verdict mode: the same question, answered in writing (a judge that gives no
+    log-probs); with `reasoning` the judge compares the replies before it chooses."""
+    return judge_chat(prompt, first, second, principle, layout,
+                      VERDICT_ASK_REASONED if reasoning else VERDICT_ASK)
 
 
 def rating_chat(prompt: str, response: str, principle: RLPrinciple) -> Chat:

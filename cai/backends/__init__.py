@@ -24,6 +24,7 @@ from cai.backends.base import (
     context_of,
     fit_texts,
 )
+from cai.core import usage
 from cai.core.errors import CaiError
 from cai.core.models import ModelSpec, ResolvedSpec, resolve_spec
 
@@ -57,6 +58,7 @@ def load_resolved(resolved: ResolvedSpec, reuse: bool = True) -> Backend:
         while len(_CACHE) >= CACHE_SIZE:
             release(next(iter(_CACHE)))
     backend: Backend = backend_class(resolved.backend)(resolved)
+    usage.set_price(backend.identity, usage.parse_price(resolved.options))
     if reuse:
         _CACHE[key] = backend
     return backend

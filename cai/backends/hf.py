@@ -40,6 +40,7 @@ from cai.backends.prefix import (
     common_prefix,
     plan_chunks,
 )
+from cai.core import usage
 from cai.core.errors import CaiError
 from cai.core.models import ResolvedSpec
 from cai.core.seeds import derive_seed
@@ -222,6 +223,8 @@ class HFBackend:
                 out[i] = Generation(text.strip(), reason, len(body))
             bar.update(len(chunk))
         bar.close()
+        usage.add(self.identity, sum(len(x) for x in ids),
+                  sum(g.tokens for g in out if g is not None), len(ids))
         return out  # type: ignore[return-value]
 
     def _generate(self, input_ids, mask, max_new: int, processors, past=None):
@@ -324,6 +327,7 @@ class HFBackend:
             seqs.append(ids)
             targets.append(tgt)
         logprobs = self.score_token_ids(seqs, targets)
+        usage.add(self.identity, sum(len(x) for x in seqs), 0, len(seqs))
         tokens = self.tok.convert_ids_to_tokens(targets[0]) if targets else []
         return ScoreResult(logprobs, tokens)
 

@@ -31,6 +31,7 @@ from cai.backends.base import (
 )
 from cai.backends.chat import check_fits
 from cai.backends.options import bind_spec, check_chat
+from cai.core import usage
 from cai.core.errors import CaiError
 from cai.core.models import ResolvedSpec, local_path
 from cai.core.seeds import derive_seed
@@ -133,7 +134,23 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ HTTP
 
     def _run(self, payloads: list[tuple[str, dict]]) -> list[dict]:
-        return asyncio.run(self._gather(payloads))
+        results = asyncio.run(self._gather(payloads))
+        for (_, body), res in zip(payloads, results):
+            self._count(body, res)
+        return results
+
+    def _count(self, body: dict, res: dict) -> None:
+        """Tokens of one call: the server's `usage`, else counted with the local tokenizer
+        (prompt only), else nothing is known and only the call is counted."""
+        used = res.get("usage") if isinstance(res, dict) else None
+        if isinstance(used, dict) and isinstance(used.get("prompt_tokens"), int):
+            usage.add(self.identity, used["prompt_tokens"], int(used.get("completion_tokens") or 0))
+            return
+        prompt = body.get("prompt")
+        n = len(prompt) if isinstance(prompt, list) else (
+            len(self.fmt.tok(prompt, add_special_tokens=False)["input_ids"])
+            if isinstance(prompt, str) and self.fmt is not None else 0)
+        usage.add(self.identity, n, 0)
 
     async def _gather(self, payloads: list[tuple[str, dict]]) -> list[dict]:
         import httpx

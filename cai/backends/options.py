@@ -38,7 +38,10 @@ def parse_options(cls: type[OptionsT], options: dict[str, str], backend: str) ->
     Values are checked with the same coercion as every config file (`cai.core.config.coerce`).
     """
     from cai.core.config import coerce
+    from cai.core.usage import PRICE_OPTIONS, parse_price
 
+    parse_price(options)  # a price is every backend's option, read by `load_resolved`
+    options = {k: v for k, v in options.items() if k not in PRICE_OPTIONS}
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(options) - known)
     if unknown:

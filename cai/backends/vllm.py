@@ -20,6 +20,7 @@ import numpy as np
 from cai.backends.base import Generation, GenerationConfig, GenRequest, ScoreRequest, ScoreResult
 from cai.backends.chat import ChatFormat, check_fits
 from cai.backends.options import bind_spec, check_chat
+from cai.core import usage
 from cai.core.errors import CaiError
 from cai.core.models import ResolvedSpec
 from cai.core.seeds import derive_seed
@@ -145,8 +146,10 @@ class VLLMBackend:
             # A base model (plain text) stops where it starts the next user turn, as in hf.
             stop=None if self.fmt.is_chat else ["\nHuman:", "\nUser:"],
             skip_special_tokens=True) for r in requests]
-        outs = self.llm.generate(self._prompts(requests, config.max_new_tokens),
-                                 params, use_tqdm=len(requests) > 1)
+        prompts = self._prompts(requests, config.max_new_tokens)
+        outs = self.llm.generate(prompts, params, use_tqdm=len(requests) > 1)
+        usage.add(self.identity, sum(len(p["prompt_token_ids"]) for p in prompts),
+                  sum(len(o.outputs[0].token_ids) for o in outs), len(prompts))
         result = []
         for o in outs:
             c = o.outputs[0]
@@ -163,6 +166,7 @@ class VLLMBackend:
         ids_targets = [self.fmt.choice_token_ids(r.chat, r.answer_prefix, choices) for r in requests]
         check_fits([len(ids) for ids, _ in ids_targets], 1, self.max_context, "scoring")
         prompts = [{"prompt_token_ids": ids} for ids, _ in ids_targets]
+        usage.add(self.identity, sum(len(ids) for ids, _ in ids_targets), 0, len(prompts))
         out = np.full((len(requests), len(choices)), np.nan)
         if self._token_ids_supported is not False:
             try:

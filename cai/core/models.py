@@ -105,9 +105,11 @@ SPEED_OPTIONS = frozenset({
     "batch_size", "concurrency", "progress", "device", "min_shared_tokens", "retries",
     "timeout", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "api_key",
     "scoring", "pack_tokens", "prefix_cache_mb", "max_num_seqs", "kv_cache_gb",
+    "usd_per_mtok_in", "usd_per_mtok_out",
 })
-"""Options that change how fast (or where) a model runs, never what it outputs. They are
-left out of a model's identity; `api_key` is also a secret that must never be recorded."""
+"""Options that change how fast (or where) a model runs, or what its tokens cost, never
+what it outputs. They are left out of a model's identity; `api_key` is also a secret that
+must never be recorded."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ def resolve_spec(spec: str | ModelSpec) -> ResolvedSpec:
     if isinstance(spec, ResolvedSpec):
         return spec
     s = parse_spec(spec) if isinstance(spec, str) else spec
+    from cai.core.usage import parse_price
+
+    parse_price(s.options)  # a bad price is refused with the spec, before any work
     return ResolvedSpec(s.raw, s.backend, s.target, s.served_name, s.options,
                         frozenset(k for k in s.options if k in SPEED_OPTIONS))
 

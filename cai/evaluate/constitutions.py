@@ -14,6 +14,7 @@ import numpy as np
 
 from cai.backends import Backend, load_backend
 from cai.constitution import diff, load
+from cai.core import usage
 from cai.core.errors import CaiError
 from cai.core.records import JsonlStore, read_records, write_json_atomic
 from cai.core.stage import Input, Stage, claim_dir, load_registry, register, write_manifest
@@ -71,7 +72,10 @@ def _run_ids(folder: Path) -> set[str]:
 
 def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
                            backend: Backend | None = None) -> dict[str, Any]:
-    t0 = time.time()
+    t0, tokens = time.time(), usage.mark()
+    if cfg.judge.models:
+        raise CaiError("a judge panel is taken by `cai label` and `cai eval labeler`; give one "
+                       "feedback model here", field="judge.models")
     old_c, new_c = load(cfg.old), load(cfg.new)
     out = Path(cfg.out)
     claim_dir(out, STAGE)
@@ -95,7 +99,7 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
                           constitution=new_c.stamp.as_dict(),
                           models={"feedback": backend.identity}, started=t0,
                           counts={"pairs": result["pairs"]}, data=("report.json",),
-                          extra={"metrics": metrics,
+                          extra={"metrics": metrics, "tokens": usage.since(tokens),
                                  "constitutions": {"old": old_c.stamp.as_dict(),
                                                    "new": new_c.stamp.as_dict()}})
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from cai.backends import GenerationConfig, load_backend
 from cai.constitution import Constitution, load
+from cai.core import usage
 from cai.core.data import PairItem, PromptItem, load_prompts
 from cai.core.errors import CaiError
 from cai.core.models import model_identity
@@ -256,7 +257,10 @@ def _plan_games(sets: dict[str, list[PromptItem]], answers: dict[str, dict[str, 
 
 def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     """Run (or resume) the policy evaluation; returns the manifest."""
-    t0 = time.time()
+    t0, tokens = time.time(), usage.mark()
+    if cfg.judge.models:
+        raise CaiError("a judge panel is taken by `cai label` and `cai eval labeler`; give one "
+                       "feedback model here", field="judge.models")
     timings: dict[str, float] = {}
     # Bad input fails here, before the folder is claimed or any model loads.
     sets = {name: load_prompts(getattr(cfg, name), limit=cfg.limit) for name in SETS}
@@ -435,7 +439,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(), models=roles, counts=counts, started=t0,
         timings=timings, data=("report.json", "comparisons.jsonl", "responses.jsonl"),
-        extra={"metrics": metrics,
+        extra={"metrics": metrics, "tokens": usage.since(tokens),
                "inputs_resolved": {s: _source(getattr(cfg, s)) for s in SETS},
                "prompt_ids": {s: [it.id for it in sets[s]] for s in SETS}})
     ranked = sorted(players, key=lambda n: -elo["overall"][n]["rating"])

@@ -377,7 +377,8 @@ def sl_match(flag: str, principle: str, category: str, q: str) -> Callable[[dict
 # --------------------------------------------------------------------------- labels
 
 
-LABEL_FLAGS = ("position-inconsistent", "low-mass", "tie")
+LABEL_FLAGS = ("position-inconsistent", "low-mass", "tie", "unparsed", "judge-refused",
+               "no-verdict", "judges-disagree")
 
 
 def order_probs(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
