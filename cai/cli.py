@@ -307,15 +307,21 @@ def report_cmd(run_dir: Path,
                html: bool = typer.Option(False, "--html", help="Also write one self-contained "
                                          "HTML file (figures inline, opens offline)."),
                out: Optional[Path] = typer.Option(None, "--out", help="The HTML file (default "  # noqa: UP045
-                                                  "RUN/report.html); needs --html.")) -> None:
+                                                  "RUN/report.html); needs --html."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing "
+                                              "--out file (never a file of the run).")) -> None:
     """Write RUN/report.md (and with --html the report as one HTML file) from a run folder."""
     from cai.report import write_report, write_report_html
 
     if out is not None and not html:
         raise CaiError("--out names the HTML file; add --html", field="out")
+    if overwrite and out is None:
+        raise CaiError("--overwrite goes with --out (the default report.html is always "
+                       "refreshed)", field="overwrite")
     if not run_dir.is_dir():
         raise CaiError("not a run folder", str(run_dir))
-    typer.echo(str(write_report_html(run_dir, out) if html else write_report(run_dir)))
+    typer.echo(str(write_report_html(run_dir, out, overwrite=overwrite) if html
+                   else write_report(run_dir)))
 
 
 @app.command("view")
@@ -323,8 +329,15 @@ def report_cmd(run_dir: Path,
 def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD NEW to compare."),
              host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (local only "
                                       "by default)."),
-             port: int = typer.Option(8765, "--port", help="Port to listen on.")) -> None:
+             port: int = typer.Option(8765, "--port", help="Port to listen on."),
+             allow_host: Optional[list[str]] = typer.Option(  # noqa: UP045
+                 None, "--allow-host", help="Another name browsers may reach the viewer by (a "
+                 "DNS name of this machine); besides loopback, --host and this machine's own "
+                 "names, every other Host header gets 400.")) -> None:
     """A local, read-only web viewer of a run's records, labels, training and evaluation."""
+    import errno
+    import socket
+
     if len(runs) > 2:
         raise CaiError("give one run folder, or two (OLD NEW) to compare")
     if not 0 < port < 65536:
@@ -333,17 +346,19 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
         from cai.view.app import allowed_hosts, create_app
     except ImportError as exc:
         raise CaiError(f"the viewer needs the view extra (pip install 'cai[view]'): {exc}") from None
-    import socket
-
     import uvicorn
 
-    app_ = create_app(runs, allowed_hosts(host))
+    app_ = create_app(runs, allowed_hosts(host, tuple(allow_host or ())))
     try:  # a busy port or an unknown address is one clear line, before uvicorn starts
         with socket.create_server((host, port)):
             pass
+    except socket.gaierror as exc:
+        raise CaiError(f"cannot listen on {host!r}: not an address of this machine "
+                       f"({exc.strerror or exc})", field="host") from None
     except OSError as exc:
+        field = "host" if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) else "port"
         raise CaiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                       field="port") from None
+                       field=field) from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host}, not only to this machine", err=True)
     typer.echo(f"cai view: http://{host}:{port}/  (Ctrl-C stops it)", err=True)
