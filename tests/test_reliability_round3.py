@@ -67,3 +67,58 @@ def test_report_out_never_over_an_input_nor_an_existing_file(tmp_path: Path) -> 
     # --overwrite without --out has nothing to act on.
     assert "--overwrite goes with --out" in _one_error(
         cli.invoke(app, ["report", str(run), "--html", "--overwrite"]))
+
+
+# --------------------------------------------------------------------------- python: rewards
+
+
+def _rl_cfg(tmp_path: Path, tiny_model: Path, **kw):
+    from cai.train.rl import RLConfig
+
+    prompts = tmp_path / "rl_prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(4)))
+    reward = tmp_path / "reward.py"
+    if not reward.exists():
+        reward.write_text("def score(prompt, response):\n    return float(len(response)) / 10\n")
+    base = dict(algo="ppo", model=str(tiny_model), reward=f"python:{reward}:score",
+                prompts=str(prompts), out=str(tmp_path / "rl"), steps=1, batch_size=2,
+                minibatch_size=2, ppo_epochs=1, max_new_tokens=4, save_every=1, lora=False,
+                learning_rate=1e-3)
+    return RLConfig(**{**base, **kw})
+
+
+def test_python_reward_edit_between_run_and_resume_is_refused(tmp_path: Path, tiny_model: Path,
+                                                              one_thread) -> None:
+    from cai.train.rl import run_rl
+
+    cfg = _rl_cfg(tmp_path, tiny_model)
+    out, reward = Path(cfg.out), tmp_path / "reward.py"
+    first = run_rl(cfg)
+    stamp = json.loads((out / "run_config.json").read_text())
+    assert list(stamp["python_sources"]) == [cfg.reward]
+    assert run_rl(cfg)["written"] == first["written"]  # unedited: the finished run as it is
+    # The file edited (the spec unchanged): the finished run is not returned as if made by it,
+    # and a resume is refused naming the file.
+    reward.write_text("def score(prompt, response):\n    return -float(len(response))\n")
+    with pytest.raises(CaiError, match=rf"another version of {reward}"):
+        run_rl(cfg)
+    # Killed after a checkpoint (no model, no manifest): the same rule.
+    for p in [out / "manifest.json", *out.glob("*.safetensors")]:
+        p.unlink()
+    assert (out / "checkpoints").is_dir()
+    with pytest.raises(CaiError, match=rf"another version of {reward}"):
+        run_rl(_rl_cfg(tmp_path, tiny_model, steps=2))
+    r = CliRunner().invoke(app, ["train", "rl", "--model", cfg.model, "--reward", cfg.reward,
+                                 "--prompts", cfg.prompts, "--out", cfg.out, "--steps", "2",
+                                 "--batch-size", "2", "--minibatch-size", "2", "--ppo-epochs",
+                                 "1", "--max-new-tokens", "4", "--no-lora", "--learning-rate",
+                                 "0.001", "--save-every", "1"])
+    assert str(reward) in _one_error(r)
+    # --force starts clean under the edited function, and records its hash.
+    fresh = run_rl(_rl_cfg(tmp_path, tiny_model, force=True))
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1] and fresh["counts"]["steps"] == 1
+    assert json.loads((out / "run_config.json").read_text())["python_sources"][cfg.reward] != \
+        stamp["python_sources"][cfg.reward]
+    assert run_rl(cfg)["written"] == fresh["written"]  # and it is the finished run again

@@ -157,6 +157,38 @@ def load_function(spec: str, field: str = "model") -> PythonFunction:
     return loaded
 
 
+def python_sources(config: Any) -> dict[str, str]:
+    """`spec -> sha256:...` of the source file of every `python:` spec in a config's string
+    fields (a reward, a judge, each `name=spec` of a list such as RL monitors): part of a
+    training run's identity, so a resume under an edited function is refused. A spec that
+    does not resolve is left out here; the stage reports it when it loads the spec."""
+    import dataclasses
+
+    out: dict[str, str] = {}
+    values = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+              else dict(config or {}))
+    for value in values.values():
+        if not isinstance(value, str) or PREFIX not in value:
+            continue
+        for part in value.split(","):  # a spec, or each `name=spec` of a list
+            spec = part.strip()
+            if not is_python_spec(spec):
+                spec = spec.partition("=")[2].strip()
+            if not is_python_spec(spec):
+                continue
+            try:
+                path = source_file(spec)
+                out[spec.strip()] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            except (CaiError, OSError):
+                continue
+    return dict(sorted(out.items()))
+
+
+def changed_sources(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
+    """The specs whose source file's hash differs between a recorded run and now."""
+    return sorted(k for k in recorded if k in now and recorded[k] != now[k])
+
+
 def call(f: PythonFunction, args: tuple[Any, ...], item: str, field: str) -> Any:
     """Call the user's function; an exception it raises is one line naming spec and item."""
     try:
@@ -174,4 +206,4 @@ def as_float(value: Any, f: PythonFunction, item: str, field: str) -> float:
 
 
 __all__ = ["PREFIX", "PythonFunction", "load_function", "python_identity", "is_python_spec",
-           "split_spec", "source_file", "call", "as_float"]
+           "split_spec", "source_file", "call", "as_float", "python_sources", "changed_sources"]
