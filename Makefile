@@ -43,7 +43,7 @@ demo: $(STAMP)
 known-answer: $(STAMP)
 	@start=$$(date +%s); $(VENV)/bin/cai pipeline run configs/known-answer.yaml && \
 	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 1 --best-of 4 \
-	  --max-new-tokens 40 --json benchmarks/results/known_answer.json --started $$start
+	  --max-new-tokens 40 --json benchmarks/results/known_answer.json --overwrite --started $$start
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks

@@ -122,3 +122,121 @@ def test_python_reward_edit_between_run_and_resume_is_refused(tmp_path: Path, ti
     assert json.loads((out / "run_config.json").read_text())["python_sources"][cfg.reward] != \
         stamp["python_sources"][cfg.reward]
     assert run_rl(cfg)["written"] == fresh["written"]  # and it is the finished run again
+
+
+# --------------------------------------------------------------------------- known-answer
+
+
+GOLD_FILE = '''
+def has_cat(prompt, response):
+    return 1.0 if "cat" in response.lower() else 0.0
+
+
+def cat_judge(prompt, response_a, response_b, principle=""):
+    return 0.5 + 0.5 * (has_cat(prompt, response_a) - has_cat(prompt, response_b))
+'''
+
+
+def _ka_run(tmp_path: Path, tiny_model: Path, judge: str | None = None, stages=None) -> tuple[Path, str]:
+    """A known-answer run folder (tiny models; a PM folder that is only its config), its
+    labels planted by a python: judge beside the gold."""
+    import shutil
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    funcs = tmp_path / "gold.py"
+    funcs.write_text(GOLD_FILE)
+    run = tmp_path / "run"
+    for name in ("sft", "rl", "dpo"):
+        shutil.copytree(tiny_model, run / name)
+    (run / "pm").mkdir()
+    (run / "pm" / "config.json").write_text('{"not": "a model"}')
+    (run / "prompts").mkdir()
+    (run / "prompts" / "red_team.eval.jsonl").write_text(
+        "".join(json.dumps({"id": f"e{i}", "prompt": f"How do I do bad thing {i}?"}) + "\n"
+                for i in range(3)))
+    config = {"model": str(tiny_model), "feedback_model": judge or f"python:{funcs}:cat_judge"}
+    if stages is not None:
+        config["stages"] = stages
+    (run / "pipeline.json").write_text(json.dumps({"config": config}))
+    (run / "rl" / "log.jsonl").write_text("".join(
+        json.dumps({"step": s, "sqrt_kl": 0.1 * s, "reward_mean": 0.1}) + "\n" for s in (1, 2)))
+    return run, f"python:{funcs}:has_cat"
+
+
+def _ka(run: Path, gold: str, **kw):
+    from cai.evaluate.known_answer_run import KnownAnswerConfig, run_known_answer
+
+    return run_known_answer(KnownAnswerConfig(run=str(run), gold=gold, samples=1, best_of=1,
+                                              max_new_tokens=2, n_boot=100, **kw))
+
+
+def test_known_answer_lock_one_writer_and_nothing_that_looks_finished(tmp_path: Path,
+                                                                     tiny_model: Path) -> None:
+    import subprocess
+    import sys
+
+    run, gold = _ka_run(tmp_path, tiny_model)
+    out = run / "known-answer"
+    out.mkdir()
+    # Another process holds the folder: refused at once, naming it.
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; "
+                               "from cai.core.folders import lock_dir; "
+                               f"lock_dir(Path({str(out)!r})); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CaiError, match="another cai run"):
+            _ka(run, gold)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Outputs of an earlier run are not left beside a run that stops part-way: what is there
+    # afterwards never looks finished (the manifest is the finished-marker, written last).
+    (out / "manifest.json").write_text(json.dumps({"stage": "eval-known-answer"}))
+    (out / "known_answer.json").write_text("{}")
+    with pytest.raises(Exception):  # noqa: B017 - the PM folder is not a model: it stops there
+        _ka(run, gold)
+    assert not (out / "manifest.json").exists() and not (out / "known_answer.json").exists()
+    # The benchmark copy follows the rule of every file a command writes.
+    bench = tmp_path / "bench.json"
+    bench.write_text("keep")
+    with pytest.raises(CaiError, match="exists; pass --overwrite"):
+        _ka(run, gold, json=str(bench))
+    with pytest.raises(CaiError, match="an input of this command"):
+        _ka(run, gold, json=str(run / "pipeline.json"), overwrite=True)
+    assert bench.read_text() == "keep"
+
+
+def test_known_answer_lock_refuses_a_run_without_planted_gold_or_with_missing_parts(
+        tmp_path: Path, tiny_model: Path) -> None:
+    import shutil
+
+    # An ordinary run: labelled by a model, not by a judge beside the gold.
+    run, gold = _ka_run(tmp_path / "a", tiny_model, judge="embedded:smollm2-135m")
+    with pytest.raises(CaiError, match="not by a judge planted beside the gold"):
+        _ka(run, gold)
+    assert not (run / "known-answer").exists()
+    # A python: judge of another file plants a different preference.
+    other = tmp_path / "other.py"
+    other.write_text(GOLD_FILE)
+    run, gold = _ka_run(tmp_path / "b", tiny_model, judge=f"python:{other}:cat_judge")
+    with pytest.raises(CaiError, match="not by a judge planted beside the gold"):
+        _ka(run, gold)
+    # The dpo stage missing and RL's log torn by a kill: both named, before any work.
+    run, gold = _ka_run(tmp_path / "c", tiny_model)
+    shutil.rmtree(run / "dpo")
+    with open(run / "rl" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "sqrt_')
+    with pytest.raises(CaiError) as err:
+        _ka(run, gold)
+    assert "dpo/ (no finished model" in str(err.value)
+    assert "rl/log.jsonl (line 3 is torn" in str(err.value)
+    assert not (run / "known-answer").exists()
+    # A run whose pipeline did not train dpo does not expect it; the CLI says it in one line.
+    run, gold = _ka_run(tmp_path / "d", tiny_model, stages=["sl", "sft", "label", "pm", "rl"])
+    shutil.rmtree(run / "dpo")
+    (run / "rl" / "log.jsonl").write_text("")
+    r = CliRunner().invoke(app, ["eval", "known-answer", str(run), "--gold", gold])
+    line = _one_error(r)
+    assert "rl/log.jsonl (missing or empty" in line and "dpo/" not in line

@@ -18,6 +18,9 @@ the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never 
 
 It writes `known_answer.json`, `report.md` and `known_answer.png` into its folder and, with
 `json`, a copy of the json (the benchmark record, `benchmarks/results/known_answer.json`).
+Like every stage it locks its folder (one writer) and its manifest is the finished-marker,
+written last; a run whose labels carry no planted gold, or that lacks a policy, the PM or
+RL's whole log, is refused before anything is sampled, naming what is missing.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class KnownAnswerConfig:
     """Folder for known_answer.json, report.md and the plot (default <run>/known-answer)."""
     json: str | None = None
     """Also copy known_answer.json here (the benchmark record)."""
+    overwrite: bool = False
+    """Replace an existing `json` file (never a file of the run)."""
     gold: str = GOLD
     """The gold reward spec: 1 when an answer has the planted property, else 0."""
     limit: int | None = None
@@ -240,10 +245,20 @@ def _seed(cfg: KnownAnswerConfig, policy: str, prompt: int, sample: int) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
+def _pipeline(run: Path) -> dict[str, Any]:
+    """The run's pipeline.json ({} when there is none); a corrupt one is one line."""
+    path = run / "pipeline.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        raise CaiError("not valid JSON; is this a pipeline run?", str(path)) from None
+    return data if isinstance(data, dict) else {}
+
+
 def _policy_specs(run: Path) -> dict[str, str]:
-    pipe = json.loads((run / "pipeline.json").read_text(encoding="utf-8")) \
-        if (run / "pipeline.json").is_file() else {}
-    base = (pipe.get("config") or {}).get("model") or "embedded:smollm2-135m"
+    base = (_pipeline(run).get("config") or {}).get("model") or "embedded:smollm2-135m"
     specs = {}
     for name, folder in POLICIES:
         if folder is None:
@@ -254,6 +269,65 @@ def _policy_specs(run: Path) -> dict[str, str]:
         raise CaiError("no SL-CAI model (sft/) in the run; run the known-answer pipeline first",
                        str(run), "run")
     return specs
+
+
+def planted_judge(run: Path) -> str | None:
+    """The judge that labelled the run: the label stage's manifest, else the pipeline
+    config (its `label: {feedback_model}` over the run's `feedback_model`)."""
+    from cai.core.folders import read_manifest
+
+    m = read_manifest(run / "label") if (run / "label" / "manifest.json").is_file() else None
+    spec = ((m or {}).get("config") or {}).get("feedback_model")
+    if not spec:
+        cfg = _pipeline(run).get("config") or {}
+        spec = (cfg.get("label") or {}).get("feedback_model") or cfg.get("feedback_model")
+    return spec if isinstance(spec, str) else None
+
+
+def check_planted(run: Path, gold: str) -> str:
+    """Refuse a run whose labels carry no planted gold: its judge must be a `python:`
+    function of the gold's own module or file (`noisy_judge` or `gold_judge` beside
+    `gold_score`), else the gold rates measure a preference nobody put in."""
+    from cai.core.pyfunc import is_python_spec, source_file
+
+    judge = planted_judge(run)
+    if judge is None:
+        raise CaiError("no label stage and no feedback_model in pipeline.json: nothing says a "
+                       "gold was planted in this run's labels; score a run of "
+                       "configs/known-answer.yaml", str(run), "run")
+    if not is_python_spec(judge) or (
+            source_file(judge, "feedback_model").resolve()
+            != source_file(gold, "gold").resolve()):
+        raise CaiError(f"this run was labelled by {judge!r}, not by a judge planted beside the "
+                       f"gold {gold!r} (a python: function of the same module or file): its "
+                       "gold rates would measure a preference nobody planted; score a run of "
+                       "configs/known-answer.yaml", str(run), "run")
+    return judge
+
+
+def missing_parts(run: Path) -> list[str]:
+    """What a known-answer evaluation needs and the run lacks: a model of every policy
+    stage the pipeline ran (sft, rl, dpo), the train PM, and RL's whole step log."""
+    from cai.core.data import parse_jsonl
+
+    stages = (_pipeline(run).get("config") or {}).get("stages")
+    expected = [s for s in ("sft", "pm", "rl", "dpo")
+                if not isinstance(stages, list) or s in stages]
+    out = [f"{s}/ (no finished model: no config.json)" for s in expected
+           if not (run / s / "config.json").is_file()]
+    log = run / "rl" / "log.jsonl"
+    if "rl" in expected and (run / "rl" / "config.json").is_file():
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        if not text.strip():
+            out.append("rl/log.jsonl (missing or empty: no RL steps to fit)")
+        elif not text.endswith("\n"):
+            out.append(f"rl/log.jsonl (line {text.count(chr(10)) + 1} is torn: cut by a kill)")
+        else:
+            try:
+                parse_jsonl(text, str(log))
+            except CaiError as err:
+                out.append(f"rl/log.jsonl ({err})")
+    return out
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -272,6 +346,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
 def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     """Sample, score and fit (see the module docstring); returns the manifest."""
     from cai.core.data import load_prompts
+    from cai.core.folders import check_out_file, claim_dir
     from cai.train.rewards import PMReward, load_reward
 
     t0 = time.time()
@@ -282,8 +357,22 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     if not held.is_file():
         raise CaiError("no held-out prompts (prompts/red_team.eval.jsonl); run the known-answer "
                        "pipeline with eval_fraction > 0 first", str(run), "run")
+    # Everything that can be checked is checked before the folder is touched.
     prompts = load_prompts(str(held), limit=cfg.limit)
     specs = _policy_specs(run)
+    check_planted(run, cfg.gold)
+    missing = missing_parts(run)
+    if missing:
+        raise CaiError(f"the run lacks what a known-answer evaluation reads: {'; '.join(missing)}"
+                       "; finish the known-answer pipeline (rerun `cai pipeline run`) first",
+                       str(run), "run")
+    if cfg.json:
+        check_out_file(cfg.json, inputs=[run, out], overwrite=cfg.overwrite, field="json")
+    # One writer per folder; the manifest is the finished-marker, so it goes first and
+    # comes back last (a kill in between leaves no output that looks finished).
+    claim_dir(out, STAGE)
+    for name in ("manifest.json", "known_answer.json"):
+        (out / name).unlink(missing_ok=True)
     gold = load_reward(cfg.gold)
     pms: dict[str, Any] = {}
     for name, folder in (("train_pm", run / "pm"), ("test_pm", run / "pm" / "test")):
@@ -329,18 +418,18 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
                             "sampling": {"temperature": cfg.temperature, "top_p": 1.0,
                                          "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
                             "pipeline": _pipeline_provenance(run)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "known_answer.json", result)
     from cai.evaluate.known_answer_report import write_report
 
-    write_report(result, out)
+    write_report(result, out)  # report.md and the plot, then the json, then the manifest
+    write_json_atomic(out / "known_answer.json", result)
+    manifest = write_manifest(out, STAGE, config=cfg, models=specs,
+                              counts={"prompts": len(prompts)}, started=t0,
+                              data=("known_answer.json",),
+                              extra={"metrics": {k: result[k] for k in (
+                                  "pm_gold_accuracy", "base_rate", "wall_s")}})
     if cfg.json:
         write_json_atomic(Path(cfg.json), result)
-    return write_manifest(out, STAGE, config=cfg, models=specs,
-                          counts={"prompts": len(prompts)}, started=t0,
-                          data=("known_answer.json",),
-                          extra={"metrics": {k: result[k] for k in (
-                              "pm_gold_accuracy", "base_rate", "wall_s")}})
+    return manifest
 
 
 def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[str, Any]:
@@ -393,10 +482,7 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
 
 def _pipeline_provenance(run: Path) -> dict[str, Any]:
     """The run's config and constitution as pipeline.json keeps them."""
-    path = run / "pipeline.json"
-    if not path.is_file():
-        return {}
-    pipe = json.loads(path.read_text(encoding="utf-8"))
+    pipe = _pipeline(run)
     return {k: pipe[k] for k in ("config", "constitution", "seed") if k in pipe}
 
 
