@@ -240,3 +240,71 @@ def test_known_answer_lock_refuses_a_run_without_planted_gold_or_with_missing_pa
     r = CliRunner().invoke(app, ["eval", "known-answer", str(run), "--gold", gold])
     line = _one_error(r)
     assert "rl/log.jsonl (missing or empty" in line and "dpo/" not in line
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _pipeline_yaml(tmp_path: Path, tiny_model: Path, **over) -> Path:
+    import yaml
+
+    from .conftest import ROOT
+
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data.update(model=str(tiny_model), feedback_model=f"hf:{tiny_model}?progress=0",
+                out=str(tmp_path / "run"), **over)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_pipeline_empty_eval_side_is_refused_before_any_stage(tmp_path: Path,
+                                                             tiny_model: Path) -> None:
+    from cai.pipeline import load_pipeline_config, plan, run_pipeline
+
+    # 156 red-team prompts × 0.003 rounds to none held out.
+    path = _pipeline_yaml(tmp_path, tiny_model, eval_fraction=0.003)
+    cfg = load_pipeline_config(path)
+    with pytest.raises(CaiError, match=r"eval_fraction: eval_fraction 0\.003 of the 156 "
+                                       r"prompts .* holds out none for the evaluation"):
+        run_pipeline(cfg, where=str(path))
+    run = tmp_path / "run"
+    assert not run.exists()  # no stage ran, no split file of either side was written
+    r = CliRunner().invoke(app, ["pipeline", "run", str(path)])
+    assert "eval_fraction" in _one_error(r) and not run.exists()
+    # A fraction that holds some out plans (the check is on the held-out count, not the value).
+    cfg = load_pipeline_config(_pipeline_yaml(tmp_path, tiny_model, eval_fraction=0.01))
+    assert plan(cfg) and cfg._prompt_split["sets"]["red_team"]["eval"] == 2
+
+
+def test_pipeline_empty_eval_overlap_counts_training_data_not_stale_records(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """After a split change the SL store keeps records of prompts now held out; only what
+    the stage hands to training (sft.jsonl, pairs.jsonl, preferences.jsonl) is contamination."""
+    from cai.pipeline import heldout_overlap, load_pipeline_config, plan
+
+    cfg = load_pipeline_config(_pipeline_yaml(tmp_path, tiny_model))
+    steps = plan(cfg)
+    sl = next(s for s in steps if s.stage == "sl")
+    label = next(s for s in steps if s.stage == "label")
+    held = [json.loads(x)["prompt"] for x in
+            Path(cfg._prompt_split["sets"]["red_team"]["eval_file"]).read_text().splitlines()]
+    train = [json.loads(x)["prompt"] for x in
+             Path(cfg._prompt_split["sets"]["red_team"]["train_file"]).read_text().splitlines()]
+    sl.folder.mkdir(parents=True)
+    label.folder.mkdir(parents=True)
+    # The store holds a record of a held-out prompt (a previous split's); training does not.
+    (sl.folder / "data.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate([held[0], train[0]])))
+    (sl.folder / "sft.jsonl").write_text(json.dumps({"id": "r1", "messages": [
+        {"role": "user", "content": train[0]}, {"role": "assistant", "content": "x"}]}) + "\n")
+    (label.folder / "data.jsonl").write_text(json.dumps({"id": "l0", "prompt": held[1]}) + "\n")
+    (label.folder / "preferences.jsonl").write_text("")
+    assert heldout_overlap(steps) == 0
+    # The same prompts in what training reads are counted, from either stage.
+    (sl.folder / "pairs.jsonl").write_text(json.dumps({"id": "r0", "prompt": [
+        {"role": "user", "content": held[0]}], "chosen": [], "rejected": []}) + "\n")
+    assert heldout_overlap(steps) == 1
+    (label.folder / "preferences.jsonl").write_text(json.dumps({"id": "l0", "prompt": [
+        {"role": "user", "content": held[1]}], "chosen": [], "rejected": []}) + "\n")
+    assert heldout_overlap(steps) == 2
