@@ -349,12 +349,14 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
     import uvicorn
 
     app_ = create_app(runs, allowed_hosts(host, tuple(allow_host or ())))
-    try:  # a busy port or an unknown address is one clear line, before uvicorn starts
+    try:  # an unknown address or a busy port is one clear line, before uvicorn starts
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CaiError(f"cannot listen on {host!r}: not a name or address this machine knows "
+                       f"({getattr(exc, 'strerror', None) or exc})", field="host") from None
+    try:
         with socket.create_server((host, port)):
             pass
-    except socket.gaierror as exc:
-        raise CaiError(f"cannot listen on {host!r}: not an address of this machine "
-                       f"({exc.strerror or exc})", field="host") from None
     except OSError as exc:
         field = "host" if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) else "port"
         raise CaiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",

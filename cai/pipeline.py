@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from cai.core.config import from_dict, safe_yaml
+from cai.core.config import from_dict, locate, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
 from cai.core.stage import Input, Output, Stage, load_registry, read_manifest
@@ -134,7 +134,10 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
                        f"{p}:{mark.line + 1 if mark else 1}") from None
     if not isinstance(data, dict):
         raise CaiError("expected a mapping", str(p))
-    return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
+    try:
+        return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
+    except CaiError as err:
+        raise locate(err, p) from None
 
 
 # --------------------------------------------------------------------------- planning
@@ -423,7 +426,10 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     if start and until and order.index(start) > order.index(until):
         raise CaiError(f"--from {start} comes after --until {until}: nothing would run",
                        field="from")
-    steps = plan(cfg, where)
+    try:  # every stage's config, and the prompt split, before any stage runs
+        steps = plan(cfg, where)
+    except CaiError as err:
+        raise locate(err, where) from None
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     state_path = root / "pipeline.json"

@@ -308,3 +308,133 @@ def test_pipeline_empty_eval_overlap_counts_training_data_not_stale_records(
     (label.folder / "preferences.jsonl").write_text(json.dumps({"id": "l0", "prompt": [
         {"role": "user", "content": held[1]}], "chosen": [], "rejected": []}) + "\n")
     assert heldout_overlap(steps) == 2
+
+
+# --------------------------------------------------------------------------- quiet mistakes
+
+
+def test_rl_options_of_another_algorithm_and_zero_generations_are_one_line(tmp_path: Path) -> None:
+    from cai.train.rl import RLConfig
+
+    base = ["train", "rl", "--model", str(tmp_path / "none"), "--reward", "python:x.py:f",
+            "--out", str(tmp_path / "rl")]
+    cli = CliRunner()
+    line = _one_error(cli.invoke(app, [*base, "--algo", "grpo", "--num-generations", "0"]))
+    assert "num_generations: must be at least 2" in line
+    line = _one_error(cli.invoke(app, [*base, "--algo", "grpo", "--adaptive-kl"]))
+    assert "adaptive_kl: is read by PPO only; --algo grpo ignores it" in line
+    line = _one_error(cli.invoke(app, [*base, "--algo", "ppo", "--num-generations", "8"]))
+    assert "num_generations: is read by RLOO and GRPO only" in line
+    assert not (tmp_path / "rl").exists()
+    # Set for the algorithm that reads it, or left at its default, each passes.
+    assert RLConfig(algo="ppo", adaptive_kl=True).adaptive_kl
+    assert RLConfig(algo="grpo", num_generations=8).num_generations == 8
+    assert RLConfig(algo="grpo", adaptive_kl=False).algo == "grpo"
+
+
+def test_rl_vllm_refuses_a_model_it_cannot_run_before_the_folder(tmp_path: Path,
+                                                                 tiny_model: Path) -> None:
+    import shutil
+
+    pytest.importorskip("vllm")  # the check asks the installed vLLM's model registry
+    from cai.train.rollout import check_vllm_model
+
+    check_vllm_model(tiny_model)  # a Llama: vLLM implements it
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchArchForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(cfg))
+    reward = tmp_path / "r.py"
+    reward.write_text("def f(prompt, response):\n    return 1.0\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi?"}\n')
+    r = CliRunner().invoke(app, ["train", "rl", "--model", str(odd), "--reward",
+                                 f"python:{reward}:f", "--prompts", str(prompts), "--out",
+                                 str(tmp_path / "rl"), "--rollout-engine", "vllm"])
+    line = _one_error(r)
+    assert "cannot run this model (architecture NoSuchArchForCausalLM)" in line
+    assert "--rollout-engine hf" in line and not (tmp_path / "rl").exists()
+
+
+JUDGES = '''
+import sys
+
+
+def chatty(prompt, response_a, response_b, principle=""):
+    print("DEBUG judging", prompt)
+    return 0.75
+
+
+def quits(prompt, response_a, response_b, principle=""):
+    sys.exit(3)
+'''
+
+
+def test_python_function_prints_go_to_stderr_and_sys_exit_names_the_spec(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cai.core.pyfunc import source_file
+
+    from .conftest import MINIMAL
+
+    judges = tmp_path / "judges.py"
+    judges.write_text(JUDGES)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}", "response_a": "a",
+                                         "response_b": "bb"}) + "\n" for i in range(2)))
+    cai = str(Path(sys.executable).parent / "cai")
+
+    def label(fn: str, out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([cai, "label", "--pairs", str(pairs), "--feedback-model",
+                               f"python:{judges}:{fn}", "--constitution", str(MINIMAL),
+                               "--principles", "1", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300)
+
+    r = label("chatty", "a")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)  # stdout is the summary JSON alone
+    assert summary["stage"] == "label" and "DEBUG judging" in r.stderr
+    r = label("quits", "b")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"python:{judges}:quits called sys.exit(3)" in lines[0]
+    # A module that is another's alias (os.path is posixpath) is found by its file; a module
+    # built into Python has none and says so.
+    assert source_file("python:os.path:join").name == "posixpath.py"
+    with pytest.raises(CaiError, match="sys is built into Python"):
+        source_file("python:sys:exit")
+
+
+def test_pipeline_config_errors_name_the_line(tmp_path: Path, tiny_model: Path) -> None:
+    import yaml
+
+    from cai.pipeline import load_pipeline_config, run_pipeline
+
+    path = _pipeline_yaml(tmp_path, tiny_model)
+    data = yaml.safe_load(path.read_text())
+    data["rl"].update(algo="grpo", num_generations=0)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
+                if "num_generations" in text)
+    with pytest.raises(CaiError) as err:
+        run_pipeline(load_pipeline_config(path), where=str(path))
+    assert str(err.value).startswith(f"{path}:{line}: rl.num_generations: must be at least 2")
+    assert not (tmp_path / "run" / "sl").exists()
+    # A top-level field too.
+    data["rl"].pop("num_generations")
+    data["rl"].pop("algo")
+    data["rounds"] = 0
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
+                if text.startswith("rounds:"))
+    with pytest.raises(CaiError, match=rf"^{path}:{line}: rounds: must be at least 1"):
+        load_pipeline_config(path)
+
+
+def test_view_host_bad_address_is_a_host_error(tmp_path: Path) -> None:
+    run = _run_folder(tmp_path / "run")
+    r = CliRunner().invoke(app, ["view", str(run), "--host", "256.1.1.1", "--port", "8799"])
+    line = _one_error(r)
+    assert line.startswith("error: host: cannot listen on") and "port" not in line.split(":")[1]

@@ -12,6 +12,7 @@ made and a rerun computes afresh instead of reusing what the old function gave.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -67,10 +68,19 @@ def source_file(spec: str, field: str = "model") -> Path:
         raise CaiError(f"{raw}: cannot import module {target}: {_one_line(exc)}",
                        field=field) from None
     origin = getattr(found, "origin", None)
-    if found is None or not origin or not Path(origin).is_file():
+    if found is None:
         raise CaiError(f"{raw}: cannot import module {target} (not found on sys.path; give "
                        "python:path/to/file.py:FUNCTION for a file)", field=field)
-    return Path(origin)
+    if origin and Path(origin).is_file():
+        return Path(origin)
+    # A frozen or aliased module (os.path is posixpath): its file, if it has one.
+    module = sys.modules.get(target) or sys.modules.get(found.name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if file and Path(file).is_file():
+        return Path(file)
+    raise CaiError(f"{raw}: module {target} is built into Python (no source file to identify "
+                   "the function by); call it from a function in a .py file of your own",
+                   field=field)
 
 
 def python_identity(spec: str, field: str = "model") -> str:
@@ -137,12 +147,14 @@ def load_function(spec: str, field: str = "model") -> PythonFunction:
                 module = importlib.util.module_from_spec(mspec)
                 sys.modules[mod_name] = module
                 try:
-                    mspec.loader.exec_module(module)
+                    with contextlib.redirect_stdout(sys.stderr):
+                        mspec.loader.exec_module(module)
                 except BaseException:
                     sys.modules.pop(mod_name, None)
                     raise
         else:
-            module = importlib.import_module(target)
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(target)
     except CaiError:
         raise
     except (Exception, SystemExit) as exc:  # the user's code: any failure is one line
@@ -190,9 +202,14 @@ def changed_sources(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
 
 
 def call(f: PythonFunction, args: tuple[Any, ...], item: str, field: str) -> Any:
-    """Call the user's function; an exception it raises is one line naming spec and item."""
+    """Call the user's function; an exception it raises, or `sys.exit`, is one line naming
+    spec and item. What it prints goes to stderr: stdout is the command's summary JSON."""
     try:
-        return f.fn(*args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return f.fn(*args)
+    except SystemExit as exc:
+        raise CaiError(f"{f.spec} called sys.exit({exc.code!r}) on {item}; a judge or reward "
+                       "must return a value", field=field) from None
     except Exception as exc:  # the user's code: report it, do not print its traceback
         raise CaiError(f"{f.spec} raised {_one_line(exc)} on {item}", field=field) from None
 
