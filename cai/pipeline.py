@@ -35,7 +35,7 @@ import yaml
 from cai.core.config import from_dict, locate, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
-from cai.core.stage import Input, Output, Stage, load_registry, read_manifest
+from cai.core.stage import Input, Output, Stage, load_registry, lock_dir, read_manifest
 
 ROUND = ("label", "pm", "rl")
 """The steps that `rounds: R > 1` repeats with the newest policy."""
@@ -280,6 +280,9 @@ def split_prompts(cfg: PipelineConfig, steps: list[Step], where: str = "pipeline
                            "eval_fraction, give more prompts, or set eval_fraction: 0 to "
                            "evaluate on training prompts", where, "eval_fraction")
         splits.append((path, by, text_field, items, held))
+    if splits:  # the run's one writer from here (planning wrote nothing before this)
+        cfg.root.mkdir(parents=True, exist_ok=True)
+        lock_dir(cfg.root)
     for path, by, text_field, items, held in splits:
         stem = path.stem if path.stem not in stems else f"{path.stem}-{file_sha256(path)[7:15]}"
         stems.add(stem)
@@ -432,6 +435,7 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         raise locate(err, where) from None
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
+    lock_dir(root)  # one pipeline per run folder: a second is refused before pipeline.json
     state_path = root / "pipeline.json"
     previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
     before = previous.get("steps", {})

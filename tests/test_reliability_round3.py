@@ -438,3 +438,30 @@ def test_view_host_bad_address_is_a_host_error(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["view", str(run), "--host", "256.1.1.1", "--port", "8799"])
     line = _one_error(r)
     assert line.startswith("error: host: cannot listen on") and "port" not in line.split(":")[1]
+
+
+def test_pipeline_lock_second_run_refused_before_any_write(tmp_path: Path,
+                                                                 tiny_model: Path) -> None:
+    """A second pipeline on a run folder another process is writing is refused before it
+    touches the prompt split or pipeline.json."""
+    import subprocess
+    import sys
+
+    from cai.pipeline import load_pipeline_config, run_pipeline
+
+    path = _pipeline_yaml(tmp_path, tiny_model)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import time; from pathlib import Path; "
+                               "from cai.core.folders import lock_dir; "
+                               f"lock_dir(Path({str(run)!r})); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CaiError, match="another cai run"):
+            run_pipeline(load_pipeline_config(path), where=str(path))
+        assert sorted(p.name for p in run.iterdir()) == [".cai-lock"]
+    finally:
+        holder.kill()
+        holder.wait()
