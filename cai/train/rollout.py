@@ -174,6 +174,9 @@ def check_vllm_model(path: str | Path) -> None:
             "architectures") or []
     except (OSError, ValueError, AttributeError):
         return  # not a model folder: loading it reports that
+    from cai.backends.vllm import _set_env_defaults
+
+    _set_env_defaults()  # before vLLM is first imported
     try:
         from vllm import ModelRegistry
     except ImportError:
