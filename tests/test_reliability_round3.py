@@ -122,6 +122,13 @@ def test_python_reward_edit_between_run_and_resume_is_refused(tmp_path: Path, ti
     assert json.loads((out / "run_config.json").read_text())["python_sources"][cfg.reward] != \
         stamp["python_sources"][cfg.reward]
     assert run_rl(cfg)["written"] == fresh["written"]  # and it is the finished run again
+    # A monitor's python: file (a list field, `name=spec`) is part of the identity too.
+    from cai.core.pyfunc import python_sources
+
+    gold = tmp_path / "gold.py"
+    gold.write_text("def g(prompt, response):\n    return 0.0\n")
+    with_monitor = _rl_cfg(tmp_path, tiny_model, monitors=[f"gold=python:{gold}:g"])
+    assert set(python_sources(with_monitor)) == {cfg.reward, f"python:{gold}:g"}
 
 
 # --------------------------------------------------------------------------- known-answer

@@ -179,9 +179,9 @@ def python_sources(config: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     values = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
               else dict(config or {}))
-    for value in values.values():
-        if not isinstance(value, str) or PREFIX not in value:
-            continue
+    texts = [t for v in values.values() for t in (v if isinstance(v, list | tuple) else [v])
+             if isinstance(t, str) and PREFIX in t]
+    for value in texts:
         for part in value.split(","):  # a spec, or each `name=spec` of a list
             spec = part.strip()
             if not is_python_spec(spec):
