@@ -66,7 +66,7 @@ def run_pipeline(tmp: Path) -> dict:
 
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     for stage in ("sft", "pm", "rl", "dpo"):
-        cfg.setdefault(stage, {})["bf16"] = True
+        cfg.setdefault(stage, {})["dtype"] = "bfloat16"
     path = tmp / "tiny-bf16.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t = time.perf_counter()
@@ -169,7 +169,7 @@ def ppo_throughput(tmp: Path, policy: Path, pm: Path, torch) -> dict:
         torch.cuda.reset_peak_memory_stats()
         cfg = RLConfig(algo="ppo", model=str(policy), reward=f"pm:{pm}", prompts=str(prompts),
                        out=str(tmp / f"ppo-{engine}"), steps=4, batch_size=16, minibatch_size=8,
-                       ppo_epochs=1, max_new_tokens=128, learning_rate=1e-5, lora=True, bf16=True,
+                       ppo_epochs=1, max_new_tokens=128, learning_rate=1e-5, lora=True, dtype="bfloat16",
                        save_every=0, rollout_engine=engine, vllm_gpu_memory_utilization=0.3)
         t = time.perf_counter()
         run_rl(cfg)
@@ -233,7 +233,7 @@ def train_fraction(tmp: Path, policy: Path, n_params: int, peak_tflops: float, t
         torch.cuda.reset_peak_memory_stats()
         timer = StepTimer(torch)
         common = dict(model=str(policy), max_steps=steps, batch_size=batch, lora=False,
-                      bf16=True, eval_fraction=0.0, seed=0)
+                      dtype="bfloat16", eval_fraction=0.0, seed=0)
         if name == "pm":
             pm.train_pm(rows, pm.PMConfig(out=str(tmp / "pm-out"), **common),
                         callbacks=[timer.callback])
