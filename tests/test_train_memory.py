@@ -276,3 +276,48 @@ def test_report_to_wandb_without_wandb_is_one_clear_error() -> None:
     check_run_options(HardwareConfig(report_to="none"))
     with pytest.raises(CaiError, match="report_to"):
         HardwareConfig(report_to="mlflow").check_hardware()
+
+
+# --------------------------------------------------------------------------- sharded loading
+
+_LOAD_BOTH = """
+import json, os, sys
+import torch
+from safetensors.torch import load_file
+from cai.train.loading import HardwareConfig, load_model
+
+path = sys.argv[1]
+trained = load_model(path, HardwareConfig(), trainable=True)
+frozen = load_model(path, HardwareConfig(), trainable=False)
+ref = load_file(os.path.join(path, "model.safetensors"))
+
+def read(model):
+    sd = model.state_dict()
+    return all(torch.equal(sd[k], v) for k, v in ref.items() if k in sd)
+
+print("ROW " + json.dumps({"rank": int(os.environ["RANK"]), "trained": read(trained),
+                           "frozen": read(frozen)}))
+"""
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp-rank0-loading"])
+def test_sharded_loading_two_processes(tiny_model: Path, tmp_path: Path, fsdp: bool) -> None:
+    """Two CPU processes (torchrun, gloo): under FSDP with cpu-RAM-efficient loading only
+    process 0 reads the trained model's weights (process 1 holds placeholders until
+    accelerate's prepare broadcasts them); frozen models are read by both, since they are
+    sharded afterwards from what each holds. Without FSDP both read everything."""
+    import os
+
+    script = tmp_path / "load_both.py"
+    script.write_text(_LOAD_BOTH)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_FSDP": str(fsdp).lower(),
+           "FSDP_CPU_RAM_EFFICIENT_LOADING": str(fsdp).lower(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(script), str(tiny_model)], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = sorted((json.loads(x.split("ROW ", 1)[1]) for x in r.stdout.splitlines()
+                   if x.startswith("ROW ")), key=lambda x: x["rank"])
+    assert [x["rank"] for x in rows] == [0, 1]
+    assert all(x["frozen"] for x in rows)
+    assert [x["trained"] for x in rows] == [True, not fsdp]

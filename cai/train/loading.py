@@ -139,7 +139,37 @@ def load_model(path: str | Path, cfg: Any, *, trainable: bool, lora: bool = Fals
     if q is not None:
         kwargs["quantization_config"] = q
         kwargs.setdefault("device_map", {"": _local_device()})
-    return load_pretrained(auto, path, dtype=weights_dtype(cfg, trainable, lora), **kwargs)
+    with sharded_loading(trainable):
+        return load_pretrained(auto, path, dtype=weights_dtype(cfg, trainable, lora), **kwargs)
+
+
+@contextlib.contextmanager
+def sharded_loading(trainable: bool) -> Iterator[None]:
+    """Under `accelerate launch` (several processes) the process group exists before a
+    model is loaded, so transformers takes the sharding engine's path: under FSDP with
+    `fsdp_cpu_ram_efficient_loading` only local process 0 reads the trained model's weights
+    (the others hold placeholders until accelerate's prepare broadcasts the shards), under
+    ZeRO-3 the registered DeepSpeed config partitions it as it loads. A frozen model is read
+    by every process: `cai.train.placement` (and TRL) shard it afterwards from what each
+    process holds, so it must hold the real weights."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    key, old = "FSDP_CPU_RAM_EFFICIENT_LOADING", os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if not trainable:
+        os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if not trainable:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def model_init_kwargs(cfg: Any, lora: bool) -> dict[str, Any]:
@@ -260,4 +290,4 @@ class StepMirror:
 __all__ = ["HardwareConfig", "DTYPES", "REPORT_TO", "TENSORBOARD", "resolve_dtype",
            "check_run_options", "weights_dtype", "quantization", "load_model",
            "model_init_kwargs", "prepare_for_training", "trainer_precision", "autocast",
-           "report_args", "tensorboard_dir", "StepMirror"]
+           "report_args", "tensorboard_dir", "StepMirror", "sharded_loading"]
