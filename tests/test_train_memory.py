@@ -120,6 +120,7 @@ def test_dtype_bf16_sft_loss_falls_on_cpu(tiny_model: Path, sft_file: Path, tmp_
     assert last < first * 0.9, (first, last)
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
     assert m["config"]["dtype"] == "bfloat16"
+    assert m["precision"]["resolved"] == "bfloat16" and m["precision"]["trained_weights"] == "float32"
     # The dtype is part of the run's config: another one is refused on the same folder.
     with pytest.raises(CaiError, match="dtype"):
         run_sft(SFTConfig(data=str(sft_file), model=str(tiny_model), out=str(out), lora=False,
@@ -321,3 +322,32 @@ def test_sharded_loading_two_processes(tiny_model: Path, tmp_path: Path, fsdp: b
     assert [x["rank"] for x in rows] == [0, 1]
     assert all(x["frozen"] for x in rows)
     assert [x["trained"] for x in rows] == [True, not fsdp]
+
+
+def test_gradient_checkpointing_ppo_lora_trains_the_same(tiny_model: Path, tiny_pm: Path,
+                                                         tmp_path: Path) -> None:
+    """PPO with LoRA: with checkpointing (policy in train mode, dropout off) the step's
+    losses and the trained adapters match the run without it."""
+    from safetensors.torch import load_file
+
+    from cai.train.rl import RLConfig, run_rl
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(4)))
+    logs, weights = {}, {}
+    for gc in (False, True):
+        out = tmp_path / f"rl-{gc}"
+        run_rl(RLConfig(algo="ppo", model=str(tiny_model), reward=f"pm:{tiny_pm}",
+                        prompts=str(prompts), out=str(out), steps=2, batch_size=2,
+                        minibatch_size=1, ppo_epochs=2, max_new_tokens=4, save_every=0,
+                        learning_rate=1e-2, lora_r=2, lora_alpha=4, gradient_checkpointing=gc))
+        logs[gc] = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        weights[gc] = load_file(str(out / "model.safetensors"))
+    start = load_file(str(tiny_model / "model.safetensors"))
+    moved = max((weights[False][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-4  # the runs trained
+    for a, b in zip(logs[False], logs[True], strict=True):
+        for key in ("policy_loss", "value_loss", "kl", "reward_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    for k in start:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-3, atol=1e-5)

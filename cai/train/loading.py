@@ -76,6 +76,16 @@ def resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def precision_record(cfg: Any) -> dict[str, Any]:
+    """What a manifest records of the precision a run actually used ("auto" resolved on
+    this machine)."""
+    dtype = str(resolve_dtype(cfg.dtype)).removeprefix("torch.")
+    return {"dtype": cfg.dtype, "resolved": dtype, "trained_weights": "float32"
+            if not getattr(cfg, "lora", False) else dtype,
+            "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+            "load_in_4bit": bool(cfg.load_in_4bit), "report_to": cfg.report_to}
+
+
 def check_run_options(cfg: Any, lora: bool | None = None) -> None:
     """What must hold before anything is loaded: 4-bit needs CUDA, bitsandbytes and LoRA;
     a reporting tool must be installed. Each failure is one line naming the option."""
@@ -288,6 +298,6 @@ class StepMirror:
 
 
 __all__ = ["HardwareConfig", "DTYPES", "REPORT_TO", "TENSORBOARD", "resolve_dtype",
-           "check_run_options", "weights_dtype", "quantization", "load_model",
+           "check_run_options", "precision_record", "weights_dtype", "quantization", "load_model",
            "model_init_kwargs", "prepare_for_training", "trainer_precision", "autocast",
            "report_args", "tensorboard_dir", "StepMirror", "sharded_loading"]

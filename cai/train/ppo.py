@@ -194,7 +194,7 @@ class PPOTrainer:
         self.is_main = self.rank == 0
         self._check_split()
         # Sharded runs load the policy on the CPU (or partitioned); accelerate places it.
-        self.device = (accelerator.device if accelerator is not None
+        self.device = (accelerator.device if shards_weights(accelerator)
                        else next(policy.parameters()).device)
         # Whole on this device, or sharded / offloaded as the accelerate config says.
         self.reference, self.placement = place_frozen(reference, reward, accelerator, self.device)

@@ -22,7 +22,7 @@ from cai.core.data import parse_jsonl
 from cai.core.errors import CaiError, read_text
 from cai.core.records import write_json_atomic
 from cai.core.stage import write_manifest
-from cai.train.loading import HardwareConfig
+from cai.train.loading import HardwareConfig, precision_record
 
 TIES = ("keep", "drop", "weight")
 SOURCES = ("labels", "sl-pairs")
@@ -462,4 +462,4 @@ def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, re
         counts={**counts, **result.counts, "eval": n_eval, "steps": result.steps,
                 "resumed": resumed},
         started=t0, timings={"train": result.seconds}, data=("model.safetensors",),
-        extra={"metrics": summary_metrics(log, report)})
+        extra={"metrics": summary_metrics(log, report), "precision": precision_record(cfg)})

@@ -39,6 +39,7 @@ from cai.train.common import (
     rewrite_steps,
     start_run,
 )
+from cai.train.loading import precision_record
 from cai.train.monitors import with_monitors
 from cai.train.ppo_config import PPOConfig
 from cai.train.rewards import RewardSource, load_reward
@@ -199,6 +200,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
         extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo],
+               "precision": precision_record(cfg),
                "rollout": _rollout_provenance(cfg),
                "monitors": reward.specs() if hasattr(reward, "specs") else {}})
     write_card(out, "RL-CAI policy",

@@ -17,7 +17,7 @@ from typing import Any
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
 from cai.core.stage import Input, Output, Stage, register, write_card, write_manifest
-from cai.train.loading import HardwareConfig
+from cai.train.loading import HardwareConfig, precision_record
 
 STAGE = "sft"
 
@@ -196,7 +196,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                               counts={"examples": len(features), "too_long_dropped": too_long,
                                       "steps": trainer.state.global_step},
                               started=t0, data=("model.safetensors",),
-                              extra={"metrics": metrics, "output": str(out)})
+                              extra={"metrics": metrics, "output": str(out),
+                                     "precision": precision_record(cfg)})
     write_card(out, "SL-CAI model", f"`{cfg.model}` fine-tuned on SL-CAI revisions "
                f"({'LoRA, merged' if cfg.lora else 'full'}); load it as the model spec "
                f"`{out}`.", manifest)
