@@ -313,7 +313,8 @@ def test_sharded_loading_two_processes(tiny_model: Path, tmp_path: Path, fsdp: b
     script.write_text(_LOAD_BOTH)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_FSDP": str(fsdp).lower(),
            "FSDP_CPU_RAM_EFFICIENT_LOADING": str(fsdp).lower(), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
+                        "--nproc_per_node", "2",
                         str(script), str(tiny_model)], capture_output=True, text=True,
                        timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
