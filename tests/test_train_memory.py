@@ -352,3 +352,45 @@ def test_gradient_checkpointing_ppo_lora_trains_the_same(tiny_model: Path, tiny_
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
     for k in start:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_memory_follows_the_options(tiny_model: Path, tiny_pm: Path, tmp_path: Path) -> None:
+    """The plan counts what the loader holds: fp32 masters + grads + AdamW for full weights,
+    frozen models at the dtype's size, sharded parts divided by the processes, fewer
+    activations with checkpointing; the CLI prints it, a bad stage is one line."""
+    from cai.train.memory_plan import Setting, plan_memory
+    from cai.train.rl import RLConfig
+
+    def plan(setting=None, **kw):
+        cfg = RLConfig(model=str(tiny_model), reward=f"pm:{tiny_pm}", **kw)
+        return plan_memory("rl", cfg, setting)
+
+    n = sum(p.numel() for p in load_model(tiny_model, HardwareConfig(), trainable=False).parameters())
+    full = plan(lora=False, dtype="float32")
+    assert full["params"] == n
+    assert full["bytes"]["policy"] == 4 * n and full["bytes"]["optimizer"] == 8 * n
+    assert full["bytes"]["reference"] == 4 * n and full["bytes"]["autocast_copies"] == 0
+    bf16 = plan(lora=False, dtype="bfloat16")
+    assert bf16["bytes"]["reference"] == 2 * n and bf16["bytes"]["policy"] == 4 * n
+    assert bf16["bytes"]["reward"] * 2 == full["bytes"]["reward"]
+    lora = plan(lora=True, dtype="bfloat16")
+    assert lora["trained_params"] < n / 10 and lora["bytes"]["optimizer"] == 8 * lora["trained_params"]
+    ckpt = plan(lora=False, dtype="float32", gradient_checkpointing=True)
+    assert ckpt["bytes"]["activations"] < full["bytes"]["activations"]
+    zero3 = plan(Setting(processes=4, sharding="zero3"), lora=False, dtype="float32")
+    for part in ("policy", "gradients", "optimizer", "reference"):
+        assert zero3["bytes"][part] == pytest.approx(full["bytes"][part] / 4, abs=1)
+    ddp = plan(Setting(processes=4), lora=False, dtype="float32")
+    assert ddp["bytes"]["policy"] == full["bytes"]["policy"]
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model: {tiny_model}\nreward: pm:{tiny_pm}\ndtype: bfloat16\n")
+    r = subprocess.run([sys.executable, "-m", "cai.cli", "plan", "memory", str(config), "--stage",
+                        "rl", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["bytes"]["reference"] == 2 * n
+    r = subprocess.run([sys.executable, "-m", "cai.cli", "plan", "memory", str(config), "--stage",
+                        "eval"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "stage" in r.stderr
