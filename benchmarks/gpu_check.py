@@ -15,6 +15,9 @@ every section, so a run cut short keeps what it measured):
 - train: one PM and one DPO training step (full weights, bf16) on the same model as a
   fraction of the bf16 peak (6·N FLOPs per token for a forward + backward, 2·N more for
   DPO's reference forward);
+- memory: every trainer (sft, pm, dpo, rl with ppo, rloo and grpo) in bf16 with gradient
+  checkpointing, full weights, on the embedded model: peak GPU memory beside
+  `cai plan memory`'s estimate for the same config;
 and the peak GPU memory of each section. Writes benchmarks/results/gpu_check.json (or
 --out). Without a CUDA GPU it says so in one line and exits with code 2.
 """
@@ -39,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-SECTIONS = ("peak", "pipeline", "scores", "ppo", "train")
+SECTIONS = ("peak", "pipeline", "scores", "ppo", "train", "memory")
 
 
 def bf16_peak(torch) -> dict:
@@ -66,7 +69,7 @@ def run_pipeline(tmp: Path) -> dict:
 
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     for stage in ("sft", "pm", "rl", "dpo"):
-        cfg.setdefault(stage, {})["bf16"] = True
+        cfg.setdefault(stage, {})["dtype"] = "bfloat16"
     path = tmp / "tiny-bf16.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t = time.perf_counter()
@@ -169,7 +172,7 @@ def ppo_throughput(tmp: Path, policy: Path, pm: Path, torch) -> dict:
         torch.cuda.reset_peak_memory_stats()
         cfg = RLConfig(algo="ppo", model=str(policy), reward=f"pm:{pm}", prompts=str(prompts),
                        out=str(tmp / f"ppo-{engine}"), steps=4, batch_size=16, minibatch_size=8,
-                       ppo_epochs=1, max_new_tokens=128, learning_rate=1e-5, lora=True, bf16=True,
+                       ppo_epochs=1, max_new_tokens=128, learning_rate=1e-5, lora=True, dtype="bfloat16",
                        save_every=0, rollout_engine=engine, vllm_gpu_memory_utilization=0.3)
         t = time.perf_counter()
         run_rl(cfg)
@@ -233,7 +236,7 @@ def train_fraction(tmp: Path, policy: Path, n_params: int, peak_tflops: float, t
         torch.cuda.reset_peak_memory_stats()
         timer = StepTimer(torch)
         common = dict(model=str(policy), max_steps=steps, batch_size=batch, lora=False,
-                      bf16=True, eval_fraction=0.0, seed=0)
+                      dtype="bfloat16", eval_fraction=0.0, seed=0)
         if name == "pm":
             pm.train_pm(rows, pm.PMConfig(out=str(tmp / "pm-out"), **common),
                         callbacks=[timer.callback])
@@ -247,6 +250,65 @@ def train_fraction(tmp: Path, policy: Path, n_params: int, peak_tflops: float, t
                      "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         gc.collect()
         torch.cuda.empty_cache()
+    return out
+
+
+def trainers_memory(tmp: Path, torch, model: str = "embedded:smollm2-135m") -> dict:
+    """Each trainer for a few steps (bf16, checkpointing, full weights, embedded model):
+    peak allocated GPU memory against the plan's per-process total."""
+    from common import synthetic_pairs
+
+    from cai.train.dpo import DPOTrainConfig, run_dpo
+    from cai.train.memory_plan import Setting, plan_memory
+    from cai.train.pm import PMConfig, run_pm
+    from cai.train.rl import RLConfig, run_rl
+    from cai.train.sft import SFTConfig, run_sft
+
+    pairs = synthetic_pairs(64, seed=2)
+    data = tmp / "mem-data"
+    data.mkdir(exist_ok=True)
+    (data / "sft.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.response_a}]})
+        + "\n" for p in pairs))
+    (data / "prefs.jsonl").write_text("".join(json.dumps({
+        "id": p.id, "prompt": [{"role": "user", "content": p.prompt}],
+        "chosen": [{"role": "assistant", "content": p.response_a}],
+        "rejected": [{"role": "assistant", "content": p.response_b}], "p_chosen": 0.7})
+        + "\n" for p in pairs))
+    (data / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p.prompt}) + "\n"
+                                                for p in pairs))
+    common = dict(model=model, lora=False, dtype="bfloat16",
+                  gradient_checkpointing=True)
+    pref = dict(preferences=str(data / "prefs.jsonl"), max_steps=3, batch_size=4, max_length=256,
+                eval_fraction=0.0, **common)
+    runs = [("sft", SFTConfig(data=str(data / "sft.jsonl"), out=str(tmp / "m-sft"), max_steps=3,
+                              batch_size=4, max_length=256, **common), run_sft, None),
+            ("pm", PMConfig(out=str(tmp / "m-pm"), **pref), run_pm, None),
+            ("dpo", DPOTrainConfig(out=str(tmp / "m-dpo"), **pref), run_dpo, None)]
+    rl = dict(reward=f"pm:{tmp / 'm-pm'}", prompts=str(data / "prompts.jsonl"), steps=2,
+              batch_size=4, max_new_tokens=32, save_every=0, **common)
+    for algo in ("ppo", "rloo", "grpo"):
+        extra = {"minibatch_size": 4, "ppo_epochs": 1} if algo == "ppo" else {"num_generations": 2}
+        runs.append((f"rl-{algo}", RLConfig(algo=algo, out=str(tmp / f"m-rl-{algo}"), **rl,
+                                            **extra), run_rl, Setting(seq_len=96)))
+    out = {}
+    for name, cfg, fn, setting in runs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        row: dict = {}
+        try:
+            fn(cfg)
+            row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        except Exception as exc:  # one trainer failing must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        plan = plan_memory(name.split("-")[0], cfg, setting)
+        row["plan_gb"] = round(plan["total_bytes"] / 2**30, 3)
+        row["plan_parts_gb"] = {k: round(v / 2**30, 3) for k, v in plan["bytes"].items()}
+        if "peak_gb" in row:
+            row["plan_over_peak"] = round(row["plan_gb"] / max(row["peak_gb"], 1e-9), 3)
+        out[name] = row
+    out["ok_trainers"] = sum("error" not in v for v in out.values() if isinstance(v, dict))
     return out
 
 
@@ -306,6 +368,7 @@ def main() -> int:
 
     section("ppo", lambda: ppo_throughput(tmp, *models()[:2], torch))
     section("train", lambda: train_fraction(tmp, models()[0], models()[2], peak, torch))
+    section("memory", lambda: trainers_memory(tmp, torch))
     summary = {"bench": "gpu_check", "device": res["device"],
                "ok": {k: v["ok"] for k, v in res["sections"].items()}}
     print(json.dumps(summary))

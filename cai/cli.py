@@ -49,6 +49,8 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 pipeline_app = typer.Typer(no_args_is_help=True, help="Run every stage from one config.")
 app.add_typer(pipeline_app, name="pipeline")
+plan_app = typer.Typer(no_args_is_help=True, help="Plan a run before starting it.")
+app.add_typer(plan_app, name="plan")
 
 
 def fail(err: Exception) -> typing.NoReturn:
@@ -290,6 +292,29 @@ def pipeline_run(
                            "seconds": state.get("seconds"),
                            "steps": {k: v.get("status") for k, v in state["steps"].items()}},
                           indent=2))
+
+
+@plan_app.command("memory")
+@user_errors
+def plan_memory_cmd(
+    config: Path = typer.Argument(..., help="The trainer's YAML config (as `cai train STAGE "
+                                  "--config` reads it)."),
+    stage: str = typer.Option(..., "--stage", help="sft, pm, dpo or rl."),
+    processes: int = typer.Option(1, "--processes", help="Processes (GPUs) in the run."),
+    sharding: str = typer.Option("none", "--sharding", help="none (one process, DDP, ZeRO-2), "
+                                 "fsdp or zero3 (weights, gradients, optimizer state and "
+                                 "frozen models split over the processes)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence "  # noqa: UP045
+                                          "(default: max_length; rl: 512 + max_new_tokens)."),
+    device_memory_gb: float = typer.Option(80.0, "--device-memory-gb", help="Device memory "
+                                           "(for the vLLM engine's share)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Bytes per process of each model, optimizer state and activations of a training run."""
+    from cai.train.memory_plan import Setting, plan_from_file, render
+
+    plan = plan_from_file(stage, config, Setting(processes, sharding, seq_len, device_memory_gb))
+    typer.echo(json.dumps(plan, indent=2) if as_json else render(plan))
 
 
 @app.command("plot")

@@ -160,6 +160,21 @@ def test_ppo_accelerate_fsdp_frozen_models_sharded_match_one(tmp_path, tiny_mode
 
 
 @pytest.mark.slow
+def test_ppo_accelerate_fsdp_rank0_loading_matches_one(tmp_path, tiny_model, pm_and_prompts,
+                                                       one_process_run) -> None:
+    """With `fsdp_cpu_ram_efficient_loading` only process 0 reads the policy's weights (the
+    other holds placeholders until accelerate's prepare broadcasts them), and the run still
+    matches one process: nothing of the placeholders reaches training."""
+    tiny_pm, prompts_file = pm_and_prompts
+    two = tmp_path / "two"
+    r = subprocess.run(_launch("cpu2-fsdp.yaml", "--fsdp_cpu_ram_efficient_loading", "true")
+                       + _ppo_args(tiny_model, tiny_pm, prompts_file, two, 3),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_run(two, one_process_run, tiny_model)
+
+
+@pytest.mark.slow
 def test_ppo_accelerate_vllm_rollouts_two_processes_match_one(tmp_path, embedded_path,
                                                               pm_and_prompts) -> None:
     """One colocated vLLM engine per process (vLLM's external launcher in accelerate's

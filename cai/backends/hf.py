@@ -95,13 +95,19 @@ class HFOptions:
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype):
-    """A causal LM from a local folder, safely: safetensors weights only (a pickled
-    `pytorch_model.bin` can run code when loaded) and never code from the folder."""
+    """A causal LM from a local folder, safely (see `load_pretrained`)."""
     from transformers import AutoModelForCausalLM
 
+    return load_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+
+
+def load_pretrained(auto_cls, path: str | Path, **kwargs):
+    """`auto_cls.from_pretrained(path, **kwargs)`, safely: safetensors weights only (a pickled
+    `pytorch_model.bin` can run code when loaded) and never code from the folder; a folder
+    that cannot be loaded is one `CaiError` naming it."""
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                    trust_remote_code=False)
+        return auto_cls.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                        **kwargs)
     except OSError as exc:
         if not any(Path(path).glob("*.safetensors")):
             raise CaiError("no safetensors weights in the model folder (pickled .bin weights are "

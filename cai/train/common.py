@@ -437,12 +437,15 @@ def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
 
 
 def trainer_args(cls: type, cfg: Any, output_dir: Path | None, **extra: Any) -> Any:
-    """TRL config with this project's CPU-safe defaults (no bf16, no gradient checkpointing).
+    """TRL config from a trainer's config: its schedule, and the precision, gradient
+    checkpointing and reporting of `cai.train.loading` (fp32 on a CPU under "auto").
 
     Without an output folder nothing is saved, and the Trainer gets a scratch folder (the
     caller removes it) instead of creating ./trainer_output in the working directory.
     """
     import torch
+
+    from cai.train.loading import report_args, trainer_precision
 
     cuda = torch.cuda.is_available()
     if output_dir is not None:
@@ -454,9 +457,10 @@ def trainer_args(cls: type, cfg: Any, output_dir: Path | None, **extra: Any) -> 
                learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
                per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
                gradient_accumulation_steps=cfg.grad_accum, logging_steps=cfg.logging_steps,
-               seed=cfg.seed, data_seed=cfg.seed, bf16=bool(cfg.bf16 and cuda), use_cpu=not cuda,
-               gradient_checkpointing=False, report_to=[], dataset_num_proc=None,
-               disable_tqdm=False, **save, **extra)
+               seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, **trainer_precision(cfg),
+               gradient_checkpointing=cfg.gradient_checkpointing,
+               gradient_checkpointing_kwargs={"use_reentrant": False},
+               dataset_num_proc=None, disable_tqdm=False, **report_args(cfg), **save, **extra)
 
 
 def log_callback(path: Path | None):

@@ -232,12 +232,12 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     to out/checkpoints and every logging step to out/log.jsonl.
     """
     import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
     from trl import DPOConfig as TRLDPOConfig
 
     from cai.core.models import local_path
     from cai.train.common import check_policy_folder
+    from cai.train.loading import load_model, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
     if not rows:
@@ -250,11 +250,11 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
         raise CaiError(f"every pair's prompt fills max_length ({cfg.max_length} tokens), leaving "
                        "no response token to learn from; raise --max-length", field="max_length")
     set_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+    model = prepare_for_training(load_model(path, cfg, trainable=True, lora=cfg.lora), cfg,
+                                 cfg.lora)
     ref_model = None
     if not cfg.lora:  # under LoRA the reference is the same weights with the adapter off
-        ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                         use_safetensors=True)
+        ref_model = load_model(path, cfg, trainable=False)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -267,11 +267,12 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
                         precompute_ref_log_probs=False)
     train_ds = datasets.Dataset.from_list(train_data)
     eval_ds = datasets.Dataset.from_list(dpo_rows(eval_rows, tok)) if eval_rows else None
-    trainer = _soft_dpo_trainer_cls()(
-        model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tok, data_collator=_collator(tok.pad_token_id, cfg.max_length),
-        peft_config=peft_config,
-        callbacks=[log_callback(out / LOG if out is not None else None), *(callbacks or [])])
+    with tensorboard_dir(out):
+        trainer = _soft_dpo_trainer_cls()(
+            model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+            eval_dataset=eval_ds, processing_class=tok,
+            data_collator=_collator(tok.pad_token_id, cfg.max_length), peft_config=peft_config,
+            callbacks=[log_callback(out / LOG if out is not None else None), *(callbacks or [])])
     kept = len(trainer.train_dataset)
     try:
         trainer.train(resume_from_checkpoint=resume_from)

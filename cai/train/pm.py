@@ -155,18 +155,18 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     Saving is the caller's job.
     """
     import datasets
-    import torch
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
     from trl import RewardConfig as TRLRewardConfig
 
     from cai.core.models import local_path
+    from cai.train.loading import load_model, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
     base = local_path(cfg.model)
     tok = load_tokenizer(base)
     set_seed(cfg.seed)  # the score head is initialised at load time
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base), num_labels=1, dtype=torch.float32, use_safetensors=True)
+    model = load_model(base, cfg, trainable=True, lora=cfg.lora, head="score", num_labels=1)
+    model = prepare_for_training(model, cfg, cfg.lora)
     model.config.pad_token_id = tok.pad_token_id
 
     truncated = 0
@@ -192,10 +192,11 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     ckpt = out / CHECKPOINTS if out is not None else None
     args = trainer_args(TRLRewardConfig, cfg, ckpt, max_length=None, pad_to_multiple_of=None,
                         center_rewards_coefficient=None)
-    trainer = _soft_reward_trainer_cls()(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok,
-        data_collator=_collator(tok.pad_token_id), peft_config=peft_config,
-        callbacks=[log_callback(out / LOG if out is not None else None), *(callbacks or [])])
+    with tensorboard_dir(out):
+        trainer = _soft_reward_trainer_cls()(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+            processing_class=tok, data_collator=_collator(tok.pad_token_id), peft_config=peft_config,
+            callbacks=[log_callback(out / LOG if out is not None else None), *(callbacks or [])])
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
@@ -211,17 +212,15 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
 # --------------------------------------------------------------------------- scoring
 
 
-def load_reward_model(path: str | Path) -> tuple[Any, Any]:
-    """A saved preference model (a folder or model spec) and its tokenizer, ready to score."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
+def load_reward_model(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """A saved preference model (a folder or model spec) and its tokenizer, ready to score;
+    held in `dtype` (a `cai.train.loading` dtype name: RL holds it in the run's)."""
     from cai.core.models import local_path
+    from cai.train.loading import HardwareConfig, load_model
 
     p = local_path(str(path))
     tok = load_tokenizer(p)
-    model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch.float32,
-                                                               use_safetensors=True)
+    model = load_model(p, HardwareConfig(dtype=dtype), trainable=False, head="score")
     if model.config.num_labels != 1:
         raise CaiError(f"expected a reward model with one output, found {model.config.num_labels}",
                        str(p))

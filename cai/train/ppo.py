@@ -23,7 +23,7 @@ Shapes: B = sequences in a batch, P = prompt width (left-padded), T = response w
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -49,6 +49,7 @@ from cai.train.common import (
     rewrite_steps,
     write_checkpoint,
 )
+from cai.train.loading import StepMirror, autocast
 from cai.train.monitors import monitor_stats
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_maths import (
@@ -192,7 +193,9 @@ class PPOTrainer:
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.is_main = self.rank == 0
         self._check_split()
-        self.device = next(policy.parameters()).device
+        # Sharded runs load the policy on the CPU (or partitioned); accelerate places it.
+        self.device = (accelerator.device if shards_weights(accelerator)
+                       else next(policy.parameters()).device)
         # Whole on this device, or sharded / offloaded as the accelerate config says.
         self.reference, self.placement = place_frozen(reference, reward, accelerator, self.device)
         self.prompt_ids = [self.fmt.encode(self.fmt.render(p)) for p in prompts]
@@ -208,8 +211,11 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
         self.step = 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+        self.autocast = autocast(cfg, self.device)  # fp32: none
+        if cfg.gradient_checkpointing:  # checkpointing acts in train mode only: no dropout there
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(policy)
         self.engine = engine if engine is not None else HFRollout(
             policy, tokenizer.pad_token_id, self.fmt.stop_ids, self.autocast,
             synced=shards_weights(accelerator))
@@ -359,7 +365,10 @@ class PPOTrainer:
         acc: dict[str, list[float]] = {k: [] for k in keys}
         trainable = self.params + list(self.value_head.parameters())
         # The policy stays in eval mode: dropout would make the new log-probs disagree with the
-        # rollout's even before any update.
+        # rollout's even before any update. Gradient checkpointing acts only in train mode,
+        # so with it the policy trains with its dropout switched off instead.
+        if cfg.gradient_checkpointing:
+            self.policy.train()
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(n, generator=gen).tolist()
             for s in range(0, n, cfg.minibatch_size):
@@ -420,6 +429,8 @@ class PPOTrainer:
         if start:
             self.engine.sync(self.policy)  # the engine starts from the checkpoint's weights
         history = []
+        mirror = (StepMirror(self.cfg.report_to, self.out, dataclasses.asdict(self.cfg))
+                  if self.is_main and self.cfg.report_to != "none" else None)
         for step in range(start + 1, steps + 1):
             stats = self.train_step(step)
             history.append(stats)
@@ -427,8 +438,12 @@ class PPOTrainer:
             # Every process holds the same weights and stats; one writes them.
             if self.is_main:
                 append_step(self.log_path, stats)
+                if mirror is not None:
+                    mirror.log(stats)
                 if step == steps or (every > 0 and step % every == 0):
                     self.save_checkpoint()
+        if mirror is not None:
+            mirror.close()
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         return history

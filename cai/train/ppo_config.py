@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.train.loading import HardwareConfig
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(HardwareConfig):
     """The settings of one PPO run: rollout, KL leash, update and checkpoints."""
 
     beta: float = 0.05
@@ -57,8 +58,6 @@ class PPOConfig:
     """AdamW learning rate (LoRA tolerates ~1e-4; full fine-tuning wants ~1e-6–1e-5)."""
     seed: int = 0
     """Run seed: prompt order, sampling and minibatch order derive from it and the step."""
-    bf16: bool = False
-    """bf16 autocast on a GPU that supports it (ignored on CPU)."""
     save_every: int = 25
     """Checkpoint every N steps (0: only at the end); a rerun continues from the last."""
 
@@ -69,6 +68,7 @@ class PPOConfig:
         """Range checks naming the field: those RLOO/GRPO read too, and (`ppo`) PPO's own;
         RLOO and GRPO never read the PPO-only fields, so their defaults (minibatch_size 4)
         must not refuse a small RLOO/GRPO batch."""
+        self.check_hardware()
         checks = [
             (self.beta >= 0 and math.isfinite(self.beta), "beta", "must be a finite number ≥ 0"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),

@@ -22,13 +22,14 @@ from cai.core.data import parse_jsonl
 from cai.core.errors import CaiError, read_text
 from cai.core.records import write_json_atomic
 from cai.core.stage import write_manifest
+from cai.train.loading import HardwareConfig, precision_record
 
 TIES = ("keep", "drop", "weight")
 SOURCES = ("labels", "sl-pairs")
 
 
 @dataclass
-class PreferenceTrainConfig:
+class PreferenceTrainConfig(HardwareConfig):
     """What the preference-trained stages (PM and DPO) share: their data, ties, LoRA and
     schedule fields."""
 
@@ -72,14 +73,13 @@ class PreferenceTrainConfig:
     """Write a resumable checkpoint every N steps (only the latest is kept)."""
     logging_steps: int = 1
     """Append a line to log.jsonl every N steps."""
-    bf16: bool = False
-    """bf16 mixed precision (only on a GPU that supports it; ignored on CPU)."""
     force: bool = False
     """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
 
 def check_common(cfg: Any) -> None:
     """Range checks shared by the PM and DPO configs; each names its field."""
+    cfg.check_hardware()
     checks = [
         (cfg.ties in TIES, "ties", f"must be one of {TIES}"),
         (0 <= cfg.tie_threshold < 0.5, "tie_threshold", "must be in [0, 0.5)"),
@@ -419,8 +419,10 @@ class PreferenceRun:
     def open(cls, cfg: Any, stage: str) -> PreferenceRun:
         """Read and check the inputs, claim the folder (the shared resume rule), split."""
         from cai.train.common import resume_point, start_run
+        from cai.train.loading import check_run_options
 
         t0, out = time.time(), Path(cfg.out)
+        check_run_options(cfg)  # before anything is read or loaded
         rows, counts = load_training_rows(cfg)
         done = start_run(out, cfg, stage)
         if done is not None:
@@ -460,4 +462,4 @@ def save_preference_run(out: Path, stage: str, cfg: Any, result: TrainResult, re
         counts={**counts, **result.counts, "eval": n_eval, "steps": result.steps,
                 "resumed": resumed},
         started=t0, timings={"train": result.seconds}, data=("model.safetensors",),
-        extra={"metrics": summary_metrics(log, report)})
+        extra={"metrics": summary_metrics(log, report), "precision": precision_record(cfg)})

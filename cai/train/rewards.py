@@ -39,7 +39,8 @@ class PMReward:
     `pm_text` of the conversation, the logit at the last real token, in fp32.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 8, device: str | None = None):
+    def __init__(self, path: str | Path, batch_size: int = 8, device: str | None = None,
+                 dtype: str = "float32"):
         import torch
 
         from cai.train.pm import load_reward_model
@@ -50,7 +51,7 @@ class PMReward:
             raise CaiError("not a preference-model folder (no config.json); train one with "
                            "`cai train pm`", str(self.path), "reward")
         self.batch_size = batch_size
-        self.model, self.tok = load_reward_model(self.path)
+        self.model, self.tok = load_reward_model(self.path, dtype)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
@@ -139,9 +140,11 @@ def _prompt_text(prompt: Chat | str) -> str:
 
 
 def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless.yaml",
-                principles: int = 1, seed: int = 0, batch_size: int = 8) -> RewardSource:
+                principles: int = 1, seed: int = 0, batch_size: int = 8,
+                dtype: str = "float32") -> RewardSource:
     """Build the reward a spec names: "pm:PATH" or a bare folder, "judge:MODELSPEC", or
-    "python:MODULE:FUNCTION" / "python:FILE.py:FUNCTION"."""
+    "python:MODULE:FUNCTION" / "python:FILE.py:FUNCTION"; a preference model is held in
+    `dtype` (a `cai.train.loading` dtype name)."""
     spec = spec.strip()
     if spec.startswith("python:"):
         return PythonReward(spec)
@@ -155,7 +158,7 @@ def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless
     if not path or not Path(path).expanduser().is_dir():
         raise CaiError(f"reward folder not found: {path!r} (give pm:PATH to a `cai train pm` "
                        "folder, judge:MODELSPEC or python:FILE.py:FUNCTION)", field="reward")
-    return PMReward(Path(path).expanduser(), batch_size)
+    return PMReward(Path(path).expanduser(), batch_size, dtype=dtype)
 
 
 __all__ = ["RewardSource", "PMReward", "JudgeReward", "PythonReward", "load_reward"]

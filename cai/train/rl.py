@@ -40,6 +40,7 @@ from cai.train.common import (
     rewrite_steps,
     start_run,
 )
+from cai.train.loading import precision_record
 from cai.train.monitors import with_monitors
 from cai.train.ppo_config import PPOConfig
 from cai.train.rewards import RewardSource, load_reward
@@ -175,9 +176,11 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     `reward` overrides `cfg.reward` (a test's toy reward, or a source already loaded).
     """
     from cai.core.data import load_prompts
+    from cai.train.loading import check_run_options
 
     t0 = time.time()
     out = Path(cfg.out)
+    check_run_options(cfg)  # 4-bit without CUDA, a missing reporting tool: before anything
     if cfg.algo != "ppo":
         _trl_vllm_args(cfg)  # an unsupported vLLM is refused before the folder is touched
     if cfg.rollout_engine == "vllm":  # and a model it cannot run
@@ -200,7 +203,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     if reward is None:
         reward = load_reward(cfg.reward, constitution=cfg.constitution,
                              principles=cfg.judge_principles, seed=cfg.seed,
-                             batch_size=cfg.batch_size)
+                             batch_size=cfg.batch_size, dtype=cfg.dtype)
     reward = with_monitors(reward, cfg.monitors, cfg.batch_size, constitution=cfg.constitution,
                            principles=cfg.judge_principles, seed=cfg.seed)
     if cfg.algo == "ppo":
@@ -220,6 +223,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
         counts={"prompts": len(prompts), "steps": len(log), "samples": len(log) * cfg.batch_size},
         started=t0, data=tuple(sorted(p.name for p in out.glob("*.safetensors"))),
         extra={"metrics": metrics, "kl_penalty": KL_PENALTY[cfg.algo],
+               "precision": precision_record(cfg),
                "rollout": _rollout_provenance(cfg),
                "monitors": reward.specs() if hasattr(reward, "specs") else {}})
     write_card(out, "RL-CAI policy",
@@ -279,23 +283,28 @@ def _lora_config(cfg: RLConfig):
 
 def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from cai.core.models import local_path
-    from cai.train.ppo import PPOTrainer
+    from cai.train.loading import load_model, prepare_for_training
+    from cai.train.ppo import PPOTrainer, shards_weights
 
     path = str(local_path(cfg.model))
     accelerator = None
     if _process_group() is not None:
         from accelerate import Accelerator
 
+        # Made before loading: under ZeRO-3 it tells transformers to load partitioned.
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         device = accelerator.device
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(path)
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    policy = load_model(path, cfg, trainable=True, lora=cfg.lora)
+    if not shards_weights(accelerator) and not cfg.load_in_4bit:  # sharded: accelerate places it
+        policy = policy.to(device)
+    reference = load_model(path, cfg, trainable=False)
+    policy = prepare_for_training(policy, cfg, cfg.lora)
     if cfg.lora:
         from peft import get_peft_model
 
@@ -318,9 +327,9 @@ def _rollout_engine(cfg: RLConfig, path: str, tok: Any, chats: list, accelerator
     """The vLLM rollout engine when asked for (None: the trainer samples with its model)."""
     if cfg.rollout_engine != "vllm":
         return None
-    import torch
 
     from cai.backends.chat import ChatFormat
+    from cai.train.loading import resolve_dtype
     from cai.train.ppo import shards_weights
     from cai.train.rollout import VLLMRollout
 
@@ -328,12 +337,10 @@ def _rollout_engine(cfg: RLConfig, path: str, tok: Any, chats: list, accelerator
         raise CaiError("the vLLM rollout engine needs each process to hold the whole policy "
                        "(DDP or ZeRO-2); with FSDP / ZeRO-3 use --rollout-engine hf",
                        field="rollout_engine")
-    cuda = torch.cuda.is_available()
     fmt = ChatFormat(tok)
     # The engine's context: the longest prompt plus the response (a KV cache sized to it).
     max_len = max(len(fmt.encode(fmt.render(c))) for c in chats) + cfg.max_new_tokens
-    return VLLMRollout(path, fmt.stop_ids,
-                       dtype="bfloat16" if cfg.bf16 and cuda else "float32",
+    return VLLMRollout(path, fmt.stop_ids, dtype=str(resolve_dtype(cfg.dtype)).removeprefix("torch."),
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                        sleep=cfg.vllm_sleep, seed=cfg.seed, max_model_len=max_len,
                        external_launcher=accelerator is not None and accelerator.num_processes > 1)
@@ -352,6 +359,13 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     from transformers import AutoTokenizer
 
     from cai.core.models import local_path
+    from cai.train.loading import (
+        model_init_kwargs,
+        report_args,
+        resolve_dtype,
+        tensorboard_dir,
+        trainer_precision,
+    )
 
     if cfg.algo == "grpo":
         from trl import GRPOConfig as TRLConfig
@@ -369,17 +383,23 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.cliprange,
-        num_iterations=1, logging_steps=1, seed=cfg.seed, report_to=[],
+        num_iterations=1, logging_steps=1, seed=cfg.seed, **report_args(cfg),
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
-        bf16=cfg.bf16 and cuda, use_cpu=not cuda, gradient_checkpointing=False,
-        model_init_kwargs={"dtype": "float32"}, disable_dropout=True, lr_scheduler_type="constant",
-        **_trl_vllm_args(cfg),
+        use_cpu=not cuda, **trainer_precision(cfg), gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        model_init_kwargs=model_init_kwargs(cfg, cfg.lora), disable_dropout=True,
+        lr_scheduler_type="constant", **_trl_vllm_args(cfg),
     )
     ds = datasets.Dataset.from_list([{"prompt": c} for c in chats])
     # The model goes in as its saved path: TRL builds the KL reference from that same path.
-    trainer = atomic_trainer(Trainer)(model=path, reward_funcs=reward_fn, args=args,
-                                      train_dataset=ds,
-                                      peft_config=_lora_config(cfg) if cfg.lora else None)
+    with tensorboard_dir(out):
+        trainer = atomic_trainer(Trainer)(model=path, reward_funcs=reward_fn, args=args,
+                                          train_dataset=ds,
+                                          peft_config=_lora_config(cfg) if cfg.lora else None)
+    ref = getattr(trainer, "ref_model", None)
+    if isinstance(ref, torch.nn.Module) and not trainer.is_deepspeed_enabled \
+            and not trainer.is_fsdp_enabled:  # TRL loads it like the fp32 policy; it is frozen
+        ref.to(resolve_dtype(cfg.dtype))
     trainer.train(resume_from_checkpoint=resume_point(out))
     _write_trl_log(trainer.state.log_history, out / LOG, KL_ESTIMATOR[cfg.algo])
     model = trainer.model

@@ -17,12 +17,13 @@ from typing import Any
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
 from cai.core.stage import Input, Output, Stage, register, write_card, write_manifest
+from cai.train.loading import HardwareConfig, precision_record
 
 STAGE = "sft"
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(HardwareConfig):
     """Configuration of `cai train sft`; saved in the model folder's manifest.json."""
 
     data: str = "runs/sl/sft.jsonl"
@@ -55,14 +56,13 @@ class SFTConfig:
     """Log the loss every N steps."""
     seed: int = 0
     """Training seed (data order, LoRA init)."""
-    bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
     save_steps: int = 50
     """Checkpoint every N steps into out/checkpoints; a rerun resumes from the last one."""
     force: bool = False
     """Start clean: a folder holding a run with another config is emptied instead of refused."""
 
     def __post_init__(self) -> None:
+        self.check_hardware()
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length",
                      "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
@@ -130,8 +130,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     clean).
     """
     import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -147,8 +146,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         trainer_args,
         write_log,
     )
+    from cai.train.loading import check_run_options, load_model, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
+    check_run_options(cfg)  # before anything is read or loaded
     rows = load_sft_rows(cfg.data)
     out = Path(cfg.out)
     done = start_run(out, cfg, STAGE, ignore=("save_steps", "logging_steps"))
@@ -162,7 +163,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     if not features:  # checked before the model loads
         raise CaiError(f"every example's prompt fills max_length ({cfg.max_length} tokens), "
                        "leaving no answer token to learn from; raise --max-length", field="max_length")
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
+    model = prepare_for_training(load_model(base, cfg, trainable=True, lora=cfg.lora), cfg,
+                                 cfg.lora)
     args = trainer_args(TRLSFTConfig, cfg, out / CHECKPOINTS, max_length=cfg.max_length,
                         completion_only_loss=True)
     peft_config = None
@@ -172,10 +174,11 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
-    trainer = atomic_trainer(SFTTrainer)(model=model, args=args,
-                                         train_dataset=datasets.Dataset.from_list(features),
-                                         processing_class=tok, peft_config=peft_config,
-                                         callbacks=[log_callback(out / LOG)])
+    with tensorboard_dir(out):
+        trainer = atomic_trainer(SFTTrainer)(model=model, args=args,
+                                             train_dataset=datasets.Dataset.from_list(features),
+                                             processing_class=tok, peft_config=peft_config,
+                                             callbacks=[log_callback(out / LOG)])
     resume = resume_point(out)
     trainer.train(resume_from_checkpoint=resume)
     trained = trainer.model
@@ -193,7 +196,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                               counts={"examples": len(features), "too_long_dropped": too_long,
                                       "steps": trainer.state.global_step},
                               started=t0, data=("model.safetensors",),
-                              extra={"metrics": metrics, "output": str(out)})
+                              extra={"metrics": metrics, "output": str(out),
+                                     "precision": precision_record(cfg)})
     write_card(out, "SL-CAI model", f"`{cfg.model}` fine-tuned on SL-CAI revisions "
                f"({'LoRA, merged' if cfg.lora else 'full'}); load it as the model spec "
                f"`{out}`.", manifest)
