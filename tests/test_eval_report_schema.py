@@ -130,3 +130,27 @@ def test_eval_report_schema_conditions_in_report_and_viewer(tmp_path: Path) -> N
     assert "Benchmark `xstest`" in md
     page = TestClient(create_app([tmp_path]), base_url="http://127.0.0.1").get("/run/0/eval").text
     assert 'id="conditions"' in page and "jb-roleplay" in page and "50.0 %" in page
+
+
+def test_eval_report_schema_pipeline_reads_it(tiny_model: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from cai.pipeline import _eval_summary, load_pipeline_config, plan
+
+    from .conftest import ROOT
+
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data.update(model=str(tiny_model), feedback_model=f"hf:{tiny_model}", out=str(tmp_path / "run"))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    steps = plan(load_pipeline_config(cfg))
+    assert _eval_summary(steps) is None  # no evaluation has run
+    _eval_folder(tmp_path / "run", _old_report())
+    summary = _eval_summary(steps)
+    assert summary["schema_version"] == 1 and summary["conditions"] == []
+    assert summary["elo"] == {"base": 1000.0, "sl-cai": 1061.5}
+    bad = _old_report()
+    del bad["players"]
+    (tmp_path / "run" / "eval" / "report.json").write_text(json.dumps(bad))
+    with pytest.raises(CaiError, match="players"):
+        _eval_summary(steps)

@@ -16,6 +16,13 @@ and best-of-k are judged by the model they were optimised against, and the repor
 so. Refusals are counted with the text check the SL stage uses (`cai.core.text.is_refusal`)
 and, unless turned off, by asking the judge whether each answer declines.
 
+A public benchmark file (`prompts: xstest:FILE`, `cai.core.benchmarks`) is answered by every
+policy too, and its safe/unsafe labels give compliance on unsafe prompts and over-refusal on
+safe ones; test conditions (`conditions`, `cai.evaluate.conditions`: a system prompt,
+jailbreak wrappers) ask the red-team, benign and benchmark prompts again and are reported
+beside the plain condition. report.json goes through its schema
+(`cai.core.eval_report.PolicyEvalReport`).
+
 Best-of-k (rejection sampling) joins as one more player: the base model samples k more
 answers per prompt (independent of the answer it is judged by) and the reward source (a
 preference model) picks the one it scores highest.
