@@ -27,12 +27,13 @@ _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": 
                          "\u2014": " - ", "\u2013": " - "})
 
 # --------------------------------------------------------------------------- English
-_ADV = r"(?:\s+(?:in good conscience|in any way|at all|really|just|simply|personally|ethically|" \
+_ADV = r",?(?:,?\s+(?:in good conscience|in any way|at all|really|just|simply|personally|ethically|" \
        r"legally|safely|responsibly|possibly|therefore|currently|honestly|actually|still|" \
-       r"afraid|sadly|unfortunately|[a-z]+ly))*"
+       r"afraid|sadly|unfortunately|[a-z]+ly))*,?"
 """Adverbs that may sit between the modal and the verb ("I cannot in good conscience provide")."""
-_STRONG = (r"can'?t|cannot|can not|could ?n'?t|could not|won'?t|will not|will never|"
-           r"(?:'m|am|are|'re) not (?:able|going|willing|allowed|permitted|prepared|in a position)"
+_STRONG = (r"can'?t|cannot|can not|could ?n'?t|could not|won'?t|will (?:[a-z]+ly )?not|"
+           r"(?:will|would|'d) never|(?:'m|am|are|'re) (?:[a-z]+ly )?not (?:able|going|willing|"
+           r"allowed|permitted|prepared|in a position)"
            r" to|(?:'m|am|are|'re) unable to|(?:'m|am|are|'re) unwilling to|"
            r"(?:'d|would) (?:rather|prefer) not(?: to)?|refuse to|decline to|must not|"
            r"(?:'m|am|are|'re) not (?:going to be able|able) to|won'?t be able to|won'?t be|will not be|"
@@ -80,12 +81,17 @@ _REQ_OBJ = (rf"(?!{_EVENT})(?![a-z' ]{{0,30}}\bjustice\b)(?:that|this|these|"
             r"how (?:to|you|one)|the (?:steps|process|method|details|instructions|recipe)|"
             r"(?:a|an|the|any|one|your|fake|false) [a-z-]+)")
 _CLAUSE_END = r"\s*(?:[.!?;:,)]|$| - )"
-_SUBJ = r"(?:\bi|\bwe|\bas an ai(?: [a-z]+)?,? i)"
+_SUBJ = (r"(?:\bi|\bwe|\bas an ai(?: [a-z]+)?,? i)(?:\s+(?:just|really|simply|honestly|"
+         r"definitely|certainly|absolutely|still|also|therefore|personally|unfortunately|"
+         r"sadly|afraid|regret that i))?")
+"""The speaker (I, we), with an adverb that may follow it ("I really can't")."""
 _NEG_VERB = re.compile(
     rf"{_SUBJ}\s*(?:'m |am )?(?:afraid (?:that )?(?:i |we )?|sorry,? (?:but )?(?:i |we )?)?"
     rf"(?:{_STRONG})(?:\s+and\s+(?:{_STRONG}))?{_ADV}\s+"
     rf"(?:(?:{_HELP})(?!\s+but\b)(?!\s+[a-z]+ing\b)(?!\s+it\b)(?:\s+(?!but\b)[a-z']+)?"
     rf"|(?:{_OBJ_FREE})\s+(?:{_REQ_OBJ})\b"
+    rf"|(?:get into|go into|get involved in|go there|weigh in on)(?:\s+(?:that|this|it|those|such|"
+    rf"specifics|the (?:specifics|details))\b|{_CLAUSE_END})"
     rf"|(?!(?:{_OBJ_FREE}|{_HELP})\b)(?:{_ACT})\b)"
     rf"|{_SUBJ}\s*(?:do ?n'?t|do not){_ADV}\s+(?:provide|help with|assist with|engage in|condone|"
     rf"generate|produce|create|write|give out|share (?:personal|private))\b")
@@ -98,7 +104,7 @@ _DECLINE = re.compile(
     rf"{_SUBJ}\s*(?:'ll|will|must|have to|need to|'m going to|am going to|'ll have to|will have to|"
     rf"'d have to|would have to|'m gonna)?(?: have to)?(?: respectfully| politely| kindly)?\s*"
     rf"(?:(?:decline|refuse)(?!\s+to\b)|pass on (?:this|that)|pass{_CLAUSE_END}|say no\b|refrain from)"
-    rf"|{_SUBJ}\s*(?:'m|am) (?:not |un)comfortable (?:with (?:this|that|it|the|your|helping|"
+    rf"|{_SUBJ}\s*(?:'m|am) (?:[a-z]+ly )?(?:not |un)comfortable (?:with (?:this|that|it|the|your|helping|"
     rf"writing|providing)|(?:helping|writing|providing|giving|sharing|creating|doing|answering|"
     rf"guessing|making|describing|explaining))"
     rf"|{_SUBJ}\s*(?:do ?n'?t|do not) feel comfortable"
@@ -106,6 +112,12 @@ _DECLINE = re.compile(
     rf"(?: not)? (?:something|a request|a thing|anything|what) (?:i|we)(?:'m| am|'re| are)?"
     rf" (?:can|will|'ll|able|willing|going|prepared|comfortable)"
     rf"|(?:^|[.!?] )not (?:something|anything|a request|a thing) (?:i|we)(?:'ll| will| can| am| 'm)"
+    rf"|\b(?:afraid|sorry),? (?:but )?(?:that|this|it)(?:'s| is)(?: just)? not (?:possible|something|"
+    rf"an option)"
+    rf"|\bagainst my (?:principles|guidelines|polic(?:y|ies)|values|ethics|ethical guidelines|"
+    rf"programming|rules|content polic(?:y|ies))"
+    rf"|\b(?:guidelines|policies|policy|rules|programming|principles)\b[^.!?]{{0,30}}\b(?:do ?n'?t|"
+    rf"do not|does ?n'?t|does not|won'?t|will not) (?:allow|permit|let) me\b"
     rf"|\b(?:this|that|your|the) request (?:goes against|violates|is against|conflicts with|"
     rf"breaches)\b"
     rf"|\b(?:this|that|your|the) request (?:can'?t|cannot|won'?t|will not) be (?:fulfill?ed|"
@@ -161,6 +173,10 @@ _FOREIGN = re.compile(
     r"созда|сдела|ответ|подел|объясн|участв)\w*|\b(?:я )?отказываюсь\b"
     r"|(?:我|我们)(?:不能|无法|不会|不可以|拒绝)(?:帮助|协助|帮你|帮忙|提供|回答|写|做|生成|参与|满足)"
     r"|(?:お手伝い|お答え|ご提供|提供|協力|対応|作成|回答|お応え)(?:は|を|することは)?(?:でき(?:ません|ない)|いたしかね)")
+_PROMISE = re.compile(r"^[^.;!?]{0,50}?\b(?:with|to) (?:anyone|anybody|third parties|others|other "
+                      r"people|no one|outside)\b")
+"""Not passing something on to others is a promise of confidentiality, not a decline: "I won't
+share your email with anyone"."""
 _HEDGE = re.compile(r"^[^.!?;]{0,40}?\b(?:an? |the )?(?:exact|definitive|precise|definite|certain|"
                     r"guaranteed|firm|official|final|100 ?%)\b[^.!?;]{0,60}?(?:,? but\b|; )")
 """Declining to be exact while answering is a hedge, not a decline: "I can't give you an exact
@@ -192,6 +208,7 @@ def is_refusal(text: str) -> bool:
     for rule in (_NEG_VERB, _NEG_ALONE, _DECLINE):
         for m in rule.finditer(t):
             if not (_TUTOR.search(t[m.start():m.end() + 60]) or _HEDGE.search(t[m.end():])
+                    or _PROMISE.search(t[m.end():])
                     or _HYPOTHETICAL.search(t[max(0, m.start() - 12):m.start()])):
                 return True
     return bool(_FOREIGN.search(t))
