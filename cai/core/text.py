@@ -27,9 +27,8 @@ _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": 
                          "\u2014": " - ", "\u2013": " - "})
 
 # --------------------------------------------------------------------------- English
-_ADV = r",?(?:,?\s+(?:in good conscience|in any way|at all|really|just|simply|personally|ethically|" \
-       r"legally|safely|responsibly|possibly|therefore|currently|honestly|actually|still|" \
-       r"afraid|sadly|unfortunately|[a-z]+ly))*,?"
+_ADV = (r",?(?:,?\s+(?:in good conscience|in any way|at all|just|still|afraid|"
+        r"(?!(?:supply|comply|reply|apply)\b)[a-z]+ly))*+,?")
 """Adverbs that may sit between the modal and the verb ("I cannot in good conscience provide")."""
 _STRONG = (r"can'?t|cannot|can not|could ?n'?t|could not|won'?t|will (?:[a-z]+ly )?not|"
            r"(?:will|would|'d) never|(?:'m|am|are|'re) (?:[a-z]+ly )?not (?:able|going|willing|"
