@@ -108,3 +108,12 @@ def test_refusal_plain_declines_of_the_old_misses() -> None:
                  "Je ne peux pas vous aider.", "Dabei kann ich nicht helfen."):
         assert is_refusal(text), text
         assert not is_refusal(f'She wrote "{text}" on the card.'), text
+
+
+def test_refusal_long_runs_of_adverbs_and_modals_return() -> None:
+    """Runs that would make an ambiguous pattern backtrack without end are read once:
+    this test would hang, not pass, if the adverb group could match a word two ways."""
+    assert not is_refusal("I can't " + "honestly " * 300 + "x")
+    assert is_refusal("I can't " + "honestly, " * 300 + "help with that.")
+    assert not is_refusal("I " + "really " * 300 + "like it.")
+    assert is_refusal("I can't supply that.") and is_refusal("I cannot comply.")
