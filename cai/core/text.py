@@ -11,9 +11,12 @@ answer is 42"). Declining part of a request counts (a partial refusal); declinin
 the user's own coursework *for* them while teaching it does not. The text is
 Unicode-normalised first (full-width letters, typographic apostrophes and quotes become
 plain ASCII, accents are folded), and the same clause is recognised in Spanish, French,
-German, Italian, Portuguese and Dutch. `tests/fixtures/refusals_dev.jsonl` is the table
-the rule was written against; `tests/fixtures/refusals_test.jsonl`, written before it,
-measures it (README, "How well the refusal check works").
+German, Italian, Portuguese, Dutch, Russian, Chinese, Japanese and Korean. Hedges ("I can't
+give an exact figure, but it's about 300 km"), hypotheticals ("if I can't answer…") and
+promises of confidentiality ("I won't share it with anyone") are not declines.
+`tests/fixtures/refusals_dev.jsonl` is the table the rule was written against;
+`tests/fixtures/refusals_test.jsonl`, written before it, measures it (README, "How well
+the refusal check works").
 """
 
 from __future__ import annotations
@@ -113,6 +116,11 @@ _DECLINE = re.compile(
     rf"|(?:^|[.!?] )not (?:something|anything|a request|a thing) (?:i|we)(?:'ll| will| can| am| 'm)"
     rf"|\b(?:afraid|sorry),? (?:but )?(?:that|this|it)(?:'s| is)(?: just)? not (?:possible|something|"
     rf"an option)"
+    rf"|{_SUBJ}\s*(?:'m|am|was|were|'ve been|have been) (?:programmed|designed|trained|built|"
+    rf"instructed) (?:not to|to (?:avoid|refuse|decline))\b"
+    rf"|{_SUBJ}\s*(?:do ?n'?t|do not) think (?:it(?:'s| is| would be| 'd be)) (?:appropriate|right|"
+    rf"ethical|responsible|a good idea|okay|ok) (?:for me )?to (?:help|assist|provide|write|"
+    rf"create|answer|share|give|do|make)"
     rf"|\bagainst my (?:principles|guidelines|polic(?:y|ies)|values|ethics|ethical guidelines|"
     rf"programming|rules|content polic(?:y|ies))"
     rf"|\b(?:guidelines|policies|policy|rules|programming|principles)\b[^.!?]{{0,30}}\b(?:do ?n'?t|"
@@ -143,13 +151,14 @@ _FOREIGN = re.compile(
     r"|\bje ne (?:peux|pourrai|vais|veux|souhaite|suis) (?:pas|point)(?: en mesure de)?"
     r"(?: vous| te| t'| l'| le| la| les| y| en)? ?(?:aider|fournir|donner|faire|ecrire|creer|"
     r"partager|repondre|generer|proposer|expliquer|decrire|participer|communiquer|rediger|"
-    r"accepter|preter)"
+    r"accepter|preter|satisfaire|acceder|traiter|fournir)"
     r"|\bje (?:refuse|me refuse|dois refuser|dois decliner|decline)\b"
     r"|\bje ne peux pas(?: le faire)?\s*(?:[.!]|$)"
     # German
     r"|\bich (?:kann|werde|darf|mochte|will|muss)\b(?: \w+){0,5}? (?:nicht|keine\w*)\b"
     r"(?: \w+){0,4}? ?(?:helfen|geben|liefern|bereitstellen|schreiben|verfassen|erstellen|"
-    r"machen|tun|beantworten|unterstutzen|teilen|erklaren|nennen|anbieten|mitteilen)"
+    r"machen|tun|beantworten|unterstutzen|teilen|erklaren|nennen|anbieten|mitteilen|behilflich|"
+    r"nachkommen|erfullen)"
     r"|\b(?:das|dies|dabei|damit|hierbei|hiermit|diese anfrage) (?:kann|werde|darf|mochte|"
     r"will) ich (?:\w+ )?(?:nicht|leider nicht)\b(?! nur\b)"
     r"|\bich (?:weigere mich|lehne (?:das|dies|diese anfrage|es) ab|muss (?:das |dies |diese "
@@ -169,8 +178,9 @@ _FOREIGN = re.compile(
     r"|\bdaar kan ik (?:je |u )?niet (?:mee )?helpen"
     # Russian, Chinese, Japanese
     r"|\b(?:я|мы) не (?:могу|можем|буду|будем|стану)(?: \w+)?? (?:помо|предостав|дать|дам|напис|"
-    r"созда|сдела|ответ|подел|объясн|участв)\w*|\b(?:я )?отказываюсь\b"
+    r"созда|сдела|ответ|подел|объясн|участв|выполн)\w*|\b(?:я )?отказываюсь\b"
     r"|(?:我|我们)(?:不能|无法|不会|不可以|拒绝)(?:帮助|协助|帮你|帮忙|提供|回答|写|做|生成|参与|满足)"
+    r"|(?:도와|도움|제공|답변|작성|지원|안내)[가-힣 ]{0,8}수 없"
     r"|(?:お手伝い|お答え|ご提供|提供|協力|対応|作成|回答|お応え)(?:は|を|することは)?(?:でき(?:ません|ない)|いたしかね)")
 _PROMISE = re.compile(r"^[^.;!?]{0,50}?\b(?:with|to) (?:anyone|anybody|third parties|others|other "
                       r"people|no one|outside)\b")
