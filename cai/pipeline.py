@@ -338,14 +338,19 @@ def _record_prompts(folder: Path, names: tuple[str, ...]) -> set[str]:
 
 def heldout_overlap(steps: list[Step]) -> int | None:
     """How many of the evaluation's prompts a training stage read: from the sl and label
-    records, and the prompts rl was given. None when the run has no evaluation."""
+    records, and the prompts rl was given. Every prompt of every eval set counts, not only
+    the first `limit` the eval stage answered (a held-out set is held out whole), and a
+    benchmark file given to the evaluation counts too. None when the run has no evaluation."""
+    from cai.core.benchmarks import load_benchmark
     from cai.core.data import load_prompts
 
     ev = next((s for s in steps if s.is_eval), None)
     if ev is None:
         return None
     eval_texts = {it.prompt for name in ev.prompt_fields()
-                  for it in load_prompts(getattr(ev.config, name), limit=ev.config.limit)}
+                  for it in load_prompts(getattr(ev.config, name))}
+    if getattr(ev.config, "prompts", None):
+        eval_texts |= {b.prompt for b in load_benchmark(ev.config.prompts)}
     seen: set[str] = set()
     for step in steps:
         if step.stage in TRAINING_FILES:
@@ -353,6 +358,21 @@ def heldout_overlap(steps: list[Step]) -> int | None:
         if step.stage == "rl":
             seen |= {it.prompt for it in load_prompts(step.config.prompts, limit=step.config.limit)}
     return len(eval_texts & seen)
+
+
+def _eval_summary(steps: list[Step]) -> dict[str, Any] | None:
+    """The policy evaluation's headline numbers for pipeline.json, read through the
+    report's schema (`cai.core.eval_report`); None when the run has no policy evaluation."""
+    from cai.core.eval_report import PolicyEvalReport
+
+    ev = next((s for s in steps if s.stage == "eval"), None)
+    rep = PolicyEvalReport.read(ev.folder) if ev is not None else None
+    if rep is None:
+        return None
+    return {"schema_version": rep.schema_version,
+            "elo": {p: e.rating for p, e in rep.elo.get("overall", {}).items()},
+            "over_refusal": rep.over_refusal,
+            "conditions": [c.name for c in rep.conditions]}
 
 
 # --------------------------------------------------------------------------- caching
@@ -485,6 +505,10 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
         _say(f"{n}/{len(steps)} {step.key}: done in {seconds:.0f} s")
     if state["prompt_split"]:
         state["prompt_split"]["overlap"] = heldout_overlap(steps)
+    summary = _eval_summary(steps)
+    if summary:
+        state["eval"] = summary
+        _say("eval: overall Elo " + ", ".join(f"{k} {v:.0f}" for k, v in summary["elo"].items()))
     state["finished"] = time.time()
     state["seconds"] = round(time.time() - t_run, 2)
     write_json_atomic(state_path, state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai.core.eval_report import PolicyEvalReport
 from cai.core.records import write_text_atomic
 from cai.core.results import Example, PreferenceEval
 from cai.core.results import read_json as _json
@@ -97,71 +98,85 @@ def _pm(root: Path) -> list[str]:
     return lines
 
 
-def _elo_rows(table: dict[str, Any]) -> dict[str, tuple[Any, Any, Any]]:
-    out = {}
-    for name, v in (table or {}).items():
-        if isinstance(v, dict):
-            lo, hi = (v.get("interval") or [None, None])[:2]
-            out[name] = (v.get("rating"), lo, hi)
-    return out
-
-
 def _policies(root: Path) -> list[str]:
-    rep = _json(root / "eval" / "report.json")
-    if not rep:
+    rep = PolicyEvalReport.read(root / "eval")
+    if rep is None:
         return []
     lines = ["## Policies", ""]
-    judge = rep.get("judge_model")
-    lines += [f"Evaluation judge: `{judge}`" + (
-        f" — **{rep['judge_note']}** (give the evaluation a judge of its own: `eval.judge_model` in "
-        "the pipeline config, `--judge` on `cai eval policies`)." if rep.get("judge_note")
-        else f"; the labeller was `{rep.get('labeller')}`."), ""]
-    psets = rep.get("principle_sets") or {}
-    if psets:
+    lines += [f"Evaluation judge: `{rep.judge_model}`" + (
+        f" — **{rep.judge_note}** (give the evaluation a judge of its own: `eval.judge_model` in "
+        "the pipeline config, `--judge` on `cai eval policies`)." if rep.judge_note
+        else f"; the labeller was `{rep.labeller}`."), ""]
+    if rep.principle_sets:
         column = {"red_team": "Elo red-team and harmless win rate",
                   "helpful": "Elo helpful and helpful win rate"}
         lines += ["Principle set behind each column: "
-                  + "; ".join(f"{column.get(s, s)}: {v.get('set')} (`{v.get('source')}`, "
-                              f"{len(v.get('principles') or [])} principles, K = {v.get('k')} "
-                              "per pair)" for s, v in psets.items())
+                  + "; ".join(f"{column.get(s, s)}: {v.set} (`{v.source}`, "
+                              f"{len(v.principles)} principles, K = {v.k} per pair)"
+                              for s, v in rep.principle_sets.items())
                   + "; overall Elo pools both.", ""]
-    elo = rep.get("elo") or {}
-    sets = {k: _elo_rows(elo.get(k)) for k in ("overall", "red_team", "helpful")}
-    if sets["overall"]:
-        wins = rep.get("win_rate_vs_field") or {}
+    overall = rep.elo.get("overall", {})
+    if overall:
+        wins = rep.win_rate_vs_field
         rows = []
-        for name, (r, lo, hi) in sorted(sets["overall"].items(), key=lambda kv: -(kv[1][0] or 0)):
-            rows.append([name, round(r, 1) if r is not None else None,
-                         f"[{_fmt(lo, 0)}, {_fmt(hi, 0)}]",
-                         (sets["red_team"].get(name) or (None,))[0],
-                         (sets["helpful"].get(name) or (None,))[0],
-                         (wins.get("harmlessness") or {}).get(name),
-                         (wins.get("helpfulness") or {}).get(name)])
+        for name, e in sorted(overall.items(), key=lambda kv: -kv[1].rating):
+            lo, hi = rep.interval("overall", name)
+            rows.append([name, round(e.rating, 1), f"[{_fmt(lo, 0)}, {_fmt(hi, 0)}]",
+                         rep.rating("red_team", name), rep.rating("helpful", name),
+                         wins.get("harmlessness", {}).get(name),
+                         wins.get("helpfulness", {}).get(name)])
         lines += ["Elo from pairwise AI-judge comparisons in both orders (95 % bootstrap interval "
-                  "over prompts); win rates are against all other models (red-team prompts for "
-                  "harmlessness, helpful prompts for helpfulness):", ""]
+                  "over prompts, resampled within each prompt set); win rates are against all "
+                  "other models (red-team prompts for harmlessness, helpful prompts for "
+                  "helpfulness):", ""]
         lines += _table(["model", "Elo", "95 % interval", "Elo red-team", "Elo helpful",
                          "harmless win rate", "helpful win rate"], rows)
-    refusal = rep.get("refusal") or {}
-    if refusal:
-        judged = rep.get("refusal_judged") or {}
+    if rep.refusal:
+        judged = rep.refusal_judged or {}
         lines += ["Refusal rates (over-refusal = refusing a benign request that merely sounds "
-                  "sensitive). Pattern: the text check `cai.core.text.is_refusal` (Unicode-normalised; "
-                  "its accuracy on a labelled table is printed by the tests)"
+                  "sensitive). Pattern: the text check `cai.core.text.is_refusal` (its accuracy "
+                  "on a held-out labelled table is in the README)"
                   + ("; judge: the evaluation judge asked whether each answer declines "
                      "(P > ½)." if judged else "."), ""]
         header = ["model", "over-refusal (benign), pattern", "refusal (red-team), pattern",
                   "refusal (helpful), pattern"]
         if judged:
             header += ["over-refusal (benign), judge", "refusal (red-team), judge"]
-        lines += _table(header, [[k, v.get("benign"), v.get("red_team"), v.get("helpful")]
+        lines += _table(header, [[k, v.benign, v.red_team, v.helpful]
                                  + ([(judged.get(k) or {}).get("benign"),
                                      (judged.get(k) or {}).get("red_team")] if judged else [])
-                                 for k, v in refusal.items()])
+                                 for k, v in rep.refusal.items()])
+    lines += _conditions(rep)
     for png, title in (("elo.png", "Elo"), ("reward_vs_sqrt_kl.png", "reward vs sqrt(KL)")):
         if (root / "eval" / png).exists():
             lines += [f"![{title}](eval/{png})", ""]
     return lines
+
+
+def _conditions(rep: PolicyEvalReport) -> list[str]:
+    """Benchmark compliance and over-refusal, and each test condition beside the plain one."""
+    if not rep.by_condition or (rep.benchmark is None and len(rep.by_condition) < 2):
+        return []
+    lines = ["### Test conditions" + (" and benchmark" if rep.benchmark else ""), ""]
+    if rep.benchmark:
+        b = rep.benchmark
+        lines += [f"Benchmark `{b.format}` (`{b.path}`): {b.unsafe} unsafe prompts (answering "
+                  f"one is compliance) and {b.safe} safe ones (declining one is over-refusal).", ""]
+    judged = any(r.judge for per in rep.by_condition.values() for r in per.values())
+    header = ["condition", "model", "unsafe compliance", "safe over-refusal",
+              "red-team refusal", "benign over-refusal"]
+    if judged:
+        header += ["unsafe compliance, judge", "safe over-refusal, judge"]
+    rows = []
+    for cond, per in rep.by_condition.items():
+        for name, r in per.items():
+            rows.append([cond, name, r.pattern.unsafe_compliance, r.pattern.safe_over_refusal,
+                         r.pattern.red_team_refusal, r.pattern.over_refusal]
+                        + ([r.judge.unsafe_compliance if r.judge else None,
+                            r.judge.safe_over_refusal if r.judge else None] if judged else []))
+    lines += ["Rates by the text check (and by the judge where asked); every prompt answered "
+              "once per condition, answers in `eval/conditions.jsonl`:", ""]
+    return lines + _table(header, rows)
 
 
 def _prompt_split(root: Path) -> list[str]:

@@ -24,6 +24,8 @@ class PromptItem:
     category: str = ""
     truncated: bool = False
     """The prompt text was cut to fit a model's context (a stage's `overlong: truncate`)."""
+    system: str = ""
+    """A system prompt sent before it (an evaluation's test condition); empty: none."""
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,18 @@ def best_of_pick(scores: list[float]) -> int:
 # --------------------------------------------------------------------------- answers
 
 
-def _chat(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
+def _chat(prompt: str, system: str = "") -> list[dict[str, str]]:
+    return [*([{"role": "system", "content": system}] if system else []),
+            {"role": "user", "content": prompt}]
 
 
-def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int) -> str:
-    """An answer's id: the model's identity, the prompt, the sampling (seed included) and
-    the sample index; never the set or the model's name, so renaming reuses answers."""
-    return record_id("policy-response", identity, prompt, gcfg.as_dict(), sample)
+def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int,
+                system: str = "") -> str:
+    """An answer's id: the model's identity, the prompt (and a test condition's system
+    prompt), the sampling (seed included) and the sample index; never the set or the
+    model's name, so renaming reuses answers."""
+    return record_id("policy-response", identity, prompt, gcfg.as_dict(), sample,
+                     *([system] if system else []))
 
 
 @dataclass
@@ -82,12 +86,13 @@ class AnswerTask(ModelTask):
         # coupled draws, and a judge's win rate over coupled pairs is not the win rate of
         # independently sampled answers (two near-identical models would also tie by giving
         # the very same text).
-        reqs = [GenRequest(_chat(it.prompt), "",
-                           derive_seed(self.seed, "policy-response", self.identity, it.prompt, s)
+        reqs = [GenRequest(_chat(it.prompt, it.system), "",
+                           derive_seed(self.seed, "policy-response", self.identity, it.prompt, s,
+                                       *([it.system] if it.system else []))
                            % 2**31) for _, it, s in chunk]
         return [{"id": rid, "model": self.identity, "prompt": it.prompt, "sample": s,
                  "text": g.text, "finish": g.finish_reason, "sampling": self.gcfg.as_dict(),
-                 "seed": self.seed}
+                 "seed": self.seed, **({"system": it.system} if it.system else {})}
                 for (rid, it, s), g in zip(chunk, self.replica().generate(reqs, self.gcfg))]
 
 
@@ -102,7 +107,8 @@ def generate_answers(policies: dict[str, str], base: str, k: int, store: JsonlSt
         # Sample 0 is the answer a policy is judged by; the best-of-k base also draws
         # samples 1..k, independent of it, so best-of-k never ties its base by reusing it.
         samples = range(k + 1) if name == base else range(1)
-        planned = {response_id(ident, it.prompt, gcfg, s): (it, s) for it in prompts for s in samples}
+        planned = {response_id(ident, it.prompt, gcfg, s, it.system): (it, s)
+                   for it in prompts for s in samples}
         todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
         new[name] = 0
         if not todo:

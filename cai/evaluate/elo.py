@@ -124,12 +124,16 @@ def expected_score(rating_a: float, rating_b: float) -> float:
 def bootstrap_intervals(games: Sequence[Game], n_boot: int = 1000, seed: int = 0,
                         alpha: float = 0.05, models: Sequence[str] | None = None,
                         groups: Sequence[Hashable] | None = None, base: float = 1000.0,
-                        prior: float = PRIOR) -> dict[str, tuple[float, float]]:
+                        prior: float = PRIOR, strata: Sequence[Hashable] | None = None
+                        ) -> dict[str, tuple[float, float]]:
     """Percentile (1 − alpha) intervals of each Elo rating over bootstrap resamples.
 
     Games are drawn with replacement. With `groups` (one key per game, e.g. the prompt)
     whole groups are drawn instead: the games of one prompt share its difficulty, so
-    resampling them one by one would make the intervals too narrow.
+    resampling them one by one would make the intervals too narrow. With `strata` (one key
+    per game, constant within a group, e.g. the prompt set) groups are drawn within each
+    stratum, each keeping its size: a pooled rating over two prompt sets then never rests
+    on a resample that happens to hold mostly one of them.
     """
     _check(games)
     if n_boot < 1:
@@ -151,11 +155,25 @@ def bootstrap_intervals(games: Sequence[Game], n_boot: int = 1000, seed: int = 0
     else:
         g = np.arange(len(games))
         n_units = len(games)
+    layers = [np.arange(n_units)]
+    if strata is not None:
+        if len(strata) != len(games):
+            raise ValueError("one stratum key per game")
+        of_unit: dict[int, Hashable] = {}
+        for unit, key in zip(g.tolist(), strata):
+            if of_unit.setdefault(unit, key) != key:
+                raise ValueError("a group spans two strata")
+        order: dict[Hashable, list[int]] = {}
+        for unit in range(n_units):
+            order.setdefault(of_unit[unit], []).append(unit)
+        layers = [np.array(u, dtype=np.int64) for u in order.values()]
     full_wins, full_n = _tables(i, j, s, m)
     x0 = _fit(full_wins, full_n, prior)
     draws = np.empty((n_boot, m))
     for b in range(n_boot):
-        counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units))
+        counts = np.zeros(n_units, dtype=np.int64)
+        for units in layers:
+            counts[units] = rng.multinomial(len(units), np.full(len(units), 1.0 / len(units)))
         wins, n = _tables(i, j, s, m, counts[g].astype(float))
         x = _fit(wins, n, prior, x0)
         draws[b] = base + ELO_SCALE * (x - x[0])

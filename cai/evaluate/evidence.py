@@ -66,10 +66,12 @@ def pm_calibration(path: str | Path) -> dict[str, Any]:
 
 def elo_block(games: list[Game], groups: list[tuple[str, str]], players: list[str],
               n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Each player's Elo, its 95 % bootstrap interval (over `groups`) and its game count."""
+    """Each player's Elo, its 95 % bootstrap interval and its game count. Groups are
+    (set, prompt id): prompts are resampled within each prompt set, so a block pooling
+    sets keeps each set's share in every resample."""
     ratings = elo_ratings(games, players)
-    ci = (bootstrap_intervals(games, n_boot, seed, 0.05, players, groups) if n_boot and games
-          else {})
+    ci = (bootstrap_intervals(games, n_boot, seed, 0.05, players, groups,
+                              strata=[g[0] for g in groups]) if n_boot and games else {})
     count = {p: sum(p in (a, b) for a, b, _ in games) for p in players}
     return {p: {"rating": ratings[p], "interval": list(ci[p]) if p in ci else None,
                 "games": count[p]} for p in players}

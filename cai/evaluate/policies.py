@@ -16,6 +16,13 @@ and best-of-k are judged by the model they were optimised against, and the repor
 so. Refusals are counted with the text check the SL stage uses (`cai.core.text.is_refusal`)
 and, unless turned off, by asking the judge whether each answer declines.
 
+A public benchmark file (`prompts: xstest:FILE`, `cai.core.benchmarks`) is answered by every
+policy too, and its safe/unsafe labels give compliance on unsafe prompts and over-refusal on
+safe ones; test conditions (`conditions`, `cai.evaluate.conditions`: a system prompt,
+jailbreak wrappers) ask the red-team, benign and benchmark prompts again and are reported
+beside the plain condition. report.json goes through its schema
+(`cai.core.eval_report.PolicyEvalReport`).
+
 Best-of-k (rejection sampling) joins as one more player: the base model samples k more
 answers per prompt (independent of the answer it is judged by) and the reward source (a
 preference model) picks the one it scores highest.
@@ -34,6 +41,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +51,12 @@ import numpy as np
 from cai.backends import GenerationConfig, load_backend
 from cai.constitution import Constitution, load
 from cai.core import usage
+from cai.core.benchmarks import describe, load_benchmark
 from cai.core.data import PairItem, PromptItem, load_prompts
 from cai.core.errors import CaiError
+from cai.core.eval_report import SCHEMA_VERSION, Benchmark, PolicyEvalReport
 from cai.core.models import model_identity
-from cai.core.records import JsonlStore, file_sha256, write_json_atomic, write_text_atomic
+from cai.core.records import JsonlStore, file_sha256, write_text_atomic
 from cai.core.stage import (
     Engine,
     EngineFields,
@@ -68,6 +78,9 @@ from cai.evaluate.answers import (
     response_id,
     reward_identity,
 )
+from cai.evaluate.conditions import parse_conditions
+from cai.evaluate.conditions import plan as plan_conditions
+from cai.evaluate.conditions import results as condition_results
 from cai.evaluate.elo import Game, win_rate_matrix, win_rate_vs_field
 from cai.evaluate.evidence import elo_block, elo_plot, pm_calibration, rl_plot, rl_points
 from cai.judge import JudgeConfig, JudgeTask, label_id, label_stats
@@ -100,6 +113,15 @@ class PoliciesEvalConfig(EngineFields):
     """Helpful prompts: answers judged for helpfulness."""
     benign: str = "benign_sensitive"
     """Benign requests that sound sensitive: refusing them is over-refusal."""
+    prompts: str | None = None
+    """A public benchmark file as FORMAT:FILE (xstest, harmbench, advbench, donotanswer,
+    strongreject: `cai.core.benchmarks`): every policy answers it, and the report gives
+    compliance on its unsafe prompts and over-refusal on its safe ones."""
+    conditions: str = field(default="", metadata={"flag": "--condition"})
+    """Test conditions, comma-separated, each asking the red-team, benign and benchmark
+    prompts again: safety-system (a safety system prompt), system:FILE, jb-roleplay,
+    jb-refusal-suppression, jb-prefix-injection, jb-hypothetical (the project's jailbreak
+    wrappers, `cai.evaluate.conditions`). Reported beside the plain condition."""
     limit: int | None = None
     """Use only the first N prompts of each set."""
     feedback_model: str = "embedded:smollm2-135m"
@@ -264,6 +286,8 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     # Bad input fails here, before the folder is claimed or any model loads.
     sets = {name: load_prompts(getattr(cfg, name), limit=cfg.limit) for name in SETS}
+    bench = load_benchmark(cfg.prompts, limit=cfg.limit) if cfg.prompts else []
+    conditions = parse_conditions(cfg.conditions)
     c = load(cfg.constitution)
     judge = cfg.judge
     judge.check_principles(c)
@@ -298,9 +322,19 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     store = JsonlStore(root / "responses.jsonl")
     new_answers = generate_answers(cfg.policies(), cfg.base(), cfg.best_of_k if cfg.best_of() else 0,
                                    store, unique, gcfg, engine, cfg.chunk_size)
+    # Benchmark prompts and every test condition: the policies only (no best-of-k samples).
+    asked = plan_conditions(conditions, sets, bench)
+    extra = list({(a.applied.item.prompt, a.applied.item.system): a.applied.item
+                  for a in asked}.values())
+    for name, n in generate_answers(cfg.policies(), "", 0, store, extra, gcfg, engine,
+                                    cfg.chunk_size).items():
+        new_answers[name] += n
     responses = {r["id"]: r for r in store}
     answers = {n: {it.prompt: responses[response_id(identities[n], it.prompt, gcfg, 0)]["text"]
                    for it in unique} for n in policies}
+
+    def answer_of(n: str, it: PromptItem) -> str:
+        return responses[response_id(identities[n], it.prompt, gcfg, 0, it.system)]["text"]
     timings["generate"] = round(time.time() - t, 2)
 
     # 2. best-of-k
@@ -360,17 +394,22 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                    "red_team": refusal_rate(texts[n]["red_team"]),
                    "red_team_bare": refusal_rate(texts[n]["red_team"], bare=True),
                    "helpful": refusal_rate(texts[n]["helpful"])} for n in players}
-    refusal_judged = None
+    refusal_judged, p_dec = None, None
     if cfg.refusal_judge and not cfg.judge_spec().startswith("python:"):
         t = time.time()
         items = [(it.prompt, answers[n][it.prompt]) for n in players for s in SETS for it in sets[s]]
+        items += [(a.applied.original, answer_of(n, a.applied.item)) for n in policies for a in asked]
         p_dec = judge_refusals(cfg.judge_spec(), root, list(dict.fromkeys(items)), judge_id, engine,
                                cfg.chunk_size)
         refusal_judged = {n: {s: (float(np.mean([p_dec[(it.prompt, answers[n][it.prompt])] > 0.5
                                                   for it in sets[s]])) if sets[s] else None)
                               for s in SETS} for n in players}
         timings["refusal_judge"] = round(time.time() - t, 2)
+    by_condition, condition_rows = condition_results(asked, list(policies), answer_of, p_dec)
+    write_text_atomic(root / "conditions.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in condition_rows))
     report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "players": players,
         "models": identities,
         "feedback_model": judge_id,  # the model that judged (the key's meaning since v1)
@@ -398,20 +437,28 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         "win_rate_hard": {JUDGED[s]: win_rate_matrix(games[s], players, hard=True) for s in JUDGED},
         "win_rate_vs_field": {JUDGED[s]: win_rate_vs_field(games[s], players) for s in JUDGED},
         "refusal": refusal,
-        "refusal_detector": "pattern: cai.core.text.is_refusal (Unicode-normalised; "
-                            "tests/fixtures/refusals.jsonl measures it)",
+        "refusal_detector": "pattern: cai.core.text.is_refusal (Unicode-normalised; measured on "
+                            "the held-out tests/fixtures/refusals_test.jsonl, README)",
         "refusal_judged": refusal_judged,
         "over_refusal": {n: refusal[n]["benign"] for n in players},
         "games": {s: len(games[s]) for s in JUDGED},
         "identical_answers": sum(g.label is None for g in planned),
         "judge_stats": label_stats(list(labels.values())),
-        "bootstrap": {"n": cfg.n_boot, "unit": "prompt", "alpha": 0.05},
+        "bootstrap": {"n": cfg.n_boot, "unit": "prompt", "alpha": 0.05, "within": "prompt set"},
+        "benchmark": (Benchmark(**describe(str(cfg.prompts)),
+                                safe=sum(b.label == "safe" for b in bench),
+                                unsafe=sum(b.label == "unsafe" for b in bench),
+                                categories=dict(Counter(b.category for b in bench if b.category)))
+                      if bench else None),
+        "conditions": conditions,
+        "by_condition": by_condition,
     }
     if rl is not None:
         report["rl"] = rl
     if pm is not None:
         report["pm"] = pm
-    write_json_atomic(root / "report.json", report)
+    typed = PolicyEvalReport.from_json(report, str(root / "report.json"))
+    typed.write(root / "report.json")
     elo_plot(elo, root / "elo.png")
     if rl and rl["points"]:
         rl_plot(rl, root / "reward_vs_sqrt_kl.png")
@@ -426,11 +473,15 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                "elo_helpfulness": {n: v["rating"] for n, v in elo["helpful"].items()},
                "over_refusal": report["over_refusal"],
                "red_team_refusal": {n: refusal[n]["red_team"] for n in players}}
+    if bench or len(conditions) > 1:
+        metrics["by_condition"] = {c: {n: r.pattern.model_dump() for n, r in per.items()}
+                                   for c, per in by_condition.items()}
     if pm is not None:
         metrics["pm_ece"] = pm.get("ece")
     roles = {**identities, "feedback": labeller_id, "judge": judge_id,
              **({"reward": picks_reward(picks)} if bok else {})}
-    counts = {**{f"prompts_{s}": len(sets[s]) for s in SETS},
+    counts = {**{f"prompts_{s}": len(sets[s]) for s in SETS}, "prompts_benchmark": len(bench),
+              "conditions": len(conditions), "condition_answers": len(asked) * len(policies),
               "prompts_unique": len(unique),
               "new_answers": sum(new_answers.values()), "new_reward_scores": new_scores,
               "games": len(planned), "comparisons": len(pairs),
@@ -440,8 +491,10 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         constitution=c.stamp.as_dict(), models=roles, counts=counts, started=t0,
         timings=timings, data=("report.json", "comparisons.jsonl", "responses.jsonl"),
         extra={"metrics": metrics, "tokens": usage.since(tokens),
-               "inputs_resolved": {s: _source(getattr(cfg, s)) for s in SETS},
-               "prompt_ids": {s: [it.id for it in sets[s]] for s in SETS}})
+               "inputs_resolved": {**{s: _source(getattr(cfg, s)) for s in SETS},
+                                   **({"prompts": describe(str(cfg.prompts))} if bench else {})},
+               "prompt_ids": {**{s: [it.id for it in sets[s]] for s in SETS},
+                              **({"benchmark": [b.id for b in bench]} if bench else {})}})
     ranked = sorted(players, key=lambda n: -elo["overall"][n]["rating"])
     write_card(root, "Policy evaluation",
                f"{len(players)} players ({', '.join(players)}) answered {len(unique)} prompts; "
@@ -470,6 +523,7 @@ register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                        Input("reward", "reward", missing="none"),
                        Input("pm_eval", "pm-eval"), Input("rl_log", "rl-log")),
                outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
+                        "conditions.jsonl",
                         "comparisons.jsonl", "games.jsonl", "best_of_k.jsonl", "rewards.jsonl"),
                positional=("models",), command="eval policies", pipeline=True,
                constitution_parts=("rl", "helpfulness")))

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Any
 
+from cai.core.errors import CaiError
+from cai.core.eval_report import PolicyEvalReport
 from cai.core.results import Example, PreferenceEval
 from cai.view.runs import Run, read_json_in, read_jsonl_in
 
@@ -70,16 +72,21 @@ def evaluation(run: Run, key: str | None = None) -> dict[str, Any] | None:
     s = run.pick("eval", key)
     if s is None:
         return None
-    rep = read_json_in(s, "report.json") or {}
-    elo = rep.get("elo") or {}
+    error = None
+    try:  # read only inside the run, then through the one schema
+        raw = read_json_in(s, "report.json")
+        rep = (PolicyEvalReport.from_json(raw, str(s.path / "report.json")) if raw is not None
+               else PolicyEvalReport(players=[]))
+    except CaiError as exc:  # the page still shows the games; the error says what is wrong
+        rep, error = PolicyEvalReport(players=[]), str(exc)
     table = []
-    for name, v in sorted((elo.get("overall") or {}).items(),
-                          key=lambda kv: -((kv[1] or {}).get("rating") or 0)):
-        lo, hi = ((v or {}).get("interval") or [None, None])[:2]
-        table.append({"model": name, "rating": v.get("rating"), "lo": lo, "hi": hi,
-                      "red_team": ((elo.get("red_team") or {}).get(name) or {}).get("rating"),
-                      "helpful": ((elo.get("helpful") or {}).get(name) or {}).get("rating"),
-                      "refusal": (rep.get("refusal") or {}).get(name) or {}})
+    for name, v in sorted(rep.elo.get("overall", {}).items(), key=lambda kv: -kv[1].rating):
+        lo, hi = rep.interval("overall", name)
+        refusal = rep.refusal.get(name)
+        table.append({"model": name, "rating": v.rating, "lo": lo, "hi": hi,
+                      "red_team": rep.rating("red_team", name),
+                      "helpful": rep.rating("helpful", name),
+                      "refusal": refusal.model_dump() if refusal else {}})
     comparisons = {r["id"]: r for r in read_jsonl_in(s, "comparisons.jsonl") if "id" in r}
     examples = {(e.set, e.prompt_id): e for e in (Example.read_all(s.path)
                                                   if s.file("examples.jsonl") is not None else [])}
@@ -111,8 +118,9 @@ def evaluation(run: Run, key: str | None = None) -> dict[str, Any] | None:
         for m, cands in item.pop("_cands").items():
             if m not in item["answers"] and len(cands) == 1:
                 item["answers"][m] = next(iter(cands))
-    return {"key": s.key, "report": rep, "table": table, "prompts": list(prompts.values()),
-            "players": rep.get("players") or [t["model"] for t in table],
+    return {"key": s.key, "report": rep, "report_error": error, "table": table,
+            "prompts": list(prompts.values()),
+            "players": rep.players or [t["model"] for t in table],
             "pngs": run.pngs(s.path)}
 
 
