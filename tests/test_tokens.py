@@ -63,7 +63,7 @@ def test_tokens_openai_counts_locally_when_the_server_gives_no_usage() -> None:
         server.shutdown()
 
 
-def test_tokens_price_option_gives_cost_and_stays_out_of_identity() -> None:
+def test_tokens_price_option_gives_cost_and_stays_out_of_identity(tmp_path: Path) -> None:
     spec = "openai:http://127.0.0.1:9/v1#m?usd_per_mtok_in=1.5&usd_per_mtok_out=6"
     assert model_identity(spec) == model_identity("openai:http://127.0.0.1:9/v1#m")
     assert usage.parse_price({"usd_per_mtok_in": "1.5", "usd_per_mtok_out": "6"}) == (1.5, 6.0)
@@ -81,8 +81,10 @@ def test_tokens_price_option_gives_cost_and_stays_out_of_identity() -> None:
     assert "usd" not in got["free-model"]
     assert usage.total(got) == {"prompt_tokens": 2_000_010, "completion_tokens": 500_003,
                                 "usd": pytest.approx(6.0)}
-    r = subprocess.run([CAI, "label", "--pairs", "x.jsonl", "--constitution", str(MINIMAL),
-                        "--principles", "2", "--feedback-model",
+    pairs = tmp_path / "x.jsonl"  # a real input: the bad price is the one thing wrong
+    pairs.write_text(json.dumps({"prompt": "q", "response_a": "a", "response_b": "b"}) + "\n")
+    r = subprocess.run([CAI, "label", "--pairs", str(pairs), "--constitution", str(MINIMAL),
+                        "--principles", "2", "--out", str(tmp_path / "out"), "--feedback-model",
                         "embedded:smollm2-135m?usd_per_mtok_out=cheap"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "usd_per_mtok_out" in r.stderr and "Traceback" not in r.stderr
