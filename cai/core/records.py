@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from cai.core.errors import CaiError
 
@@ -69,6 +69,19 @@ class Record(BaseModel):
     id: str
     stage: str
     provenance: Provenance
+
+
+class OptionalFields(BaseModel):
+    """Leaves out of the stored record the later fields that are unset (`OPTIONAL`), so the
+    records of the inputs and modes that never set them keep their exact bytes."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for name in getattr(self, "OPTIONAL", ()):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 # ---------------------------------------------------------------------------- jsonl store
