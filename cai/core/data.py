@@ -86,6 +86,18 @@ def with_system(item: PromptItem, system_prompt: str | None) -> PromptItem:
                                               *rest))
 
 
+def split_weight(spec: str) -> tuple[str, float | None]:
+    """`PATH:WEIGHT` as (PATH, WEIGHT); (spec, None) when it has no numeric tail or names an
+    existing path as a whole."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head or Path(spec).exists():
+        return spec, None
+    try:
+        return head, float(tail)
+    except ValueError:
+        return spec, None
+
+
 def _text_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
 
