@@ -4,6 +4,7 @@ through `datasets.load_dataset` (files this test writes; never the network)."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import subprocess
@@ -347,3 +348,26 @@ def test_load_dataset_offline_and_uncached_is_one_line_exit_2(tmp_path: Path) ->
     assert "cai-test-nobody/no-such-set" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- viewer
+
+
+def test_conversation_viewer_shows_the_earlier_turns(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from cai.view import create_app
+
+    folder = tmp_path / "sl"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"stage": "sl", "counts": {}}))
+    base = {"category": "", "initial": "x", "rounds": [], "final": "y", "filters": [],
+            "flags": [], "keep": True}
+    _write(folder / "data.jsonl", [
+        {**base, "id": "r1", "prompt_id": "c", "prompt": U2["content"], "context": [SYSTEM, U1, A1]},
+        {**base, "id": "r2", "prompt_id": "s", "prompt": "One <b>turn</b>."}])
+    page = TestClient(create_app([folder]), base_url="http://127.0.0.1").get("/run/0/sl").text
+    assert page.count('class="label turn"') == 3
+    for m in (SYSTEM, U1):
+        assert f'class="text turn turn-{m["role"]}">{html.escape(m["content"])}</div>' in page
+    assert "That sounds tiring." in page and "One &lt;b&gt;turn&lt;/b&gt;." in page
