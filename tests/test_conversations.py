@@ -4,7 +4,6 @@ through `datasets.load_dataset` (files this test writes; never the network)."""
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import os
 import subprocess
@@ -354,6 +353,7 @@ def test_load_dataset_offline_and_uncached_is_one_line_exit_2(tmp_path: Path) ->
 
 
 def test_conversation_viewer_shows_the_earlier_turns(tmp_path: Path) -> None:
+    from markupsafe import escape
     from starlette.testclient import TestClient
 
     from cai.view import create_app
@@ -369,5 +369,5 @@ def test_conversation_viewer_shows_the_earlier_turns(tmp_path: Path) -> None:
     page = TestClient(create_app([folder]), base_url="http://127.0.0.1").get("/run/0/sl").text
     assert page.count('class="label turn"') == 3
     for m in (SYSTEM, U1):
-        assert f'class="text turn turn-{m["role"]}">{html.escape(m["content"])}</div>' in page
+        assert f'class="text turn turn-{m["role"]}">{escape(m["content"])}</div>' in page
     assert "That sounds tiring." in page and "One &lt;b&gt;turn&lt;/b&gt;." in page
