@@ -19,6 +19,7 @@ from cai.sl import SLConfig, run_sl
 from cai.templates import JUDGE_PREFIX, judge_chat
 
 from .conftest import MINIMAL
+from .test_eval_policies import models  # noqa: F401, F811 - a fixture
 from .test_sl import Recording as _Recording
 
 CAI = str(Path(sys.executable).with_name("cai"))
@@ -371,3 +372,28 @@ def test_conversation_viewer_shows_the_earlier_turns(tmp_path: Path) -> None:
     for m in (SYSTEM, U1):
         assert f'class="text turn turn-{m["role"]}">{escape(m["content"])}</div>' in page
     assert "That sounds tiring." in page and "One &lt;b&gt;turn&lt;/b&gt;." in page
+
+
+def test_system_prompt_and_conversations_in_policy_evaluation(models, tmp_path: Path) -> None:  # noqa: F811
+    from cai.evaluate.policies import run_policies_eval
+
+    from .test_eval_policies import _config
+
+    red = _write(tmp_path / "red.jsonl", [{"id": "c", "messages": CONVERSATION}])
+
+    def responses(name: str, **kw) -> list[dict]:
+        run_policies_eval(_config(models, tmp_path / name, red_team=str(red), limit=1,
+                                  best_of_k=0, reward=None, refusal_judge=False, **kw))
+        return _lines(tmp_path / name / "responses.jsonl")
+
+    plain = responses("plain")
+    conv = [r for r in plain if r["prompt"] == U2["content"]]
+    assert len(conv) == 2 and all(r["context"] == [SYSTEM, U1, A1] for r in conv)
+    assert all("context" not in r for r in plain if r["prompt"] != U2["content"])
+    sp = {"role": "system", "content": "Answer in one sentence."}
+    with_sp = responses("sp", system_prompt=sp["content"])
+    assert all(r["context"][0] == sp for r in with_sp)
+    assert [r["context"] for r in with_sp if r["prompt"] == U2["content"]] == [[sp, U1, A1]] * 2
+    assert not {r["id"] for r in with_sp} & {r["id"] for r in plain}  # the system turn is in the id
+    manifest = json.loads((tmp_path / "sp" / "manifest.json").read_text())
+    assert manifest["config"]["system_prompt"] == sp["content"]
