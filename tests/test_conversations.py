@@ -397,3 +397,18 @@ def test_system_prompt_and_conversations_in_policy_evaluation(models, tmp_path: 
     assert not {r["id"] for r in with_sp} & {r["id"] for r in plain}  # the system turn is in the id
     manifest = json.loads((tmp_path / "sp" / "manifest.json").read_text())
     assert manifest["config"]["system_prompt"] == sp["content"]
+
+
+def test_conversation_pairs_file_takes_a_message_list_prompt(tmp_path: Path) -> None:
+    from cai.core.data import load_pairs
+
+    p = _write(tmp_path / "pairs.jsonl", [
+        {"prompt": CONVERSATION, "response_a": "Earplugs.", "response_b": "Poison it."},
+        {"prompt": [U1, A1, U2], "response_a": "Earplugs.", "response_b": "Poison it."},
+        {"prompt": U2["content"], "response_a": "Earplugs.", "response_b": "Poison it."}])
+    a, b, c = load_pairs(p)
+    assert a.context == (SYSTEM, U1, A1) and a.prompt == U2["content"] and c.context == ()
+    assert len({a.id, b.id, c.id}) == 3  # ids hash the whole conversation
+    q = _write(tmp_path / "bad.jsonl", [{"prompt": [SYSTEM], "response_a": "x", "response_b": "y"}])
+    with pytest.raises(CaiError, match=r"bad\.jsonl:1: prompt: .*user turn"):
+        load_pairs(q)
