@@ -412,3 +412,16 @@ def test_conversation_pairs_file_takes_a_message_list_prompt(tmp_path: Path) -> 
     q = _write(tmp_path / "bad.jsonl", [{"prompt": [SYSTEM], "response_a": "x", "response_b": "y"}])
     with pytest.raises(CaiError, match=r"bad\.jsonl:1: prompt: .*user turn"):
         load_pairs(q)
+
+
+def test_conversation_judge_reward_rates_the_answer_after_every_turn(tiny_backend) -> None:
+    from cai.train.rewards import JudgeReward
+
+    rec = ScoreRecording(tiny_backend)
+    reward = JudgeReward("tiny", constitution=MINIMAL, principles=1, backend=rec)
+    scores = reward.score([CONVERSATION, [U2]], ["Earplugs.", "Earplugs."])
+    assert len(scores) == 2 and all(1 <= s <= 10 for s in scores)
+    conv, one = (req.chat[0]["content"] for req in rec.calls[0])
+    assert (f"System: {SYSTEM['content']}\n\nHuman: {U1['content']}\n\nAssistant: "
+            f"{A1['content']}\n\nHuman: {U2['content']}\n\nAssistant: Earplugs.") in conv
+    assert f"Human: {U2['content']}\n\nAssistant: Earplugs." in one and "System:" not in one
