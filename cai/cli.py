@@ -395,14 +395,27 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
 
 @app.command("export")
 @user_errors
-def export_cmd(file: Path, out: Path = typer.Option(..., "--out"),
+def export_cmd(file: Path, out: Optional[Path] = typer.Option(None, "--out"),  # noqa: UP045
                fmt: str = typer.Option("disk", "--format", help="disk (save_to_disk) or parquet"),
                overwrite: bool = typer.Option(False, "--overwrite",
-                                              help="Replace an existing --out.")) -> None:
-    """Export a stage's data.jsonl to a `datasets` folder or a parquet file."""
-    from cai.core.records import export
+                                              help="Replace an existing --out."),
+               push: Optional[str] = typer.Option(  # noqa: UP045
+                   None, "--push-to-hub", metavar="REPO",
+                   help="Upload to this Hub dataset repo, the stage's card as README.md."),
+               private: bool = typer.Option(False, "--private",
+                                            help="With --push-to-hub: a private repo.")) -> None:
+    """Export a stage's data.jsonl (FILE: the file or its stage folder) to a `datasets`
+    folder, a parquet file, or the Hugging Face Hub."""
+    from cai.core.records import export, push_to_hub
 
-    typer.echo(str(export(file, out, fmt, overwrite=overwrite)))
+    if out is None and push is None:
+        raise CaiError("give --out (a folder or parquet file) or --push-to-hub REPO", field="out")
+    if private and push is None:
+        raise CaiError("--private applies only with --push-to-hub", field="private")
+    if out is not None:
+        typer.echo(str(export(file, out, fmt, overwrite=overwrite)))
+    if push is not None:
+        typer.echo(push_to_hub(file, push, private))
 
 
 @app.command("demo")

@@ -26,6 +26,7 @@ and the judge reward all judge through it, and it registers no stage of its own.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -67,7 +68,13 @@ from cai.verdict import ask, parse_verdict
 def pair_key(pair: PairItem) -> tuple[str, str, str]:
     """An order-free key: the same for (a, b) and (b, a)."""
     a, b = sorted((pair.response_a, pair.response_b))
-    return (pair.prompt, a, b)
+    key = pair.key()
+    return (key if isinstance(key, str) else json.dumps(key, ensure_ascii=False), a, b)
+
+
+def seen(pair: PairItem) -> str | list[dict[str, str]]:
+    """What the judge is shown as the conversation: the prompt, or every turn of it."""
+    return pair.key()
 
 
 def _softmax2(x: float, y: float) -> float:
@@ -99,8 +106,8 @@ def _plan(pairs: list[PairItem], c: Constitution, cfg: JudgeConfig, seed: int) -
             for o in orders:
                 first, second = ((pair.response_a, pair.response_b) if o == "ab"
                                  else (pair.response_b, pair.response_a))
-                chat = (verdict_chat(pair.prompt, first, second, p, cfg.layout, cfg.reason_first)
-                        if cfg.mode == "verdict" else judge_chat(pair.prompt, first, second, p, cfg.layout))
+                chat = (verdict_chat(seen(pair), first, second, p, cfg.layout, cfg.reason_first)
+                        if cfg.mode == "verdict" else judge_chat(seen(pair), first, second, p, cfg.layout))
                 # The parts travel with the chat for function judges (`python:` specs).
                 question = JudgeQuestion(pair.prompt, first, second, p.text,
                                          f"pair {pair.id!r}, principle {p.id}, order {o}")
@@ -211,7 +218,7 @@ def p_response_a(js: list[Judgement]) -> float:
 def label_id(pair: PairItem, c: Constitution, model: str, cfg: JudgeConfig, seed: int) -> str:
     """A label's id hashes the pair, the constitution, the judge's identity, the method and
     the seed; never speed options, so a rerun with a bigger batch skips finished pairs."""
-    return record_id(LABEL, pair.prompt, pair.response_a, pair.response_b, c.hash, model,
+    return record_id(LABEL, pair.key(), pair.response_a, pair.response_b, c.hash, model,
                      cfg.method(), seed)
 
 
@@ -263,7 +270,8 @@ def _finish(pair: PairItem, js: list[Judgement], scores: dict[str, float] | None
         rejected=pair.response_b if a_wins else pair.response_a,
         p_chosen=p_a if a_wins else 1 - p_a, judgements=js, scores=scores,
         rating_mass=rating_mass, rating_prompts=rating_prompts, flags=flags,
-        choice_tokens=tokens, policy=policy)
+        choice_tokens=tokens, policy=policy,
+        context=[dict(m) for m in pair.context] if pair.context else None)
 
 
 RATINGS = tuple(str(i) for i in range(1, 10))
@@ -298,7 +306,7 @@ def _score_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
     for i, pair in enumerate(pairs):
         for p in sample_rl_principles(c, cfg.principles, seed, *pair_key(pair)):
             for side, resp in (("a", pair.response_a), ("b", pair.response_b)):
-                reqs.append(ScoreRequest(rating_chat(pair.prompt, resp, p), RATING_PREFIX))
+                reqs.append(ScoreRequest(rating_chat(seen(pair), resp, p), RATING_PREFIX))
                 index.append((i, side))
     ratings, mass = rating_distribution(backend, reqs)
     out = []
@@ -326,9 +334,10 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
         assert count is not None  # only called once the backend said it can count
         return count(chat, prefix) or 0
 
-    def longest(texts: tuple[str, ...], ps: list[RLPrinciple]) -> int:
+    def longest(texts: tuple[str, ...], ps: list[RLPrinciple], context: tuple = ()) -> int:
         """Tokens the longest request for these texts needs under principles `ps`."""
-        prompt, a, b = texts
+        text, a, b = texts
+        prompt = PairItem("", text, a, b, context=context).key()
         if cfg.mode == "score":  # a rating is read after "Rating: " and after "Rating: 1"
             return max(n(rating_chat(prompt, r, p), RATING_PREFIX + "1")
                        for p in ps for r in (a, b)) + 1
@@ -341,19 +350,26 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
                     + cfg.cot_max_new_tokens + 3)
         return max(n(ch, JUDGE_PREFIX) for ch in chats) + 1
 
-    def needed(texts: tuple[str, ...]) -> int:
-        key = pair_key(PairItem("", *texts))
-        return longest(texts, sample_rl_principles(c, cfg.principles, seed, *key))
+    def fit(pair: PairItem) -> tuple[str, ...] | None:
+        # A conversation's earlier turns are kept whole; only the last turn and the two
+        # responses are cut (and no shortcut: the earlier turns count too).
+        def needed(texts: tuple[str, ...]) -> int:
+            item = PairItem("", *texts, context=pair.context)
+            return longest(texts, sample_rl_principles(c, cfg.principles, seed, *pair_key(item)),
+                           pair.context)
+
+        t = (pair.prompt, pair.response_a, pair.response_b)
+        return fit_texts(t, needed, limit, state, None if pair.context else base)
 
     limit, count = context_of(backend)
     if limit is None or count is None:
         return pairs
     state.limit = limit
     base = longest(("", "", ""), c.rl_principles)  # any principle, empty texts
-    texts = [(pair.prompt, pair.response_a, pair.response_b) for pair in pairs]
-    fitted = [fit_texts(t, needed, limit, state, base) for t in texts]
-    return [pair if cut == t else PairItem(pair.id, *cut, truncated=True)
-            for pair, t, cut in zip(pairs, texts, fitted) if cut is not None]
+    fitted = [(pair, fit(pair)) for pair in pairs]
+    return [pair if cut == (pair.prompt, pair.response_a, pair.response_b)
+            else PairItem(pair.id, *cut, truncated=True, context=pair.context)
+            for pair, cut in fitted if cut is not None]
 
 
 @dataclass

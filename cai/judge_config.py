@@ -12,11 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, model_serializer
-
 from cai.constitution import Constitution
 from cai.core.errors import CaiError
-from cai.core.records import Record
+from cai.core.records import OptionalFields, Record
 from cai.templates import LAYOUTS
 
 LABEL = "label"
@@ -129,17 +127,7 @@ class JudgeConfig:
                            f"{len(c.rl_principles)}", field="judge.principles")
 
 
-class _Optional(BaseModel):
-    """Leaves out of the stored record the later fields that are unset (`OPTIONAL`), so the
-    records of the modes that never set them keep their exact bytes."""
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for name in getattr(self, "OPTIONAL", ()):
-            if out.get(name) is None:
-                out.pop(name, None)
-        return out
+_Optional = OptionalFields
 
 
 class Judgement(_Optional):
@@ -177,7 +165,7 @@ class Judgement(_Optional):
 class LabelRecord(Record, _Optional):
     """A soft AI preference label for one pair."""
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("panel",)
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("panel", "context")
 
     pair_id: str
     prompt: str
@@ -201,6 +189,8 @@ class LabelRecord(Record, _Optional):
     policy: str | None = None
     panel: dict[str, float] | None = None
     """A panel's label: each judge's p(a ≻ b), by model identity."""
+    context: list[dict[str, str]] | None = None
+    """The conversation's earlier turns before `prompt` (absent for a one-turn prompt)."""
 
 
 __all__ = ["LABEL", "MODES", "ORDERS", "COT_CLAMP", "JudgeConfig", "Judgement", "LabelRecord"]

@@ -19,7 +19,7 @@ from cai.backends import Backend, GenerationConfig, load_resolved
 from cai.backends.base import OVERLONG_MODES, Overlong
 from cai.constitution import read
 from cai.core import usage
-from cai.core.data import load_pairs, read_prompts
+from cai.core.data import HF_PREFIX, PROMPT_FORMATS, dialogue, load_pairs, read_prompts
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
 from cai.core.records import write_text_atomic
@@ -74,7 +74,11 @@ class LabelConfig(EngineFields):
     limit: int | None = None
     """Label only the first N pairs (or prompts)."""
     text_field: str = "prompt"
-    """Field holding the prompt text when reading prompts."""
+    """Field holding the prompt text when reading prompts (a row with `messages` is a
+    conversation: its final answers are compared given every turn)."""
+    prompt_format: str = "plain"
+    """How the prompt field is read: "plain" (one user turn) or "hh" (a "Human: ...
+    Assistant: ..." transcript; a final assistant turn is dropped, as the policy answers)."""
     seed: int = 0
     """Run seed: principle draws, order draws and policy samples derive from it."""
     chunk_size: int = 32
@@ -96,7 +100,9 @@ class LabelConfig(EngineFields):
                   (self.chunk_size >= 1, "chunk_size", "must be at least 1"),
                   ((self.pairs is None) != (self.prompts is None), "pairs",
                    "give exactly one of --pairs or --prompts"),
-                  (self.prompts is None or self.policy, "policy", "--prompts needs --policy")]
+                  (self.prompts is None or self.policy, "policy", "--prompts needs --policy"),
+                  (self.prompt_format in PROMPT_FORMATS, "prompt_format",
+                   f"must be one of {PROMPT_FORMATS}")]
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
@@ -111,7 +117,8 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
     judge = cfg.judge
     # Input files first, in one place (a bare name picks a shipped file, said on stderr).
     constitution_file = resolve(cfg.constitution, "constitutions")
-    prompts_file = resolve(cfg.prompts, "prompts") if cfg.prompts else None
+    prompts_file = (None if not cfg.prompts else cfg.prompts
+                    if cfg.prompts.startswith(HF_PREFIX) else resolve(cfg.prompts, "prompts"))
     c = read(constitution_file)
     judge.check_principles(c)
     panel = [resolve_spec(m) for m in judge.models]
@@ -126,7 +133,8 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         stage = StageDir(cfg.out, STAGE)
     else:
         assert prompts_file is not None and policy_model is not None
-        prompts = read_prompts(prompts_file, cfg.text_field, cfg.limit, cfg.prompts)
+        prompts = read_prompts(prompts_file, cfg.text_field, cfg.limit, cfg.prompts,
+                               cfg.prompt_format)
         stage = StageDir(cfg.out, STAGE)
         sampling = Sampling(cfg.responses_per_prompt,
                             GenerationConfig(cfg.max_new_tokens, cfg.policy_temperature, 1.0,
@@ -150,7 +158,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
         judges = {"feedback": backend.identity}
     # A label whose judge gave no verdict at all is kept (flagged) but trains nothing.
     usable = [r for r in labels.records if "no-verdict" not in r["flags"]]
-    prefs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+    prefs = [{"id": r["id"], "prompt": dialogue(r.get("context") or (), r["prompt"]),
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}],
               "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in usable]

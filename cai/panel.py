@@ -78,7 +78,8 @@ def judge_panel(pairs: list[PairItem], c: Constitution, members: list[Backend], 
             chosen=pair.response_a if a_wins else pair.response_b,
             rejected=pair.response_b if a_wins else pair.response_a,
             p_chosen=p_a if a_wins else 1 - p_a, judgements=js, flags=flags, policy=policy,
-            panel={m: r.p_a for m, r in zip(ids, recs)}))
+            panel={m: r.p_a for m, r in zip(ids, recs)},
+            context=[dict(m) for m in pair.context] if pair.context else None))
     return out
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.backends import GenerationConfig, GenRequest, load_resolved, release
 from cai.backends.base import Overlong, context_of, fit_texts
 from cai.core.chunks import run_chunks
-from cai.core.data import PairItem, PromptItem
+from cai.core.data import PairItem, PromptItem, dialogue
 from cai.core.models import ResolvedSpec
 from cai.core.records import JsonlStore, record_id
 from cai.core.seeds import derive_seed
@@ -55,7 +56,7 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
     planned: dict[str, tuple[PromptItem, int]] = {}
     for item in prompts:
         for s in range(sampling.responses):
-            rid = record_id("response", item.prompt, policy_id, gcfg.as_dict(), sampling.seed, s)
+            rid = record_id("response", item.key(), policy_id, gcfg.as_dict(), sampling.seed, s)
             planned[rid] = (item, s)
     todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
     if todo:
@@ -66,27 +67,37 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
             # are skipped or cut per `overlong.mode`; a cut prompt keeps its response ids.
             overlong.limit = limit
 
-            def needed(texts: tuple[str, ...]) -> int:
-                assert count is not None
-                return (count([{"role": "user", "content": texts[0]}], "") or 0) + gcfg.max_new_tokens + 2
+            def needs(context: tuple) -> Callable[[tuple[str, ...]], int]:
+                def needed(texts: tuple[str, ...]) -> int:
+                    assert count is not None
+                    return ((count(dialogue(context, texts[0]), "") or 0)
+                            + gcfg.max_new_tokens + 2)
+                return needed
 
-            base = needed(("",))
+            base = needs(())(("",))
+
+            def fit(it: PromptItem) -> tuple[str, ...] | None:
+                # A conversation's earlier turns are kept; only the turn to answer is cut.
+                return fit_texts((it.prompt,), needs(it.context), limit, overlong,
+                                 None if it.context else base)
+
             fitted: dict[str, PromptItem | None] = {}
             for _, it, _ in todo:
                 if it.id not in fitted:
-                    cut = fit_texts((it.prompt,), needed, limit, overlong, base)
+                    cut = fit(it)
                     fitted[it.id] = (None if cut is None else it if cut[0] == it.prompt
                                      else dataclasses.replace(it, prompt=cut[0], truncated=True))
             overlong.warn("prompts (policy)")
             todo = [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
 
         def generate(chunk: list[Planned]) -> list[dict]:
-            reqs = [GenRequest([{"role": "user", "content": it.prompt}], "",
+            reqs = [GenRequest(it.conversation(), "",
                                derive_seed(sampling.seed, it.id, s) % 2**31) for _, it, s in chunk]
             return [{"id": rid, "prompt_id": it.id, "prompt": it.prompt, "sample": s,
                      "text": g.text, "finish": g.finish_reason, "model": policy_id,
                      "sampling": gcfg.as_dict(), "seed": sampling.seed,
-                     **({"truncated": True} if it.truncated else {})}
+                     **({"truncated": True} if it.truncated else {}),
+                     **({"context": it.conversation()[:-1]} if it.context else {})}
                     for (rid, it, s), g in zip(chunk, policy.generate(reqs, gcfg))]
 
         run_chunks(todo, sampling.chunk_size, generate, store, total=len(planned),
@@ -104,7 +115,8 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
             # The prompt the policy saw: cut to its context when it was truncated.
             pairs.append(PairItem(f"{item.id}:{x['sample']}-{y['sample']}", x["prompt"],
                                   x["text"], y["text"],
-                                  truncated=bool(x.get("truncated") or y.get("truncated"))))
+                                  truncated=bool(x.get("truncated") or y.get("truncated")),
+                                  context=tuple(x.get("context") or ())))
     return pairs
 
 

@@ -22,9 +22,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
@@ -33,9 +34,9 @@ from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
 from cai.constitution import Constitution, load, sample_sl_principle
 from cai.core import usage
 from cai.core.chunks import Engine, EngineFields, run_chunks
-from cai.core.data import PromptItem, load_prompts
+from cai.core.data import PROMPT_FORMATS, PromptItem, dialogue, load_prompts, with_system
 from cai.core.errors import CaiError
-from cai.core.records import Provenance, Record, record_id, write_text_atomic
+from cai.core.records import OptionalFields, Provenance, Record, record_id, write_text_atomic
 from cai.core.seeds import derive_seed
 from cai.core.stage import Input, Output, Stage, StageDir, register, write_card, write_manifest
 from cai.core.text import is_bare_refusal, normalise
@@ -64,7 +65,14 @@ class SLConfig(EngineFields):
     limit: int | None = None
     """Use only the first N prompts."""
     text_field: str = "prompt"
-    """Field holding the prompt text in the input."""
+    """Field holding the prompt text in the input (a row with `messages` is a conversation:
+    its last user turn is answered with every earlier turn in context)."""
+    prompt_format: str = "plain"
+    """How the prompt field is read: "plain" (one user turn) or "hh" (a "Human: ...
+    Assistant: ..." transcript; a final assistant turn is dropped, as the model answers)."""
+    system_prompt: str | None = None
+    """System prompt for the model's conversations (replacing any system turn in the data);
+    recorded in each record's provenance and kept in the SFT data."""
     few_shot: int | None = None
     """How many of the constitution's worked examples to show; default all."""
     max_new_tokens: int = 192
@@ -109,6 +117,8 @@ class SLConfig(EngineFields):
             (0 <= self.temperature <= 100, "temperature", "must be from 0 to 100"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.overlong in OVERLONG_MODES, "overlong", f"must be one of {OVERLONG_MODES}"),
+            (self.prompt_format in PROMPT_FORMATS, "prompt_format",
+             f"must be one of {PROMPT_FORMATS}"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -132,13 +142,16 @@ class SLRound(BaseModel):
     revision_finish: str = "stop"
 
 
-class SLRecord(Record):
+class SLRecord(Record, OptionalFields):
     """Everything one prompt went through in the SL stage."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("context",)
 
     kind: str = "red-team"
     """"red-team" (critiqued and revised) or "helpful" (plain response for the SFT mix)."""
     prompt_id: str
     prompt: str
+    """The user turn answered (the last one of a conversation)."""
     category: str = ""
     sample: int = 0
     initial: str
@@ -150,6 +163,9 @@ class SLRecord(Record):
     flags: list[str]
     """Observations that do not drop the record (e.g. "bare-refusal")."""
     keep: bool
+    context: list[dict[str, str]] | None = None
+    """The conversation's earlier turns before `prompt` (system, user, assistant); absent
+    for a one-turn prompt."""
 
 
 # --------------------------------------------------------------------------- quality
@@ -242,10 +258,13 @@ def _to_record(w: _Work, c: Constitution, cfg: SLConfig, model: str) -> SLRecord
         id=w.rid, stage=STAGE, kind=w.kind,
         provenance=Provenance(constitution=c.stamp.as_dict(), model=model,
                               sampling={**gcfg.as_dict(), "few_shot": cfg.few_shot,
-                                        "item_seed": w.seed}, seed=cfg.seed),
+                                        "item_seed": w.seed,
+                                        **({"system_prompt": cfg.system_prompt}
+                                           if cfg.system_prompt else {})}, seed=cfg.seed),
         prompt_id=w.item.id, prompt=w.item.prompt, category=w.item.category, sample=w.sample,
         initial=w.initial.text, initial_finish=w.initial.finish_reason, rounds=w.rounds,
-        final=final, filters=filters, flags=flags, keep=not filters)
+        final=final, filters=filters, flags=flags, keep=not filters,
+        context=[dict(m) for m in w.item.context] if w.item.context else None)
 
 
 def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds: int,
@@ -270,9 +289,11 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
     crit = longest([p.critique for p in c.sl_principles]) if n_rounds else ""
     rev = longest([p.revision for p in c.sl_principles]) if n_rounds else ""
 
-    def needed(texts: tuple[str, ...]) -> int:
-        convo = (SLConversation.start(c, texts[0], cfg.few_shot) if kind == "red-team"
-                 else SLConversation([{"role": "user", "content": texts[0]}]))
+    def needs(context: tuple) -> Callable[[tuple[str, ...]], int]:
+        return lambda texts: needed(texts, context)
+
+    def needed(texts: tuple[str, ...], context: tuple = ()) -> int:
+        convo = _conversation(c, texts[0], context, cfg.few_shot, kind)
         if not n_rounds:
             return (count(convo.history, "") or 0) + gen
         convo.respond("")
@@ -287,11 +308,22 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
     base = needed(("",))
     out = []
     for item in items:
-        fitted = fit_texts((item.prompt,), needed, limit, state, base)
+        # A conversation's earlier turns are kept whole; only the turn to answer is cut.
+        fitted = fit_texts((item.prompt,), needs(item.context), limit, state,
+                           None if item.context else base)
         if fitted is not None:
             out.append(item if fitted[0] == item.prompt
                        else dataclasses.replace(item, prompt=fitted[0], truncated=True))
     return out
+
+
+def _conversation(c: Constitution, prompt: str, context: tuple, few_shot: int | None,
+                  kind: str) -> SLConversation:
+    """The chat a prompt starts from; helpful prompts get a plain conversation, with no
+    constitution examples before them."""
+    if kind == "red-team":
+        return SLConversation.start(c, prompt, few_shot, context)
+    return SLConversation(dialogue(context, prompt))
 
 
 def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, rounds: int,
@@ -302,12 +334,10 @@ def plan(items: list[PromptItem], c: Constitution, cfg: SLConfig, model: str, ro
     for item in items:
         for s in range(cfg.samples_per_prompt if kind == "red-team" else 1):
             n_rounds = rounds if kind == "red-team" else 0
-            rid = record_id(STAGE, kind, item.prompt, c.hash, model, gcfg, cfg.few_shot,
+            rid = record_id(STAGE, kind, item.key(), c.hash, model, gcfg, cfg.few_shot,
                             n_rounds, cfg.seed, s)
             seed = derive_seed(cfg.seed, item.id, s) % 2**31
-            # Helpful prompts get a plain conversation: no constitution examples before them.
-            convo = (SLConversation.start(c, item.prompt, cfg.few_shot) if kind == "red-team"
-                     else SLConversation([{"role": "user", "content": item.prompt}]))
+            convo = _conversation(c, item.prompt, item.context, cfg.few_shot, kind)
             work.append(_Work(item, s, rid, seed, convo, kind))
     return work
 
@@ -342,8 +372,12 @@ def run_sl(cfg: SLConfig, backend: Backend | None = None) -> dict[str, Any]:
                        f"{c.path} (sl.few_shot); give 0 to {len(c.few_shot)}, or leave it unset "
                        "for all", field="few_shot")
     rounds = cfg.rounds or c.spec.sl.rounds
-    items = load_prompts(cfg.prompts, cfg.text_field, cfg.limit)
-    helpful = load_prompts(cfg.helpful_prompts, cfg.text_field) if cfg.helpful_prompts else []
+    items = [with_system(it, cfg.system_prompt)
+             for it in load_prompts(cfg.prompts, cfg.text_field, cfg.limit, cfg.prompt_format)]
+    helpful = ([with_system(it, cfg.system_prompt)
+                for it in load_prompts(cfg.helpful_prompts, cfg.text_field,
+                                       prompt_format=cfg.prompt_format)]
+               if cfg.helpful_prompts else [])
     stage = StageDir(cfg.out, STAGE)  # claimed and test-written before any model loads
     assert stage.store is not None
     backend = backend or load_backend(cfg.model)
@@ -400,12 +434,14 @@ def write_outputs(root: Path, records: list[dict], seed: int,
     counts["kept"] = len(kept)
 
     def chat(r: dict, text: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": text}]
+        # The whole conversation, the answer last: SFT's loss falls on that answer only.
+        return dialogue(r.get("context") or (), r["prompt"]) + [
+            {"role": "assistant", "content": text}]
 
     sft = [{"id": r["id"], "kind": r["kind"], "messages": chat(r, r["final"])}
            for r in kept + helpful]
     random.Random(seed).shuffle(sft)
-    pairs = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+    pairs = [{"id": r["id"], "prompt": dialogue(r.get("context") or (), r["prompt"]),
               "chosen": [{"role": "assistant", "content": r["final"]}],
               "rejected": [{"role": "assistant", "content": r["initial"]}], "p_chosen": 1.0}
              for r in kept]

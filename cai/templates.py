@@ -54,8 +54,13 @@ class SLConversation:
     history: Chat
 
     @classmethod
-    def start(cls, c: Constitution, prompt: str, few_shot: int | None = None) -> SLConversation:
-        return cls(few_shot_turns(c, few_shot) + [_user(prompt)])
+    def start(cls, c: Constitution, prompt: str, few_shot: int | None = None,
+              context: Chat | tuple = ()) -> SLConversation:
+        """The worked examples, then the conversation up to the user turn to answer; a
+        system turn stays first, where chat templates require it."""
+        system = [dict(m) for m in context if m["role"] == "system"]
+        rest = [dict(m) for m in context if m["role"] != "system"]
+        return cls(system + few_shot_turns(c, few_shot) + rest + [_user(prompt)])
 
     def respond(self, response: str) -> None:
         self.history.append(_assistant(response))
@@ -85,7 +90,18 @@ VERDICT_ASK_REASONED = ("First compare the two replies in a few sentences. Then 
                         "line of the form \"Answer: (A)\" or \"Answer: (B)\".")
 
 
-def judge_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
+SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+
+def transcript(prompt: str | Chat) -> str:
+    """The conversation as the judge reads it: "Human: ..." for one turn, every turn
+    ("System:", "Human:", "Assistant:") for a conversation."""
+    if isinstance(prompt, str):
+        return f"Human: {prompt}"
+    return "\n\n".join(f"{SPEAKERS[m['role']]}: {m['content']}" for m in prompt)
+
+
+def judge_chat(prompt: str | Chat, first: str, second: str, principle: RLPrinciple,
                layout: str = "options-first", ask: str = "Answer with (A) or (B).") -> Chat:
     """The multiple-choice question put to the feedback model for one order.
 
@@ -96,7 +112,7 @@ def judge_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
     line: how the judge should answer (a letter to be scored, or a written verdict).
     """
     conversation = ("Consider this conversation between a human and an AI assistant.\n\n"
-                    f"Human: {prompt}")
+                    + transcript(prompt))
     options = f"Options:\n(A) {first}\n(B) {second}"
     if layout == "options-first":
         body = (f"{conversation}\n\nHere are two possible replies from the assistant.\n\n"
@@ -108,7 +124,7 @@ def judge_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
     return [_user(body)]
 
 
-def verdict_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
+def verdict_chat(prompt: str | Chat, first: str, second: str, principle: RLPrinciple,
                  layout: str = "options-first", reasoning: bool = False) -> Chat:
     """Verdict mode: the same question, answered in writing (a judge that gives no
     log-probs); with `reasoning` the judge compares the replies before it chooses."""
@@ -116,11 +132,11 @@ def verdict_chat(prompt: str, first: str, second: str, principle: RLPrinciple,
                       VERDICT_ASK_REASONED if reasoning else VERDICT_ASK)
 
 
-def rating_chat(prompt: str, response: str, principle: RLPrinciple) -> Chat:
+def rating_chat(prompt: str | Chat, response: str, principle: RLPrinciple) -> Chat:
     """Direct-score mode: ask for a 1–10 rating of one response under a principle."""
     return [_user(
         "Consider this conversation between a human and an AI assistant.\n\n"
-        f"Human: {prompt}\n\nAssistant: {response}\n\n"
+        f"{transcript(prompt)}\n\nAssistant: {response}\n\n"
         f"With this question in mind: {principle.text}\n"
         "Rate the assistant's reply from 1 (worst) to 10 (best). Reply with the number only."
     )]

@@ -149,6 +149,10 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
                        where or None, name)
     if value is None:
         return None
+    if isinstance(value, list) and list[str] in typing.get_args(hints[name]):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise CaiError(f"expected a list of names, got {short(value)}", where or None, name)
+        return list(value)
     tp = _base_type(hints[name])
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _nested(tp, name, value, where)

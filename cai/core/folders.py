@@ -145,8 +145,9 @@ def check_out_over_inputs(out: str | Path, cfg: Any, fields: Sequence[str]) -> N
     cache), before any work: a stage writing there would replace the input it reads."""
     from cai.core.models import cache_root
 
-    found = [(name, p) for name in fields if isinstance(getattr(cfg, name, None), str)
-             for p in _spec_paths(getattr(cfg, name))]
+    values = [(name, v) for name in fields
+              for v in (lambda x: x if isinstance(x, list) else [x])(getattr(cfg, name, None))]
+    found = [(name, p) for name, v in values if isinstance(v, str) for p in _spec_paths(v)]
     found.append(("model cache", cache_root()))
     o = Path(out).expanduser().resolve()
     for name, path in found:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from cai.core.errors import CaiError
 
@@ -69,6 +69,19 @@ class Record(BaseModel):
     id: str
     stage: str
     provenance: Provenance
+
+
+class OptionalFields(BaseModel):
+    """Leaves out of the stored record the later fields that are unset (`OPTIONAL`), so the
+    records of the inputs and modes that never set them keep their exact bytes."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for name in getattr(self, "OPTIONAL", ()):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 # ---------------------------------------------------------------------------- jsonl store
@@ -276,8 +289,72 @@ def to_dataset(path: str | Path, columns: list[str] | None = None):
                        str(path)) from None
 
 
+def _stage_data(path: str | Path) -> tuple[Path, Path | None]:
+    """The records file a path names (a stage folder means its data.jsonl) and the stage
+    folder whose card and manifest describe it (None when there is none)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "data.jsonl").is_file():
+            raise CaiError("no data.jsonl in this folder (give a stage folder or a records file)",
+                           str(p))
+        return p / "data.jsonl", p
+    root = p.parent
+    return p, root if (root / "manifest.json").is_file() else None
+
+
+def dataset_card(path: str | Path) -> str:
+    """README.md of an exported dataset: the stage's own card under YAML metadata that
+    carries the constitution stamp (name, version, hash), so the Hub page says which
+    constitution made the data."""
+    import yaml
+
+    data, root = _stage_data(path)
+    manifest, body = {}, f"# {data.name}\n\nRecords exported by cai.\n"
+    if root is not None:
+        try:
+            manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+        if (root / "README.md").is_file():
+            body = (root / "README.md").read_text(encoding="utf-8")
+    meta: dict[str, Any] = {"tags": ["cai", "constitutional-ai"]}
+    if manifest.get("stage"):
+        meta["cai_stage"] = manifest["stage"]
+    if manifest.get("constitution"):
+        meta["constitution"] = {k: str(v) for k, v in manifest["constitution"].items()}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=True, allow_unicode=True) + "---\n\n" + body
+
+
+def push_to_hub(path: str | Path, repo: str, private: bool = False) -> str:
+    """Upload a stage's records to the Hub (`datasets`' push_to_hub) with `dataset_card` as
+    README.md, keeping the metadata push_to_hub wrote there (its configs and features)."""
+    from huggingface_hub import DatasetCard
+
+    data, _ = _stage_data(path)
+    ds = to_dataset(data)
+    card = dataset_card(path)
+    try:
+        ds.push_to_hub(repo, private=private)
+        ours = DatasetCard(card)
+        try:
+            theirs = DatasetCard.load(repo).data.to_dict()
+        except Exception:  # noqa: BLE001 - no card yet: ours alone
+            theirs = {}
+        have = ours.data.to_dict()
+        for k, v in theirs.items():
+            if k not in have:
+                ours.data[k] = v
+        ours.push_to_hub(repo, repo_type="dataset")
+    except Exception as exc:  # noqa: BLE001 - network, auth and Hub errors: one line
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CaiError(f"cannot push to the Hub dataset {repo!r}: {first}", str(path)) from None
+    return f"https://huggingface.co/datasets/{repo}"
+
+
 def export(path: str | Path, out: str | Path, fmt: str = "disk", overwrite: bool = False) -> Path:
-    """Export records to a `datasets` folder (save_to_disk) or a parquet file.
+    """Export records to a `datasets` folder (save_to_disk) or a parquet file; a stage
+    folder exports its data.jsonl, and a `datasets` folder gets the card `push_to_hub`
+    would upload as its README.md.
 
     The output is written beside its final name and renamed into place, so a failed or
     killed export leaves no half file; it never replaces its own input, and replaces an
@@ -285,7 +362,7 @@ def export(path: str | Path, out: str | Path, fmt: str = "disk", overwrite: bool
     """
     if fmt not in ("disk", "parquet"):
         raise CaiError(f"unknown export format {fmt!r}; use 'disk' or 'parquet'")
-    src, out = Path(path), Path(out)
+    src, out = _stage_data(path)[0], Path(out)
     s, o = src.resolve(), out.resolve()
     if o == s or o in s.parents or s in o.parents:
         raise CaiError(f"--out {'is' if o == s else 'contains' if o in s.parents else 'is inside'} "
@@ -303,6 +380,7 @@ def export(path: str | Path, out: str | Path, fmt: str = "disk", overwrite: bool
         if fmt == "disk":
             shutil.rmtree(tmp, ignore_errors=True)
             ds.save_to_disk(str(tmp))
+            (tmp / "README.md").write_text(dataset_card(path), encoding="utf-8")
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)

@@ -261,6 +261,12 @@ def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in fields:
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, list) and name not in NOT_UPSTREAM:  # several weighted sources
+            from cai.core.data import split_weight
+
+            for i, spec in enumerate(v for v in value if isinstance(v, str)):
+                out[f"{name}.{i}"] = _upstream_entry(name, split_weight(spec)[0])
+            continue
         if not value or value == "-" or not isinstance(value, str) or name in NOT_UPSTREAM:
             continue
         for player, spec in spec_parts(value):

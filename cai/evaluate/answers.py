@@ -16,7 +16,7 @@ import numpy as np
 
 from cai.backends import GenerationConfig, GenRequest, ReplicaTask, load_backend, release
 from cai.constitution import Constitution
-from cai.core.data import PromptItem
+from cai.core.data import PromptItem, dialogue
 from cai.core.models import model_identity
 from cai.core.records import JsonlStore, record_id
 from cai.core.seeds import derive_seed
@@ -47,16 +47,12 @@ def best_of_pick(scores: list[float]) -> int:
 # --------------------------------------------------------------------------- answers
 
 
-def _chat(prompt: str, system: str = "") -> list[dict[str, str]]:
-    return [*([{"role": "system", "content": system}] if system else []),
-            {"role": "user", "content": prompt}]
-
-
 def response_id(identity: str, prompt: str, gcfg: GenerationConfig, sample: int,
                 system: str = "") -> str:
-    """An answer's id: the model's identity, the prompt (and a test condition's system
-    prompt), the sampling (seed included) and the sample index; never the set or the
-    model's name, so renaming reuses answers."""
+    """An answer's id: the model's identity, the prompt (its text, or the conversation as
+    `PromptItem.tag` gives it, and a test condition's system prompt), the sampling (seed
+    included) and the sample index; never the set or the model's name, so renaming reuses
+    answers."""
     return record_id("policy-response", identity, prompt, gcfg.as_dict(), sample,
                      *([system] if system else []))
 
@@ -86,13 +82,14 @@ class AnswerTask(ModelTask):
         # coupled draws, and a judge's win rate over coupled pairs is not the win rate of
         # independently sampled answers (two near-identical models would also tie by giving
         # the very same text).
-        reqs = [GenRequest(_chat(it.prompt, it.system), "",
-                           derive_seed(self.seed, "policy-response", self.identity, it.prompt, s,
+        reqs = [GenRequest(it.conversation(), "",
+                           derive_seed(self.seed, "policy-response", self.identity, it.tag(), s,
                                        *([it.system] if it.system else []))
                            % 2**31) for _, it, s in chunk]
         return [{"id": rid, "model": self.identity, "prompt": it.prompt, "sample": s,
                  "text": g.text, "finish": g.finish_reason, "sampling": self.gcfg.as_dict(),
-                 "seed": self.seed, **({"system": it.system} if it.system else {})}
+                 "seed": self.seed, **({"system": it.system} if it.system else {}),
+                 **({"context": list(it.context)} if it.context else {})}
                 for (rid, it, s), g in zip(chunk, self.replica().generate(reqs, self.gcfg))]
 
 
@@ -107,7 +104,7 @@ def generate_answers(policies: dict[str, str], base: str, k: int, store: JsonlSt
         # Sample 0 is the answer a policy is judged by; the best-of-k base also draws
         # samples 1..k, independent of it, so best-of-k never ties its base by reusing it.
         samples = range(k + 1) if name == base else range(1)
-        planned = {response_id(ident, it.prompt, gcfg, s, it.system): (it, s)
+        planned = {response_id(ident, it.tag(), gcfg, s, it.system): (it, s)
                    for it in prompts for s in samples}
         todo = [(rid, it, s) for rid, (it, s) in planned.items() if rid not in store]
         new[name] = 0
@@ -149,7 +146,7 @@ def best_of_k(reward_spec: str, base: tuple[str, str], k: int, c: Constitution, 
     scores. The seed is the sampling's: a judge reward draws its principles from it."""
     ident = model_identity(base[1])
     rid_of = reward_identity(reward_spec, c.hash, gcfg.seed)
-    samples = {it.prompt: [response_id(ident, it.prompt, gcfg, s) for s in range(1, k + 1)]
+    samples = {it.tag(): [response_id(ident, it.tag(), gcfg, s) for s in range(1, k + 1)]
                for it in prompts}
     store = JsonlStore(root / "rewards.jsonl")
     score_id = {r: record_id("reward", rid_of, r) for ids in samples.values() for r in ids}
@@ -162,7 +159,8 @@ def best_of_k(reward_spec: str, base: tuple[str, str], k: int, c: Constitution, 
 
         def score(chunk: list[str]) -> list[dict[str, Any]]:
             rs = [responses[r] for r in chunk]
-            values = reward.score([_chat(x["prompt"]) for x in rs], [x["text"] for x in rs])
+            values = reward.score([dialogue(x.get("context") or (), x["prompt"]) for x in rs],
+                                  [x["text"] for x in rs])
             return [{"id": score_id[r], "response_id": r, "reward": rid_of, "score": float(v)}
                     for r, v in zip(chunk, values)]
 

@@ -52,7 +52,7 @@ from cai.backends import GenerationConfig, load_backend
 from cai.constitution import Constitution, load
 from cai.core import usage
 from cai.core.benchmarks import describe, load_benchmark
-from cai.core.data import PairItem, PromptItem, load_prompts
+from cai.core.data import PairItem, PromptItem, load_prompts, with_system
 from cai.core.errors import CaiError
 from cai.core.eval_report import SCHEMA_VERSION, Benchmark, PolicyEvalReport
 from cai.core.models import model_identity
@@ -124,6 +124,9 @@ class PoliciesEvalConfig(EngineFields):
     wrappers, `cai.evaluate.conditions`). Reported beside the plain condition."""
     limit: int | None = None
     """Use only the first N prompts of each set."""
+    system_prompt: str | None = None
+    """System prompt every policy answers under (replacing any in the data); it is part of
+    each answer's conversation, so its id, and is kept in responses.jsonl."""
     feedback_model: str = "embedded:smollm2-135m"
     """The labeller: the feedback model whose labels trained the preference model (and so
     RL-CAI and best-of-k). The judge defaults to it."""
@@ -261,13 +264,13 @@ def _plan_games(sets: dict[str, list[PromptItem]], answers: dict[str, dict[str, 
         c, judge = cs[set_name], judges[set_name]
         for it in sets[set_name]:
             for a, b in itertools.combinations(players, 2):
-                ra, rb = answers[a][it.prompt], answers[b][it.prompt]
+                ra, rb = answers[a][it.tag()], answers[b][it.tag()]
                 if ra == rb:
                     planned.append(_Planned(set_name, it.id, a, b, False, None))
                     continue
                 flipped = rb < ra
                 first, second = (rb, ra) if flipped else (ra, rb)
-                pair = PairItem(f"{set_name}:{it.id}", it.prompt, first, second)
+                pair = PairItem(f"{set_name}:{it.id}", it.prompt, first, second, context=it.context)
                 lid = label_id(pair, c, judge_id, judge, seed)
                 pairs[set_name].setdefault(lid, pair)
                 planned.append(_Planned(set_name, it.id, a, b, flipped, lid))
@@ -285,7 +288,8 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                        "feedback model here", field="judge.models")
     timings: dict[str, float] = {}
     # Bad input fails here, before the folder is claimed or any model loads.
-    sets = {name: load_prompts(getattr(cfg, name), limit=cfg.limit) for name in SETS}
+    sets = {name: [with_system(it, cfg.system_prompt)
+                   for it in load_prompts(getattr(cfg, name), limit=cfg.limit)] for name in SETS}
     bench = load_benchmark(cfg.prompts, limit=cfg.limit) if cfg.prompts else []
     conditions = parse_conditions(cfg.conditions)
     c = load(cfg.constitution)
@@ -317,24 +321,24 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
 
     # 1. answers
     t = time.time()
-    unique = list({it.prompt: it for name in SETS for it in sets[name]}.values())
+    unique = list({it.tag(): it for name in SETS for it in sets[name]}.values())
     gcfg = GenerationConfig(cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed)
     store = JsonlStore(root / "responses.jsonl")
     new_answers = generate_answers(cfg.policies(), cfg.base(), cfg.best_of_k if cfg.best_of() else 0,
                                    store, unique, gcfg, engine, cfg.chunk_size)
     # Benchmark prompts and every test condition: the policies only (no best-of-k samples).
     asked = plan_conditions(conditions, sets, bench)
-    extra = list({(a.applied.item.prompt, a.applied.item.system): a.applied.item
+    extra = list({(a.applied.item.tag(), a.applied.item.system): a.applied.item
                   for a in asked}.values())
     for name, n in generate_answers(cfg.policies(), "", 0, store, extra, gcfg, engine,
                                     cfg.chunk_size).items():
         new_answers[name] += n
     responses = {r["id"]: r for r in store}
-    answers = {n: {it.prompt: responses[response_id(identities[n], it.prompt, gcfg, 0)]["text"]
+    answers = {n: {it.tag(): responses[response_id(identities[n], it.tag(), gcfg, 0)]["text"]
                    for it in unique} for n in policies}
 
     def answer_of(n: str, it: PromptItem) -> str:
-        return responses[response_id(identities[n], it.prompt, gcfg, 0, it.system)]["text"]
+        return responses[response_id(identities[n], it.tag(), gcfg, 0, it.system)]["text"]
     timings["generate"] = round(time.time() - t, 2)
 
     # 2. best-of-k
@@ -345,7 +349,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         picks, new_scores = best_of_k(str(cfg.reward), (cfg.base(), cfg.policies()[cfg.base()]),
                                       cfg.best_of_k, c, root, responses, unique, gcfg, cfg.chunk_size)
         answers[bok] = {p: v["text"] for p, v in picks.items()}
-        rows = [{"set": s, "prompt_id": it.id, **picks[it.prompt]} for s in SETS for it in sets[s]]
+        rows = [{"set": s, "prompt_id": it.id, **picks[it.tag()]} for s in SETS for it in sets[s]]
         write_text_atomic(root / "best_of_k.jsonl",
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         timings["best_of_k"] = round(time.time() - t, 2)
@@ -389,7 +393,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     elo = {s: elo_block(games[s], groups[s], players, cfg.n_boot, cfg.seed) for s in JUDGED}
     elo["overall"] = elo_block(all_games, groups["red_team"] + groups["helpful"], players,
                                 cfg.n_boot, cfg.seed)
-    texts = {n: {s: [answers[n][it.prompt] for it in sets[s]] for s in SETS} for n in players}
+    texts = {n: {s: [answers[n][it.tag()] for it in sets[s]] for s in SETS} for n in players}
     refusal = {n: {"benign": refusal_rate(texts[n]["benign"]),
                    "red_team": refusal_rate(texts[n]["red_team"]),
                    "red_team_bare": refusal_rate(texts[n]["red_team"], bare=True),
@@ -397,11 +401,11 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     refusal_judged, p_dec = None, None
     if cfg.refusal_judge and not cfg.judge_spec().startswith("python:"):
         t = time.time()
-        items = [(it.prompt, answers[n][it.prompt]) for n in players for s in SETS for it in sets[s]]
+        items = [(it.prompt, answers[n][it.tag()]) for n in players for s in SETS for it in sets[s]]
         items += [(a.applied.original, answer_of(n, a.applied.item)) for n in policies for a in asked]
         p_dec = judge_refusals(cfg.judge_spec(), root, list(dict.fromkeys(items)), judge_id, engine,
                                cfg.chunk_size)
-        refusal_judged = {n: {s: (float(np.mean([p_dec[(it.prompt, answers[n][it.prompt])] > 0.5
+        refusal_judged = {n: {s: (float(np.mean([p_dec[(it.prompt, answers[n][it.tag()])] > 0.5
                                                   for it in sets[s]])) if sets[s] else None)
                               for s in SETS} for n in players}
         timings["refusal_judge"] = round(time.time() - t, 2)
@@ -463,7 +467,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     if rl and rl["points"]:
         rl_plot(rl, root / "reward_vs_sqrt_kl.png")
     examples = [{"set": s, "prompt_id": it.id, "prompt": it.prompt,
-                 "responses": {n: answers[n][it.prompt] for n in players}}
+                 "responses": {n: answers[n][it.tag()] for n in players}}
                 for s in SETS for it in sets[s][:EXAMPLES_PER_SET]]
     write_text_atomic(root / "examples.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))

@@ -14,11 +14,11 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai.core.data import parse_jsonl
+from cai.core.data import parse_jsonl, split_weight
 from cai.core.errors import CaiError, read_text
 from cai.core.records import write_json_atomic
 from cai.core.stage import write_manifest
@@ -33,8 +33,12 @@ class PreferenceTrainConfig(HardwareConfig):
     """What the preference-trained stages (PM and DPO) share: their data, ties, LoRA and
     schedule fields."""
 
-    preferences: str | None = None
-    """Soft AI labels: the label stage's preferences.jsonl or its folder."""
+    preferences: str | list[str] | None = field(default=None, metadata={"many": "preferences"})
+    """Preference data: the label stage's preferences.jsonl or its folder, or any file in
+    TRL's preference format (prompt, chosen, rejected, optional p_chosen; 1 when absent).
+    Repeat the flag (a list in YAML) for several sources, each optionally `PATH:WEIGHT`, its
+    pairs' loss weight (default 1): a helpfulness set beside the AI labels keeps the model
+    from learning that refusing always wins. eval.json reports accuracy per source."""
     pairs: str | None = None
     """SL-CAI pairs (revision ≻ initial, p = 1): the SL stage's pairs.jsonl or its folder."""
     ties: str = "keep"
@@ -180,6 +184,26 @@ def load_preference_file(path: str | Path, source: str, default_name: str,
     return rows
 
 
+def preference_sources(value: str | list[str] | None) -> list[tuple[str, str, float]]:
+    """(name, path, loss weight) of each preference source. One source keeps the name
+    "labels" (as eval.json always called it); several are named by their paths."""
+    specs = [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for spec in specs:
+        path, weight = split_weight(spec)
+        if weight is not None and not (math.isfinite(weight) and weight >= 0):
+            raise CaiError(f"weight must be a finite number ≥ 0, got {weight}", spec, "preferences")
+        out.append(("labels" if len(specs) == 1 else path, path, 1.0 if weight is None else weight))
+    names = [n for n, _, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise CaiError("given twice", dup, "preferences")
+    if "sl-pairs" in names:
+        raise CaiError("a source may not be named sl-pairs (the --pairs source)", "sl-pairs",
+                       "preferences")
+    return out
+
+
 def load_training_rows(cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The labelled preferences and SL pairs named by a config, weighted, ties handled."""
     if not cfg.preferences and not cfg.pairs:
@@ -187,9 +211,15 @@ def load_training_rows(cfg: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
                        field="preferences")
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    if cfg.preferences:
-        prefs = load_preference_file(cfg.preferences, "labels", "preferences.jsonl")
-        counts["preferences"] = len(prefs)
+    sources = preference_sources(cfg.preferences)
+    for name, path, weight in sources:
+        # TRL's format leaves p_chosen optional: a row without it is a hard preference.
+        prefs = load_preference_file(path, name, "preferences.jsonl", default_p=1.0)
+        for r in prefs:
+            r["weight"] = weight
+            if len(sources) > 1:  # ids of different files may coincide
+                r["id"] = f"{name}/{r['id']}"
+        counts["preferences" if len(sources) == 1 else f"preferences:{name}"] = len(prefs)
         rows += prefs
     if cfg.pairs:
         pairs = load_preference_file(cfg.pairs, "sl-pairs", "pairs.jsonl", default_p=1.0)

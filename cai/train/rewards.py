@@ -91,8 +91,10 @@ class JudgeReward:
         reqs = []
         for p, r in zip(prompts, responses):
             text = _prompt_text(p)
+            chat = as_chat(p)
+            shown = text if len(chat) == 1 else chat  # a conversation: every turn, as labelled
             for pr in sample_rl_principles(self.constitution, self.k, "reward", self.seed, text, r):
-                reqs.append(ScoreRequest(rating_chat(text, r, pr), RATING_PREFIX))
+                reqs.append(ScoreRequest(rating_chat(shown, r, pr), RATING_PREFIX))
         if not reqs:
             return []
         ratings = np.asarray(expected_ratings(self.backend, reqs)).reshape(len(responses), self.k)

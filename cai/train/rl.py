@@ -199,7 +199,7 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     if done is not None:
         return done
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)
-    chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    chats = [p.conversation() for p in prompts]  # every turn of a conversation
     if reward is None:
         reward = load_reward(cfg.reward, constitution=cfg.constitution,
                              principles=cfg.judge_principles, seed=cfg.seed,
