@@ -4,17 +4,25 @@ The known-answer pipeline (`configs/known-answer.yaml`) plants a gold preference
 labels (`cai.evaluate.known_answer`); this stage measures what came out the other end, on
 the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never trained on):
 
-- every policy (base, sl-cai, rl-cai, dpo): `samples` answers per prompt, their gold rate
-  with a 95 % bootstrap interval over prompts, the train and test PMs' mean scores, and the
-  KL from the SL-CAI model (the mean of log π − log π_sl over the policy's own answers);
-- rl − sl and dpo − sl: the paired difference of gold rates, bootstrapped over prompts;
+- every policy (base, sl-cai, rl-cai, dpo, and where the run has them rl-direct and
+  rl-direct-negated: PPO on the noisy gold itself and on its negation): `samples` answers
+  per prompt, their gold mean with a 95 % bootstrap interval over prompts, the train and test
+  PMs' mean scores, and the KL from the SL-CAI model (the mean of log π − log π_sl over the
+  policy's own answers);
+- each policy − sl: the paired difference of gold means, bootstrapped over prompts;
 - the PM's accuracy against the gold: every pair of one prompt's held-out answers (all the
   policies' samples together) on which the gold differs, counted right when the PM scores
-  the gold's choice higher;
-- best-of-n for n = 1, 2, 4, …, k from the SL answers, picked by the train PM and scored by
-  the train PM, the test PM and the gold against sqrt(KL_bon), KL_bon = log n − (n − 1)/n;
+  the gold's choice higher, with a 95 % bootstrap interval over prompts (pairs cluster
+  within prompts);
+- best-of-n for n = 1, 2, 4, …, k from the SL answers (on the first `best_of_limit`
+  prompts), picked by the train PM and scored by the train PM, the test PM and the gold
+  against sqrt(KL_bon), KL_bon = log n − (n − 1)/n; its baseline is n = 1 on those prompts;
 - RL's own per-step log (train PM = its reward, test PM and gold as monitors) against
-  sqrt(KL); the fits of both overoptimization forms (`cai.evaluate.overopt`).
+  sqrt(KL), its baseline the gold monitor at the first step (sampled before any update from
+  the SL-CAI policy, on the same training prompts and sampling as every later point);
+- the fits of both overoptimization forms (`cai.evaluate.overopt`), each made only through
+  five or more points and reported with its R² and points, a peak claimed only where the
+  fit earns it.
 
 It writes `known_answer.json`, `report.md` and `known_answer.png` into its folder and, with
 `json`, a copy of the json (the benchmark record, `benchmarks/results/known_answer.json`).
@@ -38,8 +46,15 @@ from cai.core.stage import Stage, register, write_manifest
 
 STAGE = "eval-known-answer"
 GOLD = "python:cai.evaluate.known_answer:gold_score"
-POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"))
-"""Policies scored, with their folder in the run (base: the run's `model`)."""
+POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"),
+            ("rl-direct", "rl-direct"), ("rl-direct-negated", "rl-direct-negated"))
+"""Policies scored, with their folder in the run (base: the run's `model`); a missing
+folder is skipped. rl-direct / rl-direct-negated: PPO on the noisy gold as a direct reward
+and on its negation (the RL machinery's sign check, needing no PM)."""
+DIFFS = {"rl-cai": "rl_minus_sl_gold", "dpo": "dpo_minus_sl_gold",
+         "rl-direct": "rl_direct_minus_sl_gold",
+         "rl-direct-negated": "rl_direct_negated_minus_sl_gold"}
+"""The json key of each policy's paired gold difference from SL-CAI."""
 
 
 @dataclass
@@ -53,15 +68,19 @@ class KnownAnswerConfig:
     json: str | None = None
     """Also copy known_answer.json here (the benchmark record)."""
     gold: str = GOLD
-    """The gold reward spec: 1 when an answer has the planted property, else 0."""
+    """The gold reward spec: the planted property's exact score of an answer."""
     limit: int | None = None
     """Use only the first N held-out prompts (the issue asks for at least 64; the pipeline
     holds out 70)."""
     samples: int = 4
     """Answers per held-out prompt for each policy (the gold rates and the rl − sl, dpo − sl
     differences use this many; SL-CAI also gets `best_of`)."""
-    best_of: int = 8
-    """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two)."""
+    best_of: int = 16
+    """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two; 16
+    gives the five points a fit needs)."""
+    best_of_limit: int | None = None
+    """Best-of-n on only the first N held-out prompts (its k answers each are the costly
+    part of the evaluation); default all."""
     max_new_tokens: int = 48
     """Tokens per answer (the RL stage's length, so RL is scored on what it trained on)."""
     batch_size: int = 16
@@ -83,6 +102,8 @@ class KnownAnswerConfig:
             (self.best_of >= 1 and self.best_of & (self.best_of - 1) == 0, "best_of",
              "must be a power of two (1, 2, 4, …)"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.best_of_limit is None or self.best_of_limit >= 1, "best_of_limit",
+             "must be at least 1"),
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
             (self.temperature > 0, "temperature", "must be > 0"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -126,6 +147,24 @@ def pair_accuracy(groups: list[tuple[list[float], list[float]]]) -> dict[str, An
     return {"accuracy": right / pairs if pairs else None, "pairs": pairs}
 
 
+def pair_accuracy_ci(groups: list[tuple[list[float], list[float]]], n_boot: int, seed: int
+                     ) -> dict[str, Any]:
+    """`pair_accuracy` with a 95 % percentile bootstrap interval over prompts: pairs of one
+    prompt share its answers, so prompts, not pairs, are what is resampled."""
+    per = [pair_accuracy([g]) for g in groups]
+    right = np.array([p["accuracy"] * p["pairs"] if p["pairs"] else 0.0 for p in per])
+    pairs = np.array([p["pairs"] for p in per], dtype=float)
+    out = pair_accuracy(groups)
+    if pairs.sum() == 0:
+        return {**out, "ci_low": None, "ci_high": None}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per), size=(n_boot, len(per)))
+    num, den = right[idx].sum(1), pairs[idx].sum(1)
+    acc = num[den > 0] / den[den > 0]
+    lo, hi = np.percentile(acc, [2.5, 97.5])
+    return {**out, "ci_low": float(lo), "ci_high": float(hi)}
+
+
 def best_of_n(proxy: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Best-of-n for n = 1, 2, 4, …, k from [prompts, k] arrays: each prompt's k answers
     are cut into k/n disjoint groups, the proxy's best of each group is kept, and each
@@ -146,17 +185,32 @@ def best_of_n(proxy: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str
     return rows
 
 
-def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float
-                ) -> dict[str, Any] | None:
-    """A fit of one form through (sqrt KL, gold) points, or None with too few of them."""
+def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float | None
+                ) -> dict[str, Any]:
+    """A fit of one form through (sqrt KL, gold) points (`reported: true`, with its R² and
+    points), or `reported: false` and why (too few points, no baseline)."""
     from cai.evaluate.overopt import fit_overopt
 
     pts = [(d, g) for d, g in points if d is not None and g is not None and math.isfinite(d)
            and math.isfinite(g)]
+    if baseline is None:
+        return {"reported": False, "points": len(pts), "reason": "no baseline point"}
     try:
-        return fit_overopt([d for d, _ in pts], [g for _, g in pts], form, baseline).as_dict()
-    except CaiError:
+        fit = fit_overopt([d for d, _ in pts], [g for _, g in pts], form, baseline)
+    except CaiError as e:
+        return {"reported": False, "points": len(pts), "reason": str(e)}
+    return {"reported": True, **fit.as_dict()}
+
+
+def rl_baseline(steps: list[dict[str, Any]]) -> float | None:
+    """The gold monitor of RL's first logged step, when that step's policy is still the
+    initial one (sqrt KL ≈ 0): the same training prompts and sampling as every later point,
+    unlike a gold rate measured elsewhere (held-out prompts, other settings)."""
+    first = min(steps, key=lambda e: e["step"], default=None)
+    if first is None or first.get("gold") is None or first.get("step") != 1 or \
+            first.get("sqrt_kl") is None or first["sqrt_kl"] > 1e-3:
         return None
+    return float(first["gold"])
 
 
 def rl_points(log_path: Path) -> list[dict[str, Any]]:
@@ -276,6 +330,7 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
 
     t0 = time.time()
     load_start = os.getloadavg()
+    peak_start = matmul_gflops()
     run = Path(cfg.run)
     out = Path(cfg.out) if cfg.out else run / "known-answer"
     held = run / "prompts" / "red_team.eval.jsonl"
@@ -296,32 +351,37 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     for name, spec in specs.items():
         pol = sl if name == "sl-cai" else _Policy(spec)
         n = max(cfg.samples, cfg.best_of) if name == "sl-cai" else cfg.samples
-        which = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        # SL-CAI's extra best-of answers only on the prompts best-of-n uses; the rest of
+        # its [prompts, n] arrays stay NaN and are read by nothing.
+        n_of = [n if i < (cfg.best_of_limit or len(prompts)) else cfg.samples
+                for i in range(len(prompts))]
+        which = [(i, j) for i in range(len(prompts)) for j in range(n_of[i])]
         p_ids = [ids[i] for i, _ in which]
         toks = pol.sample(p_ids, [_seed(cfg, name, i, j) for i, j in which], cfg)
         texts = [pol.text(t) for t in toks]
         pc = [chats[i] for i, _ in which]
         kl = (np.zeros(len(toks)) if pol is sl else
               np.asarray(pol.logprobs(p_ids, toks, cfg)) - np.asarray(sl.logprobs(p_ids, toks, cfg)))
-        scores = {"gold": np.asarray(gold.score(pc, texts), dtype=float).reshape(len(prompts), n)}
+        scores = {"gold": grid(which, gold.score(pc, texts), len(prompts), n)}
         for pm_name, pm in pms.items():
-            scores[pm_name] = np.asarray(pm.score(pc, texts), dtype=float).reshape(len(prompts), n)
-        per[name] = {"spec": spec, "n": n, "scores": scores, "kl": kl.reshape(len(prompts), n),
-                     "examples": [{"prompt": prompts[i].prompt, "answer": texts[k],
-                                   "gold": float(scores["gold"][i, j])}
-                                  for k, (i, j) in enumerate(which[:3 * n:n])]}
+            scores[pm_name] = grid(which, pm.score(pc, texts), len(prompts), n)
+        per[name] = {"spec": spec, "n": n, "scores": scores,
+                     "kl": grid(which, kl, len(prompts), n),
+                     "examples": examples(prompts, which, texts, scores["gold"])}
         if pol is not sl:
             del pol
     result = summarise(per, cfg)
     rlog = rl_points(run / "rl" / "log.jsonl")
-    sl_gold = result["policies"]["sl-cai"]["gold"]["mean"]
     result["rl_steps"] = rlog
     pts = [(r["sqrt_kl"], r["gold"]) for r in rlog]
-    result["rl_fit"] = {form: fit_or_none(pts, form, sl_gold) for form in ("rl", "bon")}
+    base = rl_baseline(rlog)
+    result["rl_fit"] = {form: fit_or_none(pts, form, base) for form in ("rl", "bon")}
     stages_s = stage_seconds(run)
     result["wall_s"] = round((time.time() - cfg.started) if cfg.started
                              else sum(stages_s.values()) + time.time() - t0, 1)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": load_start,
+                         "matmul_gflops_at_start": peak_start,
+                         "matmul_gflops_at_end": matmul_gflops(),
                          "load_avg_at_end": os.getloadavg(), "stages_s": stages_s,
                          "eval_s": round(time.time() - t0, 1)}
     result["provenance"] = {"run": str(run), "gold": getattr(gold, "spec", cfg.gold),
@@ -341,6 +401,45 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
                           data=("known_answer.json",),
                           extra={"metrics": {k: result[k] for k in (
                               "pm_gold_accuracy", "base_rate", "wall_s")}})
+
+
+def grid(which: list[tuple[int, int]], values: Any, prompts: int, n: int) -> np.ndarray:
+    """[prompts, n] array of per-answer values (answer k is `which[k]`), NaN where a
+    prompt has fewer answers."""
+    out = np.full((prompts, n), np.nan)
+    for (i, j), v in zip(which, values, strict=True):
+        out[i, j] = float(v)
+    return out
+
+
+def examples(prompts: list[Any], which: list[tuple[int, int]], texts: list[str],
+             gold: np.ndarray) -> list[dict[str, Any]]:
+    """The first answer to each of the first three prompts, with its own prompt and gold
+    (answer k of `which` belongs to prompt which[k][0])."""
+    first = {}
+    for k, (i, _) in enumerate(which):
+        first.setdefault(i, k)
+    rows = []
+    for i in sorted(first)[:3]:
+        k = first[i]
+        rows.append({"prompt": prompts[i].prompt, "answer": texts[k],
+                     "gold": float(gold[i, which[k][1]])})
+    return rows
+
+
+def matmul_gflops(n: int = 1024, reps: int = 3) -> float:
+    """Best fp32 GFLOP/s of an n×n matmul now: how much of the machine the run had (a
+    loaded machine makes every stage slower)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n ** 3 / best / 1e9, 1)
 
 
 def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[str, Any]:
@@ -363,7 +462,7 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
                               "base_rate": policies["base"]["gold"]["mean"]
                               if "base" in policies else None,
                               "prompts": int(sl["gold"].shape[0])}
-    for name, key in (("rl-cai", "rl_minus_sl_gold"), ("dpo", "dpo_minus_sl_gold")):
+    for name, key in DIFFS.items():
         if name in per:
             diff = per[name]["scores"]["gold"][:, :cfg.samples].mean(1) - \
                 sl["gold"][:, :cfg.samples].mean(1)
@@ -372,17 +471,24 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
         if k in sl:
             # Every held-out answer to a prompt, whichever policy wrote it: more pairs,
             # and answers the PM never saw from policies it did and did not shape.
-            acc = pair_accuracy([
-                (np.concatenate([p["scores"][k][i] for p in per.values()]).tolist(),
-                 np.concatenate([p["scores"]["gold"][i] for p in per.values()]).tolist())
-                for i in range(sl["gold"].shape[0])])
-            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_accuracy"] = acc["accuracy"]
-            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_pairs"] = acc["pairs"]
+            groups = []
+            for i in range(sl["gold"].shape[0]):
+                pm_i = np.concatenate([p["scores"][k][i] for p in per.values()])
+                gold_i = np.concatenate([p["scores"]["gold"][i] for p in per.values()])
+                keep = ~np.isnan(gold_i)  # answers this prompt has
+                groups.append((pm_i[keep].tolist(), gold_i[keep].tolist()))
+            acc = pair_accuracy_ci(groups, cfg.n_boot, cfg.seed + 2)
+            key = "pm" if k == "train_pm" else "test_pm"
+            result[f"{key}_gold_accuracy"] = acc["accuracy"]
+            result[f"{key}_gold_accuracy_ci"] = {"ci_low": acc["ci_low"],
+                                                 "ci_high": acc["ci_high"]}
+            result[f"{key}_gold_pairs"] = acc["pairs"]
     result.setdefault("pm_gold_accuracy", None)
     if "train_pm" in sl and cfg.best_of >= 2:
-        k = cfg.best_of
-        bon = best_of_n(sl["train_pm"][:, :k], {n: v[:, :k] for n, v in sl.items()})
+        k, rows = cfg.best_of, slice(0, cfg.best_of_limit)
+        bon = best_of_n(sl["train_pm"][rows, :k], {n: v[rows, :k] for n, v in sl.items()})
         result["best_of_n"] = bon
+        result["best_of_n_prompts"] = int(sl["train_pm"][rows].shape[0])
         base = bon[0]["gold"]
         result["bon_fit"] = {"bon": fit_or_none([(r["sqrt_kl"], r["gold"]) for r in bon], "bon",
                                                 base),
