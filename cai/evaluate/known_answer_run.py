@@ -45,7 +45,8 @@ from cai.core.records import write_json_atomic
 from cai.core.stage import Stage, register, write_manifest
 
 STAGE = "eval-known-answer"
-GOLD = "python:cai.evaluate.known_answer:gold_score"
+GOLD = "python:cai.evaluate.known_answer:valence_score"
+"""The gold the known-answer run plants (configs/known-answer.yaml): graded, every answer scored."""
 POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"),
             ("rl-direct", "rl-direct"), ("rl-direct-negated", "rl-direct-negated"))
 """Policies scored, with their folder in the run (base: the run's `model`); a missing
@@ -377,11 +378,12 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     base = rl_baseline(rlog)
     result["rl_fit"] = {form: fit_or_none(pts, form, base) for form in ("rl", "bon")}
     stages_s = stage_seconds(run)
+    peak_end = matmul_gflops()
     result["wall_s"] = round((time.time() - cfg.started) if cfg.started
                              else sum(stages_s.values()) + time.time() - t0, 1)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": load_start,
                          "matmul_gflops_at_start": peak_start,
-                         "matmul_gflops_at_end": matmul_gflops(),
+                         "matmul_gflops_at_end": peak_end,
                          "load_avg_at_end": os.getloadavg(), "stages_s": stages_s,
                          "eval_s": round(time.time() - t0, 1)}
     result["provenance"] = {"run": str(run), "gold": getattr(gold, "spec", cfg.gold),
