@@ -1,6 +1,7 @@
 """GPU acceptance run: the code paths only a GPU exercises, in one script of ≤ 8 minutes.
 
     python benchmarks/gpu_check.py [--out FILE] [--only peak,pipeline,scores,ppo,train]
+    python benchmarks/gpu_check.py --only known-answer     (about ten minutes more)
 
 Sections, each timed and recorded even when another fails (the JSON is rewritten after
 every section, so a run cut short keeps what it measured):
@@ -15,6 +16,9 @@ every section, so a run cut short keeps what it measured):
 - train: one PM and one DPO training step (full weights, bf16) on the same model as a
   fraction of the bf16 peak (6·N FLOPs per token for a forward + backward, 2·N more for
   DPO's reference forward);
+- known-answer (only when named in --only: it takes about ten minutes by itself): the full
+  known-answer run, configs/known-answer-gpu.yaml, checked against its targets
+  (benchmarks/gpu_known_answer.py; it also writes results/known_answer_gpu.json);
 and the peak GPU memory of each section. Writes benchmarks/results/gpu_check.json (or
 --out). Without a CUDA GPU it says so in one line and exits with code 2.
 """
@@ -39,7 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-SECTIONS = ("peak", "pipeline", "scores", "ppo", "train")
+SECTIONS = ("peak", "pipeline", "scores", "ppo", "train", "known-answer")
+DEFAULT_SECTIONS = ("peak", "pipeline", "scores", "ppo", "train")
 
 
 def bf16_peak(torch) -> dict:
@@ -250,10 +255,23 @@ def train_fraction(tmp: Path, policy: Path, n_params: int, peak_tflops: float, t
     return out
 
 
+def known_answer_section(tmp: Path) -> dict:
+    """The full known-answer run and its targets (benchmarks/gpu_known_answer.py); the
+    section is not ok when a target is missed."""
+    from gpu_known_answer import ROOT as KA_ROOT
+    from gpu_known_answer import run_known_answer_gpu
+
+    row = run_known_answer_gpu(tmp / "known-answer-gpu")
+    (KA_ROOT / "benchmarks" / "results" / "known_answer_gpu.json").write_text(
+        json.dumps({"bench": "known_answer_gpu", **row}, indent=2) + "\n")
+    missed = [k for k, ok in row["checks"].items() if not ok]
+    return {**row, "ok": not missed, "missed": missed}  # a missed target fails the section
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help="comma-separated sections")
     args = ap.parse_args()
     import torch
 
@@ -306,6 +324,7 @@ def main() -> int:
 
     section("ppo", lambda: ppo_throughput(tmp, *models()[:2], torch))
     section("train", lambda: train_fraction(tmp, models()[0], models()[2], peak, torch))
+    section("known-answer", lambda: known_answer_section(tmp))
     summary = {"bench": "gpu_check", "device": res["device"],
                "ok": {k: v["ok"] for k, v in res["sections"].items()}}
     print(json.dumps(summary))

@@ -243,3 +243,33 @@ def test_known_answer_direct_reward_and_its_negation_move_the_held_out_gold_both
     assert down["ci_high"] < 0, down
     assert set(result["policies"]) == {"base", "sl-cai", "rl-direct", "rl-direct-negated"}
     assert result["policies"]["rl-direct"]["kl_from_sl"] > 0.01
+
+
+def test_known_answer_gpu_config_plans_and_its_checks_read_the_targets() -> None:
+    """configs/known-answer-gpu.yaml plans with the graded gold and its noisy labeller, and
+    benchmarks/gpu_known_answer.py's checks pass a json that meets every target and fail
+    one that misses each (the run itself needs a GPU)."""
+    import importlib.util
+
+    from cai.pipeline import load_pipeline_config, plan
+
+    steps = {s.stage: s.config for s in plan(load_pipeline_config(
+        ROOT / "configs" / "known-answer-gpu.yaml"))}
+    assert steps["label"].feedback_model.endswith("known_answer:noisy_valence_judge")
+    assert steps["rl"].rollout_engine == "vllm" and steps["pm"].split == "halves"
+    spec = importlib.util.spec_from_file_location(
+        "gpu_known_answer", ROOT / "benchmarks" / "gpu_known_answer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fit = {"reported": True, "points": 6}
+    good = {"pm_gold_accuracy": 0.9, "rl_minus_sl_gold": {"ci_low": 0.1},
+            "dpo_minus_sl_gold": {"ci_low": 0.05}, "rl_direct_minus_sl_gold": {"ci_low": 0.2},
+            "rl_direct_negated_minus_sl_gold": {"ci_high": -0.2},
+            "bon_fit": {"bon": fit, "rl": fit}, "rl_fit": {"rl": fit, "bon": fit}}
+    assert all(mod.checks(good).values())
+    misses = [("pm_gold_accuracy", 0.84), ("rl_minus_sl_gold", {"ci_low": -0.01}),
+              ("dpo_minus_sl_gold", None), ("rl_direct_negated_minus_sl_gold", {"ci_high": 0.0}),
+              ("rl_fit", {"rl": {"reported": True, "points": 4}}),
+              ("bon_fit", {"bon": {"reported": False, "points": 3}})]
+    for key, value in misses:
+        assert not all(mod.checks({**good, key: value}).values()), key
