@@ -235,13 +235,15 @@ def test_known_answer_direct_reward_and_its_negation_move_the_held_out_gold_both
                         monitors=[f"gold=python:{cat_funcs}:cats"]))
     run_known_answer(KnownAnswerConfig(run=str(run), gold=f"python:{cat_funcs}:cats",
                                        samples=4, best_of=1, max_new_tokens=10,
-                                       batch_size=16, n_boot=500))
+                                       batch_size=16, n_boot=500, base=False))
     result = json.loads((run / "known-answer" / "known_answer.json").read_text())
     up, down = result["rl_direct_minus_sl_gold"], result["rl_direct_negated_minus_sl_gold"]
     assert up["prompts"] == down["prompts"] == len(PROMPTS)
     assert up["ci_low"] > 0, up
     assert down["ci_high"] < 0, down
-    assert set(result["policies"]) == {"base", "sl-cai", "rl-direct", "rl-direct-negated"}
+    # base=False leaves the base model out (the writer test scores it with the default).
+    assert set(result["policies"]) == {"sl-cai", "rl-direct", "rl-direct-negated"}
+    assert result["base_rate"] is None
     assert result["policies"]["rl-direct"]["kl_from_sl"] > 0.01
 
 

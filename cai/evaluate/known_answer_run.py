@@ -93,6 +93,8 @@ class KnownAnswerConfig:
     """Sampling temperature of the answers and of the KL's log-probs."""
     seed: int = 0
     """Seed of the sampling and the bootstrap."""
+    base: bool = True
+    """Also score the run's base model (the untrained policy's own gold mean, `base_rate`)."""
     started: float | None = None
     """Unix time the whole run started (`make known-answer` passes it) for `wall_s`;
     without it wall_s sums the stages' own timings and this one's."""
@@ -295,14 +297,15 @@ def _seed(cfg: KnownAnswerConfig, policy: str, prompt: int, sample: int) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
-def _policy_specs(run: Path) -> dict[str, str]:
+def _policy_specs(run: Path, base_too: bool = True) -> dict[str, str]:
     pipe = json.loads((run / "pipeline.json").read_text(encoding="utf-8")) \
         if (run / "pipeline.json").is_file() else {}
     base = (pipe.get("config") or {}).get("model") or "embedded:smollm2-135m"
     specs = {}
     for name, folder in POLICIES:
         if folder is None:
-            specs[name] = base
+            if base_too:
+                specs[name] = base
         elif (run / folder / "config.json").is_file():
             specs[name] = str(run / folder)
     if "sl-cai" not in specs:
@@ -339,7 +342,7 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
         raise CaiError("no held-out prompts (prompts/red_team.eval.jsonl); run the known-answer "
                        "pipeline with eval_fraction > 0 first", str(run), "run")
     prompts = load_prompts(str(held), limit=cfg.limit)
-    specs = _policy_specs(run)
+    specs = _policy_specs(run, cfg.base)
     gold = load_reward(cfg.gold)
     pms: dict[str, Any] = {}
     for name, folder in (("train_pm", run / "pm"), ("test_pm", run / "pm" / "test")):
