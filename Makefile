@@ -52,7 +52,7 @@ known-answer: $(STAMP)
 	  --reward $(KA_REWARD):negated_noisy_valence --out runs/known-answer/rl-direct-negated && \
 	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 1 --best-of 16 \
 	  --best-of-limit 6 --no-base --max-new-tokens 32 --json benchmarks/results/known_answer.json \
-	  --started $$start
+	  --overwrite --started $$start
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the summary JSON
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Constitutional AI and RLAIF: from a versioned constitution to a harmless model.")
@@ -307,15 +308,21 @@ def report_cmd(run_dir: Path,
                html: bool = typer.Option(False, "--html", help="Also write one self-contained "
                                          "HTML file (figures inline, opens offline)."),
                out: Optional[Path] = typer.Option(None, "--out", help="The HTML file (default "  # noqa: UP045
-                                                  "RUN/report.html); needs --html.")) -> None:
+                                                  "RUN/report.html); needs --html."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing "
+                                              "--out file (never a file of the run).")) -> None:
     """Write RUN/report.md (and with --html the report as one HTML file) from a run folder."""
     from cai.report import write_report, write_report_html
 
     if out is not None and not html:
         raise CaiError("--out names the HTML file; add --html", field="out")
+    if overwrite and out is None:
+        raise CaiError("--overwrite goes with --out (the default report.html is always "
+                       "refreshed)", field="overwrite")
     if not run_dir.is_dir():
         raise CaiError("not a run folder", str(run_dir))
-    typer.echo(str(write_report_html(run_dir, out) if html else write_report(run_dir)))
+    typer.echo(str(write_report_html(run_dir, out, overwrite=overwrite) if html
+                   else write_report(run_dir)))
 
 
 @app.command("view")
@@ -323,8 +330,15 @@ def report_cmd(run_dir: Path,
 def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD NEW to compare."),
              host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (local only "
                                       "by default)."),
-             port: int = typer.Option(8765, "--port", help="Port to listen on.")) -> None:
+             port: int = typer.Option(8765, "--port", help="Port to listen on."),
+             allow_host: Optional[list[str]] = typer.Option(  # noqa: UP045
+                 None, "--allow-host", help="Another name browsers may reach the viewer by (a "
+                 "DNS name of this machine); besides loopback, --host and this machine's own "
+                 "names, every other Host header gets 400.")) -> None:
     """A local, read-only web viewer of a run's records, labels, training and evaluation."""
+    import errno
+    import socket
+
     if len(runs) > 2:
         raise CaiError("give one run folder, or two (OLD NEW) to compare")
     if not 0 < port < 65536:
@@ -333,17 +347,21 @@ def view_cmd(runs: list[Path] = typer.Argument(..., help="A run folder, or OLD N
         from cai.view.app import allowed_hosts, create_app
     except ImportError as exc:
         raise CaiError(f"the viewer needs the view extra (pip install 'cai[view]'): {exc}") from None
-    import socket
-
     import uvicorn
 
-    app_ = create_app(runs, allowed_hosts(host))
-    try:  # a busy port or an unknown address is one clear line, before uvicorn starts
+    app_ = create_app(runs, allowed_hosts(host, tuple(allow_host or ())))
+    try:  # an unknown address or a busy port is one clear line, before uvicorn starts
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CaiError(f"cannot listen on {host!r}: not a name or address this machine knows "
+                       f"({getattr(exc, 'strerror', None) or exc})", field="host") from None
+    try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
+        field = "host" if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) else "port"
         raise CaiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                       field="port") from None
+                       field=field) from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host}, not only to this machine", err=True)
     typer.echo(f"cai view: http://{host}:{port}/  (Ctrl-C stops it)", err=True)

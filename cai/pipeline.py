@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
-from cai.core.config import from_dict, safe_yaml
+from cai.core.config import from_dict, locate, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
-from cai.core.stage import Input, Output, Stage, load_registry, read_manifest
+from cai.core.stage import Input, Output, Stage, load_registry, lock_dir, read_manifest
 
 ROUND = ("label", "pm", "rl")
 """The steps that `rounds: R > 1` repeats with the newest policy."""
@@ -134,7 +134,10 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
                        f"{p}:{mark.line + 1 if mark else 1}") from None
     if not isinstance(data, dict):
         raise CaiError("expected a mapping", str(p))
-    return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
+    try:
+        return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
+    except CaiError as err:
+        raise locate(err, p) from None
 
 
 # --------------------------------------------------------------------------- planning
@@ -232,14 +235,14 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
         steps.append(step)
         for out in st.writes:
             made.setdefault(out.kind, []).append((step, out))
-    cfg._prompt_split = split_prompts(cfg, steps)  # type: ignore[attr-defined]
+    cfg._prompt_split = split_prompts(cfg, steps, where)  # type: ignore[attr-defined]
     return steps
 
 
 # --------------------------------------------------------------------------- held-out prompts
 
 
-def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
+def split_prompts(cfg: PipelineConfig, steps: list[Step], where: str = "pipeline") -> dict[str, Any]:
     """Split each prompt set read by a training stage and by the evaluation, write both
     parts under `<run>/prompts/`, and point the steps' configs at them; returns the split's
     record (also kept in `pipeline.json`). Re-planning rewrites identical files."""
@@ -262,13 +265,25 @@ def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
         return record
     folder = cfg.root / "prompts"
     stems: set[str] = set()
-    for path, by in uses.items():
+    splits = []
+    for path, by in uses.items():  # every split first: an empty side is refused before any file
         if not by["train"] or not by["eval"]:
             continue  # read by one side only: nothing to hold out
         text_field = next((getattr(st.config, "text_field", "prompt") for st, _ in by["train"]),
                           "prompt")
         items = load_prompts(path, text_field)
         held = held_out([it.id for it in items], cfg.eval_fraction, cfg.split_seed)
+        if not held:
+            raise CaiError(f"eval_fraction {cfg.eval_fraction} of the {len(items)} prompts of "
+                           f"{path} holds out none for the evaluation "
+                           f"({', '.join(sorted({st.key for st, _ in by['eval']}))}); raise "
+                           "eval_fraction, give more prompts, or set eval_fraction: 0 to "
+                           "evaluate on training prompts", where, "eval_fraction")
+        splits.append((path, by, text_field, items, held))
+    if splits:  # the run's one writer from here (planning wrote nothing before this)
+        cfg.root.mkdir(parents=True, exist_ok=True)
+        lock_dir(cfg.root)
+    for path, by, text_field, items, held in splits:
         stem = path.stem if path.stem not in stems else f"{path.stem}-{file_sha256(path)[7:15]}"
         stems.add(stem)
         files = {}
@@ -292,19 +307,32 @@ def split_prompts(cfg: PipelineConfig, steps: list[Step]) -> dict[str, Any]:
     return record
 
 
-def _record_prompts(folder: Path) -> set[str]:
-    """Prompt texts in a stage's records (sl and label keep each record's prompt)."""
+TRAINING_FILES = {"sl": ("sft.jsonl", "pairs.jsonl"), "label": ("preferences.jsonl",)}
+"""What later stages train on, per stage: the files derived from the current prompts only."""
+
+
+def _record_prompts(folder: Path, names: tuple[str, ...]) -> set[str]:
+    """Prompt texts (the user turns) of the examples a stage hands to training.
+
+    The derived files, not the stage's store: a store keeps records of prompts a previous
+    split gave it, which no training stage reads, and counting them would report
+    contamination the training data does not contain."""
     out: set[str] = set()
-    for name in ("data.jsonl", "responses.jsonl"):
+    for name in names:
         p = folder / name
-        if p.is_file():
-            for line in p.read_text(encoding="utf-8").splitlines():
-                try:
-                    prompt = json.loads(line).get("prompt")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(prompt, str):
-                    out.add(prompt)
+        if not p.is_file():
+            continue
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            chat = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+            if isinstance(chat, str):
+                out.add(chat)
+            elif isinstance(chat, list):
+                out |= {m.get("content") for m in chat if isinstance(m, dict)
+                        and m.get("role") == "user" and isinstance(m.get("content"), str)}
     return out
 
 
@@ -320,8 +348,8 @@ def heldout_overlap(steps: list[Step]) -> int | None:
                   for it in load_prompts(getattr(ev.config, name), limit=ev.config.limit)}
     seen: set[str] = set()
     for step in steps:
-        if step.stage in ("sl", "label"):
-            seen |= _record_prompts(step.folder)
+        if step.stage in TRAINING_FILES:
+            seen |= _record_prompts(step.folder, TRAINING_FILES[step.stage])
         if step.stage == "rl":
             seen |= {it.prompt for it in load_prompts(step.config.prompts, limit=step.config.limit)}
     return len(eval_texts & seen)
@@ -401,9 +429,13 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     if start and until and order.index(start) > order.index(until):
         raise CaiError(f"--from {start} comes after --until {until}: nothing would run",
                        field="from")
-    steps = plan(cfg, where)
+    try:  # every stage's config, and the prompt split, before any stage runs
+        steps = plan(cfg, where)
+    except CaiError as err:
+        raise locate(err, where) from None
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
+    lock_dir(root)  # one pipeline per run folder: a second is refused before pipeline.json
     state_path = root / "pipeline.json"
     previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
     before = previous.get("steps", {})

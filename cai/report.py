@@ -326,19 +326,30 @@ def render_report_html(root: str | Path, markdown: str) -> str:
             f"{md.render(markdown)}</body>\n</html>\n")
 
 
-def write_report_html(root: str | Path, out: str | Path | None = None) -> Path:
+def write_report_html(root: str | Path, out: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
     """Write the report as one self-contained HTML file (default `<root>/report.html`),
-    after refreshing `<root>/report.md` from the run folder."""
+    after refreshing `<root>/report.md` from the run folder.
+
+    `out` follows the rule of every command that writes a file (`check_out_file`): never a
+    file or folder of the run (the report reads them), an existing file only with
+    `overwrite`; checked before anything is written."""
     from cai.core.errors import CaiError
+    from cai.core.folders import check_out_file
 
     root = Path(root)
     if not root.is_dir():
         raise CaiError("not a run folder", str(root))
+    own = root / "report.html"
+    path = own
+    if out is not None:
+        reads = [root / "report.md", root / "pipeline.json",
+                 *(p for p in root.iterdir() if p.name != "report.html")]
+        path = check_out_file(out, inputs=reads, overwrite=overwrite, own=[own])
+    elif path.is_dir():
+        raise CaiError("is a folder; give a file name for the HTML report", str(path))
     md_path = write_report(root)
     html = render_report_html(root, md_path.read_text(encoding="utf-8"))
-    path = Path(out) if out is not None else root / "report.html"
-    if path.is_dir():
-        raise CaiError("is a folder; give a file name for the HTML report", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, html)

@@ -205,9 +205,9 @@ MATRIX = [
                                 NO_MODEL, "--out", "{out}"], "empty_prompt_prefs:1: prompt: empty"),
     # pipeline
     ("pipeline-wired-override", ["pipeline", "run", "{pipe_wired_yaml}"],
-     "pipe_wired.yaml: pm.out: is wired by the pipeline"),
+     "pipe_wired.yaml:5: pm.out: is wired by the pipeline"),
     ("pipeline-sl-engine-spark", ["pipeline", "run", "{pipe_engine_yaml}"],
-     "pipe_engine.yaml: sl: engine: use local or ray"),
+     "pipe_engine.yaml:5: sl.engine: use local or ray"),
     ("pipeline-from-after-until", ["pipeline", "run", "{pipe_order_yaml}", "--from", "eval",
                                    "--until", "sl"], "--from eval comes after --until sl"),
     # eval labeler / constitutions

@@ -225,7 +225,10 @@ def test_known_answer_direct_reward_and_its_negation_move_the_held_out_gold_both
     lines = "".join(json.dumps({"id": f"e{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS))
     (run / "prompts" / "red_team.train.jsonl").write_text(lines)
     (run / "prompts" / "red_team.eval.jsonl").write_text(lines)
-    (run / "pipeline.json").write_text(json.dumps({"config": {"model": str(path)}}))
+    # The labels' judge sits beside the gold (a planted gold); no PM, RL-on-PM or DPO stage.
+    (run / "pipeline.json").write_text(json.dumps({"config": {
+        "model": str(path), "stages": ["sl", "sft"],
+        "feedback_model": f"python:{cat_funcs}:cats"}}))
     for folder, fn in (("rl-direct", "cats"), ("rl-direct-negated", "no_cats")):
         run_rl(RLConfig(algo="ppo", model=str(run / "sft"), reward=f"python:{cat_funcs}:{fn}",
                         prompts=str(run / "prompts" / "red_team.train.jsonl"),

@@ -44,6 +44,10 @@ def no_cat(prompt, response):
 
 def has_cat(prompt, response):
     return 1.0 if cat_rate(prompt, response) > 0 else 0.0
+
+
+def cat_judge(prompt, response_a, response_b, principle=""):
+    return 0.5 + 0.5 * (has_cat(prompt, response_a) - has_cat(prompt, response_b))
 '''
 
 
@@ -150,8 +154,9 @@ def test_known_answer_statistics_by_hand() -> None:
     assert b["mean"] == 0.5 and b["ci_low"] < 0.5 < b["ci_high"] and b["ci_high"] - b["ci_low"] < 0.3
 
 
-def _fake_run(tmp_path: Path, policy: Path, pm: Path) -> Path:
-    """A run folder as the known-answer pipeline leaves it, with tiny models."""
+def _fake_run(tmp_path: Path, policy: Path, pm: Path, judge: str) -> Path:
+    """A run folder as the known-answer pipeline leaves it, with tiny models, labelled by
+    `judge` (the planted gold)."""
     run = tmp_path / "run"
     for name in ("sft", "rl", "dpo"):
         shutil.copytree(policy, run / name)
@@ -159,7 +164,8 @@ def _fake_run(tmp_path: Path, policy: Path, pm: Path) -> Path:
     (run / "prompts").mkdir()
     (run / "prompts" / "red_team.eval.jsonl").write_text(
         "".join(json.dumps({"id": f"e{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    (run / "pipeline.json").write_text(json.dumps({"config": {"model": str(policy)}}))
+    (run / "pipeline.json").write_text(json.dumps({"config": {"model": str(policy),
+                                                              "feedback_model": judge}}))
     (run / "rl" / "log.jsonl").write_text("".join(
         json.dumps({"step": s, "sqrt_kl": 0.3 * (s - 1), "reward_mean": 0.1 * s,
                     "monitor/test_pm": 0.05 * s, "monitor/gold": 0.2 + 0.1 * s - 0.01 * s * s})
@@ -175,7 +181,7 @@ def test_known_answer_writer_on_a_tiny_run(boosted_model: tuple[Path, int], tiny
     pm = tmp_path / "pm"
     run_pm(PMConfig(preferences=str(prefs), model=str(tiny_model), out=str(pm), split="halves",
                     lora=False, max_steps=1, batch_size=2, eval_fraction=0.25, max_length=32))
-    run = _fake_run(tmp_path, path, pm)
+    run = _fake_run(tmp_path, path, pm, f"python:{funcs}:cat_judge")
     bench = tmp_path / "bench" / "known_answer.json"
     manifest = run_known_answer(KnownAnswerConfig(
         run=str(run), json=str(bench), gold=f"python:{funcs}:has_cat", samples=2, best_of=4,

@@ -451,10 +451,13 @@ def test_rl_ppo_only_fields_are_checked_for_ppo_only() -> None:
         RLConfig(algo="ppo", batch_size=2)
     with pytest.raises(CaiError, match=r"gamma: must be in \[0, 1\]"):
         RLConfig(algo="ppo", gamma=2.0)
-    # ...RLOO and GRPO never read it (nor the other PPO-only fields).
+    # ...RLOO and GRPO never read it (nor the other PPO-only fields): their defaults pass,
+    # and a value set for them is refused, not silently ignored.
     for algo in ("rloo", "grpo"):
-        cfg = RLConfig(algo=algo, batch_size=2, num_generations=2, gamma=2.0, ppo_epochs=0)
+        cfg = RLConfig(algo=algo, batch_size=2, num_generations=2)
         assert cfg.minibatch_size == 4 and cfg.batch_size == 2
+        with pytest.raises(CaiError, match=r"gamma: is read by PPO only"):
+            RLConfig(algo=algo, batch_size=2, num_generations=2, gamma=2.0)
         # Their own checks still hold.
         with pytest.raises(CaiError, match="num_generations: must divide batch_size"):
             RLConfig(algo=algo, batch_size=3, num_generations=2)

@@ -520,4 +520,111 @@ def test_view_allowed_hosts_follow_the_bound_address() -> None:
 
     assert allowed_hosts("127.0.0.1") == list(LOCAL_HOSTS)
     assert allowed_hosts("10.1.2.3") == [*LOCAL_HOSTS, "10.1.2.3"]
-    assert allowed_hosts("0.0.0.0") == ["*"]
+    every = allowed_hosts("0.0.0.0")
+    assert "*" not in every and every[:len(LOCAL_HOSTS)] == list(LOCAL_HOSTS)
+    assert "cai.lab.example" in allowed_hosts("0.0.0.0", ("cai.lab.example",))
+    assert "cai.lab.example" not in every
+
+
+# --------------------------------------------------------------------------- the run's bounds
+
+
+def _sl_rows(n: int, tag: str = "p") -> list[dict]:
+    return [{"id": f"r{i}", "prompt_id": f"{tag}{i:04d}", "prompt": f"prompt number {i}",
+             "category": "c", "initial": "x", "rounds": [], "final": "x", "filters": [],
+             "flags": [], "keep": True} for i in range(n)]
+
+
+def _one_stage_run(root: Path, rows: list[dict]) -> Path:
+    (root / "sl").mkdir(parents=True)
+    (root / "sl" / "manifest.json").write_text(json.dumps({"stage": "sl", "counts": {}}))
+    _write_lines(root / "sl" / "data.jsonl", rows)
+    return root
+
+
+def _client(roots: list[Path], hosts: list[str] | None = None, base: str = "http://127.0.0.1"):
+    from starlette.testclient import TestClient
+
+    from cai.view import create_app
+
+    return TestClient(create_app(roots, hosts), base_url=base)
+
+
+def test_view_symlink_data_and_manifest_out_of_the_run_are_not_shown(tmp_path) -> None:
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    _write_lines(secret / "data.jsonl", _sl_rows(3, tag="SECRET"))
+    (secret / "manifest.json").write_text(json.dumps({"stage": "label", "counts": {},
+                                                      "note": "SECRET-MANIFEST"}))
+    (secret / "log.jsonl").write_text('{"step": 1, "loss": 0.5, "note": "SECRET-LOG"}\n')
+    run = _one_stage_run(tmp_path / "run", _sl_rows(2))
+    # data.jsonl of the SL stage is a link out of the run; the label stage's manifest too.
+    (run / "sl" / "data.jsonl").unlink()
+    (run / "sl" / "data.jsonl").symlink_to(secret / "data.jsonl")
+    (run / "label").mkdir()
+    (run / "label" / "manifest.json").symlink_to(secret / "manifest.json")
+    (run / "label" / "data.jsonl").symlink_to(secret / "data.jsonl")
+    # A whole stage folder linked out of the run, and a training log linked out.
+    (run / "pm").symlink_to(secret, target_is_directory=True)
+    (run / "sft").mkdir()
+    (run / "sft" / "manifest.json").write_text(json.dumps({"stage": "sft", "counts": {}}))
+    (run / "sft" / "log.jsonl").symlink_to(secret / "log.jsonl")
+    client = _client([run])
+    pages = {p: client.get(f"/run/0/{p}") for p in ("", "sl", "labels", "training", "eval")}
+    for name, r in pages.items():
+        assert r.status_code == 200, name
+        assert "SECRET" not in r.text, name
+    assert "sl/data.jsonl points outside the run folder" in pages["sl"].text
+    assert "label/manifest.json points outside the run folder" in pages["labels"].text
+    assert "pm/manifest.json points outside the run folder" in pages[""].text
+    assert "sft/log.jsonl points outside the run folder" in pages["training"].text
+    assert client.get("/run/0/file/sl/data.jsonl").status_code == 404
+    # The same files inside the run are shown (the check is on where a path leads).
+    inside = _one_stage_run(tmp_path / "run2", [])
+    (inside / "real.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _sl_rows(2, "IN")))
+    (inside / "sl" / "data.jsonl").unlink()
+    (inside / "sl" / "data.jsonl").symlink_to(inside / "real.jsonl")
+    text = _client([inside]).get("/run/0/sl").text
+    assert "IN0001" in text and "outside the run" not in text
+
+
+def test_view_corrupt_manifest_and_torn_line_are_shown_as_such(tmp_path) -> None:
+    run = _one_stage_run(tmp_path / "run", _sl_rows(3))
+    (run / "label").mkdir()
+    (run / "label" / "manifest.json").write_text('{"stage": "label", "coun')
+    client = _client([run])
+    labels = client.get("/run/0/labels").text
+    assert "label/manifest.json is not a valid manifest" in labels
+    assert "This run has no label stage" not in labels and "No readable label stage" in labels
+    sl = client.get("/run/0/sl").text
+    assert "<b>3</b> of 3 records" in sl and 'id="bad-lines"' not in sl
+    # A kill tears the last line: two records shown, two counted, and a warning says why.
+    with open(run / "sl" / "data.jsonl", "a") as f:
+        f.write('{"id": "r3", "prompt_id": "p0003", "pro')
+    for url in ("/run/0/sl", "/run/0/sl?category=c", "/run/0/sl?page=2"):
+        page = client.get(url).text
+        assert "<b>3</b> of 3 records" in page, url
+        assert 'id="bad-lines"' in page and "line 4" in page and "torn" in page, url
+    # An invalid line in the middle (edited by hand) is named too.
+    lines = (run / "sl" / "data.jsonl").read_text().splitlines()
+    (run / "sl" / "data.jsonl").write_text("\n".join([lines[0], "not json", *lines[1:3]]) + "\n")
+    page = client.get("/run/0/sl").text
+    assert "<b>3</b> of 3 records" in page and "line 2" in page and "torn" not in page
+
+
+def test_view_host_guard_holds_for_every_bind_address(tmp_path) -> None:
+    from cai.view.app import allowed_hosts
+
+    run = _one_stage_run(tmp_path / "run", _sl_rows(1))
+    for bound in ("0.0.0.0", "::", "127.0.0.1", "10.1.2.3"):
+        hosts = allowed_hosts(bound, ("viewer.lab.example",))
+        client = _client([run], hosts)
+        foreign = client.get("/run/0/sl", headers={"Host": "attacker.example:8765"})
+        assert foreign.status_code == 400, bound
+        for ok in ("127.0.0.1:8765", "localhost:8765", "viewer.lab.example:8765"):
+            assert client.get("/run/0/sl", headers={"Host": ok}).status_code == 200, (bound, ok)
+    import socket
+
+    own = socket.gethostname().lower()
+    assert own in allowed_hosts("0.0.0.0") and own not in allowed_hosts("127.0.0.1")
+

@@ -224,6 +224,48 @@ def yaml_error(exc: yaml.YAMLError, path: str) -> CaiError:
     return CaiError(f"YAML syntax error: {problem}", f"{path}:{mark.line + 1 if mark else 1}")
 
 
+def yaml_line(text: str, keys: list[str]) -> int | None:
+    """The 1-based line of the deepest key of a path of mapping keys (`["rl", "steps"]`)
+    found in a YAML text; None when not even the first is there."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+def locate(err: CaiError, path: str | Path) -> CaiError:
+    """An error about YAML file `path` (its `where` the file, or "file: section") pointed at
+    the line of its field: `file:LINE` and the field's full dotted path."""
+    p = str(path)
+    where, field = err.where or "", err.field or ""
+    if where == p:
+        section = None
+    elif where.startswith(p + ": "):
+        section = where[len(p) + 2:]
+    else:
+        return err
+    keys = [*([section] if section else []), *(field.split(".") if field else [])]
+    try:
+        line = yaml_line(Path(p).read_text(encoding="utf-8-sig"), keys) if keys else None
+    except (OSError, UnicodeDecodeError):
+        line = None
+    if line is not None:
+        err.where = f"{p}:{line}"
+        err.field = ".".join(keys)
+    return err
+
+
 def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
                      overrides: dict[str, Any] | None = None) -> Any:
     """Read a YAML config (optionally one section of it), apply overrides, validate."""

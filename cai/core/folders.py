@@ -159,6 +159,37 @@ def check_out_over_inputs(out: str | Path, cfg: Any, fields: Sequence[str]) -> N
                            "the stage reads: pick another --out", str(out), "out")
 
 
+def check_out_file(out: str | Path, *, inputs: Sequence[str | Path] = (), overwrite: bool = False,
+                   own: Sequence[str | Path] = (), field: str = "out") -> Path:
+    """The one rule for a command that writes a single file: never over an input, never over
+    an existing file unless `overwrite`.
+
+    `inputs` are the files or folders the command reads: an output that is one of them, sits
+    inside one or contains one is refused even with `overwrite` (writing it would replace
+    what the command reads). `own` are the command's own default outputs (`report.html` of
+    the run it reports on), which it refreshes whenever it runs. Symlinks are resolved, so
+    a link to an input is the input. Returns the path to write.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise CaiError("is a folder; give a file name", str(out), field)
+    o = path.resolve()
+    if o in {Path(p).expanduser().resolve() for p in own}:
+        return path
+    for item in inputs:
+        r = Path(item).expanduser().resolve()
+        how = ("is" if o == r else "is inside" if r in o.parents
+               else "contains" if o in r.parents else None)
+        if how:
+            raise CaiError(f"--{field.replace('_', '-')} {how} an input of this command ({item}); "
+                           "writing there would replace what it reads: pick another "
+                           f"--{field.replace('_', '-')}", str(out), field)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise CaiError("exists; pass --overwrite to replace it, or pick another "
+                       f"--{field.replace('_', '-')}", str(out), field)
+    return path
+
+
 def _lock_owner(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8").strip() or None
@@ -205,4 +236,4 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 
 __all__ = ["MANIFEST", "LOCK", "RENAMED", "StageDir", "claim_dir", "lock_dir", "read_manifest",
-           "spec_parts", "spec_target", "stage_name", "check_out_over_inputs"]
+           "spec_parts", "spec_target", "stage_name", "check_out_over_inputs", "check_out_file"]

@@ -12,6 +12,7 @@ made and a rerun computes afresh instead of reusing what the old function gave.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -67,10 +68,19 @@ def source_file(spec: str, field: str = "model") -> Path:
         raise CaiError(f"{raw}: cannot import module {target}: {_one_line(exc)}",
                        field=field) from None
     origin = getattr(found, "origin", None)
-    if found is None or not origin or not Path(origin).is_file():
+    if found is None:
         raise CaiError(f"{raw}: cannot import module {target} (not found on sys.path; give "
                        "python:path/to/file.py:FUNCTION for a file)", field=field)
-    return Path(origin)
+    if origin and Path(origin).is_file():
+        return Path(origin)
+    # A frozen or aliased module (os.path is posixpath): its file, if it has one.
+    module = sys.modules.get(target) or sys.modules.get(found.name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if file and Path(file).is_file():
+        return Path(file)
+    raise CaiError(f"{raw}: module {target} is built into Python (no source file to identify "
+                   "the function by); call it from a function in a .py file of your own",
+                   field=field)
 
 
 def python_identity(spec: str, field: str = "model") -> str:
@@ -137,12 +147,14 @@ def load_function(spec: str, field: str = "model") -> PythonFunction:
                 module = importlib.util.module_from_spec(mspec)
                 sys.modules[mod_name] = module
                 try:
-                    mspec.loader.exec_module(module)
+                    with contextlib.redirect_stdout(sys.stderr):
+                        mspec.loader.exec_module(module)
                 except BaseException:
                     sys.modules.pop(mod_name, None)
                     raise
         else:
-            module = importlib.import_module(target)
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(target)
     except CaiError:
         raise
     except (Exception, SystemExit) as exc:  # the user's code: any failure is one line
@@ -157,10 +169,47 @@ def load_function(spec: str, field: str = "model") -> PythonFunction:
     return loaded
 
 
+def python_sources(config: Any) -> dict[str, str]:
+    """`spec -> sha256:...` of the source file of every `python:` spec in a config's string
+    fields (a reward, a judge, each `name=spec` of a list such as RL monitors): part of a
+    training run's identity, so a resume under an edited function is refused. A spec that
+    does not resolve is left out here; the stage reports it when it loads the spec."""
+    import dataclasses
+
+    out: dict[str, str] = {}
+    values = (dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+              else dict(config or {}))
+    texts = [t for v in values.values() for t in (v if isinstance(v, list | tuple) else [v])
+             if isinstance(t, str) and PREFIX in t]
+    for value in texts:
+        for part in value.split(","):  # a spec, or each `name=spec` of a list
+            spec = part.strip()
+            if not is_python_spec(spec):
+                spec = spec.partition("=")[2].strip()
+            if not is_python_spec(spec):
+                continue
+            try:
+                path = source_file(spec)
+                out[spec.strip()] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            except (CaiError, OSError):
+                continue
+    return dict(sorted(out.items()))
+
+
+def changed_sources(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
+    """The specs whose source file's hash differs between a recorded run and now."""
+    return sorted(k for k in recorded if k in now and recorded[k] != now[k])
+
+
 def call(f: PythonFunction, args: tuple[Any, ...], item: str, field: str) -> Any:
-    """Call the user's function; an exception it raises is one line naming spec and item."""
+    """Call the user's function; an exception it raises, or `sys.exit`, is one line naming
+    spec and item. What it prints goes to stderr: stdout is the command's summary JSON."""
     try:
-        return f.fn(*args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return f.fn(*args)
+    except SystemExit as exc:
+        raise CaiError(f"{f.spec} called sys.exit({exc.code!r}) on {item}; a judge or reward "
+                       "must return a value", field=field) from None
     except Exception as exc:  # the user's code: report it, do not print its traceback
         raise CaiError(f"{f.spec} raised {_one_line(exc)} on {item}", field=field) from None
 
@@ -174,4 +223,4 @@ def as_float(value: Any, f: PythonFunction, item: str, field: str) -> float:
 
 
 __all__ = ["PREFIX", "PythonFunction", "load_function", "python_identity", "is_python_spec",
-           "split_spec", "source_file", "call", "as_float"]
+           "split_spec", "source_file", "call", "as_float", "python_sources", "changed_sources"]

@@ -219,7 +219,21 @@ def finished_run(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
     if have != want or not (out / "config.json").is_file() \
             or not any(out.glob("*.safetensors")):
         return None
+    if _python_edited(out, cfg):  # trained under another version of a python: function
+        return None
     return m
+
+
+def _python_edited(out: Path, cfg: Any) -> bool:
+    """Whether a `python:` file the run calls changed since `run_config.json` recorded it."""
+    from cai.core.pyfunc import changed_sources, python_sources
+
+    try:
+        recorded = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    then = recorded.get("python_sources") if isinstance(recorded, dict) else None
+    return bool(then) and bool(changed_sources(then, python_sources(cfg)))
 
 
 # --------------------------------------------------------------------------- manifests

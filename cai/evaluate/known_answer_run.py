@@ -26,6 +26,9 @@ the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never 
 
 It writes `known_answer.json`, `report.md` and `known_answer.png` into its folder and, with
 `json`, a copy of the json (the benchmark record, `benchmarks/results/known_answer.json`).
+Like every stage it locks its folder (one writer) and its manifest is the finished-marker,
+written last; a run whose labels carry no planted gold, or that lacks a policy, the PM or
+RL's whole log, is refused before anything is sampled, naming what is missing.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ import numpy as np
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
 from cai.core.stage import Stage, register, write_manifest
+from cai.evaluate.known_answer_stats import (
+    best_of_n,
+    bootstrap_mean,
+    examples,
+    fit_or_none,
+    grid,
+    matmul_gflops,
+    pair_accuracy,
+    pair_accuracy_ci,
+    rl_baseline,
+    rl_points,
+)
 
 STAGE = "eval-known-answer"
 GOLD = "python:cai.evaluate.known_answer:valence_score"
@@ -68,6 +83,8 @@ class KnownAnswerConfig:
     """Folder for known_answer.json, report.md and the plot (default <run>/known-answer)."""
     json: str | None = None
     """Also copy known_answer.json here (the benchmark record)."""
+    overwrite: bool = False
+    """Replace an existing `json` file (never a file of the run)."""
     gold: str = GOLD
     """The gold reward spec: the planted property's exact score of an answer."""
     limit: int | None = None
@@ -115,115 +132,6 @@ class KnownAnswerConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Mean of per-prompt values with a 95 % percentile bootstrap interval over prompts."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise CaiError("no prompts to bootstrap over", field="limit")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "prompts": int(x.size)}
-
-
-def pair_accuracy(groups: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
-    """Agreement of a PM with the gold over every within-prompt pair the gold splits.
-
-    `groups` holds, per prompt, (PM scores, gold scores) of its answers. A pair counts when
-    the gold differs; it is right when the PM scores the gold's choice strictly higher, and
-    half right on a PM tie (so a constant PM scores ½, not 0)."""
-    right, pairs = 0.0, 0
-    for pm, gold in groups:
-        for i in range(len(pm)):
-            for j in range(i + 1, len(pm)):
-                if gold[i] == gold[j]:
-                    continue
-                pairs += 1
-                d = (pm[i] - pm[j]) * (gold[i] - gold[j])
-                right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-    return {"accuracy": right / pairs if pairs else None, "pairs": pairs}
-
-
-def pair_accuracy_ci(groups: list[tuple[list[float], list[float]]], n_boot: int, seed: int
-                     ) -> dict[str, Any]:
-    """`pair_accuracy` with a 95 % percentile bootstrap interval over prompts: pairs of one
-    prompt share its answers, so prompts, not pairs, are what is resampled."""
-    per = [pair_accuracy([g]) for g in groups]
-    right = np.array([p["accuracy"] * p["pairs"] if p["pairs"] else 0.0 for p in per])
-    pairs = np.array([p["pairs"] for p in per], dtype=float)
-    out = pair_accuracy(groups)
-    if pairs.sum() == 0:
-        return {**out, "ci_low": None, "ci_high": None}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per), size=(n_boot, len(per)))
-    num, den = right[idx].sum(1), pairs[idx].sum(1)
-    acc = num[den > 0] / den[den > 0]
-    lo, hi = np.percentile(acc, [2.5, 97.5])
-    return {**out, "ci_low": float(lo), "ci_high": float(hi)}
-
-
-def best_of_n(proxy: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Best-of-n for n = 1, 2, 4, …, k from [prompts, k] arrays: each prompt's k answers
-    are cut into k/n disjoint groups, the proxy's best of each group is kept, and each
-    score's mean over the kept answers is reported with sqrt(KL_bon(n))."""
-    from cai.evaluate.overopt import kl_best_of_n
-
-    k = proxy.shape[1]
-    rows, n = [], 1
-    while n <= k:
-        groups = proxy.reshape(proxy.shape[0], k // n, n)
-        pick = groups.argmax(axis=2)  # [prompts, k/n]
-        idx = (np.arange(k // n) * n)[None, :] + pick
-        row = {"n": n, "kl": kl_best_of_n(n), "sqrt_kl": math.sqrt(kl_best_of_n(n))}
-        for name, s in scores.items():
-            row[name] = float(np.take_along_axis(s, idx, axis=1).mean())
-        rows.append(row)
-        n *= 2
-    return rows
-
-
-def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float | None
-                ) -> dict[str, Any]:
-    """A fit of one form through (sqrt KL, gold) points (`reported: true`, with its R² and
-    points), or `reported: false` and why (too few points, no baseline)."""
-    from cai.evaluate.overopt import fit_overopt
-
-    pts = [(d, g) for d, g in points if d is not None and g is not None and math.isfinite(d)
-           and math.isfinite(g)]
-    if baseline is None:
-        return {"reported": False, "points": len(pts), "reason": "no baseline point"}
-    try:
-        fit = fit_overopt([d for d, _ in pts], [g for _, g in pts], form, baseline)
-    except CaiError as e:
-        return {"reported": False, "points": len(pts), "reason": str(e)}
-    return {"reported": True, **fit.as_dict()}
-
-
-def rl_baseline(steps: list[dict[str, Any]]) -> float | None:
-    """The gold monitor of RL's first logged step, when that step's policy is still the
-    initial one (sqrt KL ≈ 0): the same training prompts and sampling as every later point,
-    unlike a gold rate measured elsewhere (held-out prompts, other settings)."""
-    first = min(steps, key=lambda e: e["step"], default=None)
-    if first is None or first.get("gold") is None or first.get("step") != 1 or \
-            first.get("sqrt_kl") is None or first["sqrt_kl"] > 1e-3:
-        return None
-    return float(first["gold"])
-
-
-def rl_points(log_path: Path) -> list[dict[str, Any]]:
-    """RL's per-step sqrt(KL), reward (the train PM) and monitors, from its log.jsonl (read
-    as training writes it: a line cut by a kill is left out)."""
-    from cai.train.common import read_steps
-
-    return [{"step": e.get("step"), "sqrt_kl": e.get("sqrt_kl"), "train_pm": e.get("reward_mean"),
-             "test_pm": e.get("monitor/test_pm"), "gold": e.get("monitor/gold")}
-            for e in read_steps(log_path)]
 
 
 # --------------------------------------------------------------------------- sampling
@@ -297,10 +205,20 @@ def _seed(cfg: KnownAnswerConfig, policy: str, prompt: int, sample: int) -> int:
 # --------------------------------------------------------------------------- the stage
 
 
+def _pipeline(run: Path) -> dict[str, Any]:
+    """The run's pipeline.json ({} when there is none); a corrupt one is one line."""
+    path = run / "pipeline.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        raise CaiError("not valid JSON; is this a pipeline run?", str(path)) from None
+    return data if isinstance(data, dict) else {}
+
+
 def _policy_specs(run: Path, base_too: bool = True) -> dict[str, str]:
-    pipe = json.loads((run / "pipeline.json").read_text(encoding="utf-8")) \
-        if (run / "pipeline.json").is_file() else {}
-    base = (pipe.get("config") or {}).get("model") or "embedded:smollm2-135m"
+    base = (_pipeline(run).get("config") or {}).get("model") or "embedded:smollm2-135m"
     specs = {}
     for name, folder in POLICIES:
         if folder is None:
@@ -312,6 +230,65 @@ def _policy_specs(run: Path, base_too: bool = True) -> dict[str, str]:
         raise CaiError("no SL-CAI model (sft/) in the run; run the known-answer pipeline first",
                        str(run), "run")
     return specs
+
+
+def planted_judge(run: Path) -> str | None:
+    """The judge that labelled the run: the label stage's manifest, else the pipeline
+    config (its `label: {feedback_model}` over the run's `feedback_model`)."""
+    from cai.core.folders import read_manifest
+
+    m = read_manifest(run / "label") if (run / "label" / "manifest.json").is_file() else None
+    spec = ((m or {}).get("config") or {}).get("feedback_model")
+    if not spec:
+        cfg = _pipeline(run).get("config") or {}
+        spec = (cfg.get("label") or {}).get("feedback_model") or cfg.get("feedback_model")
+    return spec if isinstance(spec, str) else None
+
+
+def check_planted(run: Path, gold: str) -> str:
+    """Refuse a run whose labels carry no planted gold: its judge must be a `python:`
+    function of the gold's own module or file (`noisy_judge` or `gold_judge` beside
+    `gold_score`), else the gold rates measure a preference nobody put in."""
+    from cai.core.pyfunc import is_python_spec, source_file
+
+    judge = planted_judge(run)
+    if judge is None:
+        raise CaiError("no label stage and no feedback_model in pipeline.json: nothing says a "
+                       "gold was planted in this run's labels; score a run of "
+                       "configs/known-answer.yaml", str(run), "run")
+    if not is_python_spec(judge) or (
+            source_file(judge, "feedback_model").resolve()
+            != source_file(gold, "gold").resolve()):
+        raise CaiError(f"this run was labelled by {judge!r}, not by a judge planted beside the "
+                       f"gold {gold!r} (a python: function of the same module or file): its "
+                       "gold rates would measure a preference nobody planted; score a run of "
+                       "configs/known-answer.yaml", str(run), "run")
+    return judge
+
+
+def missing_parts(run: Path) -> list[str]:
+    """What a known-answer evaluation needs and the run lacks: a model of every policy
+    stage the pipeline ran (sft, rl, dpo), the train PM, and RL's whole step log."""
+    from cai.core.data import parse_jsonl
+
+    stages = (_pipeline(run).get("config") or {}).get("stages")
+    expected = [s for s in ("sft", "pm", "rl", "dpo")
+                if not isinstance(stages, list) or s in stages]
+    out = [f"{s}/ (no finished model: no config.json)" for s in expected
+           if not (run / s / "config.json").is_file()]
+    log = run / "rl" / "log.jsonl"
+    if "rl" in expected and (run / "rl" / "config.json").is_file():
+        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+        if not text.strip():
+            out.append("rl/log.jsonl (missing or empty: no RL steps to fit)")
+        elif not text.endswith("\n"):
+            out.append(f"rl/log.jsonl (line {text.count(chr(10)) + 1} is torn: cut by a kill)")
+        else:
+            try:
+                parse_jsonl(text, str(log))
+            except CaiError as err:
+                out.append(f"rl/log.jsonl ({err})")
+    return out
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -330,6 +307,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
 def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     """Sample, score and fit (see the module docstring); returns the manifest."""
     from cai.core.data import load_prompts
+    from cai.core.folders import check_out_file, claim_dir
     from cai.train.rewards import PMReward, load_reward
 
     t0 = time.time()
@@ -341,8 +319,22 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     if not held.is_file():
         raise CaiError("no held-out prompts (prompts/red_team.eval.jsonl); run the known-answer "
                        "pipeline with eval_fraction > 0 first", str(run), "run")
+    # Everything that can be checked is checked before the folder is touched.
     prompts = load_prompts(str(held), limit=cfg.limit)
     specs = _policy_specs(run, cfg.base)
+    check_planted(run, cfg.gold)
+    missing = missing_parts(run)
+    if missing:
+        raise CaiError(f"the run lacks what a known-answer evaluation reads: {'; '.join(missing)}"
+                       "; finish the known-answer pipeline (rerun `cai pipeline run`) first",
+                       str(run), "run")
+    if cfg.json:
+        check_out_file(cfg.json, inputs=[run, out], overwrite=cfg.overwrite, field="json")
+    # One writer per folder; the manifest is the finished-marker, so it goes first and
+    # comes back last (a kill in between leaves no output that looks finished).
+    claim_dir(out, STAGE)
+    for name in ("manifest.json", "known_answer.json"):
+        (out / name).unlink(missing_ok=True)
     gold = load_reward(cfg.gold)
     pms: dict[str, Any] = {}
     for name, folder in (("train_pm", run / "pm"), ("test_pm", run / "pm" / "test")):
@@ -394,57 +386,19 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
                             "sampling": {"temperature": cfg.temperature, "top_p": 1.0,
                                          "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
                             "pipeline": _pipeline_provenance(run)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "known_answer.json", result)
     from cai.evaluate.known_answer_report import write_report
 
-    write_report(result, out)
+    write_report(result, out)  # report.md and the plot, then the json, then the manifest
+    write_json_atomic(out / "known_answer.json", result)
+    manifest = write_manifest(out, STAGE, config=cfg, models=specs,
+                              counts={"prompts": len(prompts)}, started=t0,
+                              data=("known_answer.json",),
+                              extra={"metrics": {k: result[k] for k in (
+                                  "pm_gold_accuracy", "base_rate", "wall_s")}})
     if cfg.json:
         write_json_atomic(Path(cfg.json), result)
-    return write_manifest(out, STAGE, config=cfg, models=specs,
-                          counts={"prompts": len(prompts)}, started=t0,
-                          data=("known_answer.json",),
-                          extra={"metrics": {k: result[k] for k in (
-                              "pm_gold_accuracy", "base_rate", "wall_s")}})
+    return manifest
 
-
-def grid(which: list[tuple[int, int]], values: Any, prompts: int, n: int) -> np.ndarray:
-    """[prompts, n] array of per-answer values (answer k is `which[k]`), NaN where a
-    prompt has fewer answers."""
-    out = np.full((prompts, n), np.nan)
-    for (i, j), v in zip(which, values, strict=True):
-        out[i, j] = float(v)
-    return out
-
-
-def examples(prompts: list[Any], which: list[tuple[int, int]], texts: list[str],
-             gold: np.ndarray) -> list[dict[str, Any]]:
-    """The first answer to each of the first three prompts, with its own prompt and gold
-    (answer k of `which` belongs to prompt which[k][0])."""
-    first = {}
-    for k, (i, _) in enumerate(which):
-        first.setdefault(i, k)
-    rows = []
-    for i in sorted(first)[:3]:
-        k = first[i]
-        rows.append({"prompt": prompts[i].prompt, "answer": texts[k],
-                     "gold": float(gold[i, which[k][1]])})
-    return rows
-
-
-def matmul_gflops(n: int = 1024, reps: int = 3) -> float:
-    """Best fp32 GFLOP/s of an n×n matmul now: how much of the machine the run had (a
-    loaded machine makes every stage slower)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return round(2 * n ** 3 / best / 1e9, 1)
 
 
 def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[str, Any]:
@@ -504,10 +458,7 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
 
 def _pipeline_provenance(run: Path) -> dict[str, Any]:
     """The run's config and constitution as pipeline.json keeps them."""
-    path = run / "pipeline.json"
-    if not path.is_file():
-        return {}
-    pipe = json.loads(path.read_text(encoding="utf-8"))
+    pipe = _pipeline(run)
     return {k: pipe[k] for k in ("config", "constitution", "seed") if k in pipe}
 
 
@@ -518,4 +469,5 @@ register(Stage(name=STAGE, config=KnownAnswerConfig, run=run_known_answer,
                positional=("run",), command="eval known-answer"))
 
 __all__ = ["KnownAnswerConfig", "run_known_answer", "bootstrap_mean", "pair_accuracy",
-           "best_of_n", "summarise", "rl_points"]
+           "pair_accuracy_ci", "best_of_n", "summarise", "rl_points", "rl_baseline", "examples",
+           "fit_or_none", "grid", "matmul_gflops", "check_planted", "missing_parts"]

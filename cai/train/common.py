@@ -139,6 +139,9 @@ RUN_CONFIG = "run_config.json"
 """Where a training folder records the config (and its hash) it was started with."""
 NOT_CONFIG = ("force",)
 """Fields that say how to run, not what is trained: never part of the recorded config."""
+PYTHON_SOURCES = "python_sources"
+"""In `run_config.json`: `spec -> sha256` of the file of each `python:` function the run
+calls (a reward, a monitor), so a resume after the file was edited is refused."""
 
 
 def _canonical(cfg: Any, ignore: tuple[str, ...]) -> dict[str, Any]:
@@ -168,9 +171,11 @@ def check_run_config(out: Path, cfg: Any, *, ignore: tuple[str, ...] = (), force
     between resumes (how often to save, say).
     """
     from cai.core.errors import CaiError
+    from cai.core.pyfunc import changed_sources, python_sources
     from cai.core.records import write_json_atomic
 
     mine = _canonical(cfg, ignore)
+    sources = python_sources(cfg)
     stamp = out / RUN_CONFIG
     if force:
         for p in out.iterdir() if out.is_dir() else ():
@@ -189,13 +194,35 @@ def check_run_config(out: Path, cfg: Any, *, ignore: tuple[str, ...] = (), force
         theirs = recorded.get("config", recorded) if source == stamp else recorded
         theirs = {k: v for k, v in theirs.items() if k not in (*NOT_CONFIG, *ignore)}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        edited = changed_sources(recorded.get(PYTHON_SOURCES) or {}, sources) \
+            if source == stamp else []
+        if edited and not diff:
+            files = ", ".join(_source_name(spec) for spec in edited)
+            raise CaiError(f"holds a run started with another version of {files} (the "
+                           f"python: function{'s' if len(edited) > 1 else ''} "
+                           f"{', '.join(edited)}); its steps would mix two functions: restore "
+                           "the file, rerun with --force to start over, or use another --out",
+                           str(out))
         if diff:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff[:6])
             raise CaiError(f"holds a run with a different configuration ({shown}"
                            f"{', ...' if len(diff) > 6 else ''}); change it back, rerun with "
                            "--force to start over, or use another --out", str(out))
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, {"hash": config_hash(mine), "config": mine})
+    record: dict[str, Any] = {"hash": config_hash(mine), "config": mine}
+    if sources:  # the content of every python: file the run calls is part of its identity
+        record["hash"] = config_hash({**mine, PYTHON_SOURCES: sources})
+        record[PYTHON_SOURCES] = sources
+    write_json_atomic(stamp, record)
+
+
+def _source_name(spec: str) -> str:
+    from cai.core.pyfunc import source_file
+
+    try:
+        return str(source_file(spec))
+    except Exception:  # noqa: BLE001 - only a name for the message
+        return spec
 
 
 def start_run(out: Path, cfg: Any, stage: str, *, ignore: tuple[str, ...] = ()) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ run with the same config returns its manifest at once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ not the same leash across algorithms."""
 KL_ESTIMATOR = {"rloo": "k1", "grpo": "k3"}
 """The per-token KL TRL logs as "kl" for each of its algorithms."""
 ROLLOUT_ENGINES = ("hf", "vllm")
+PPO_ONLY = ("adaptive_kl", "target_kl", "minibatch_size", "ppo_epochs", "cliprange_value",
+            "gamma", "lam", "whiten_rewards")
+"""The fields ("PPO:" in `PPOConfig`) that RLOO and GRPO never read."""
 RESUMABLE = ("steps", "save_every", "out")
 """Fields a checkpoint may be continued under with a different value (more steps, another
 save interval, the folder moved); any other change is refused by the shared resume rule."""
@@ -128,7 +132,8 @@ class RLConfig(PPOConfig):
             (self.lora_alpha >= 1, "lora_alpha", "must be at least 1"),
             (self.algo == "ppo" or self.num_generations >= 2, "num_generations",
              "must be at least 2 (RLOO/GRPO compare responses within a group)"),
-            (self.algo == "ppo" or self.batch_size % self.num_generations == 0, "num_generations",
+            (self.algo == "ppo" or self.num_generations < 2
+             or self.batch_size % self.num_generations == 0, "num_generations",
              f"must divide batch_size ({self.batch_size})"),
             (self.rollout_engine in ROLLOUT_ENGINES, "rollout_engine",
              f"must be one of {ROLLOUT_ENGINES}"),
@@ -142,6 +147,19 @@ class RLConfig(PPOConfig):
             if not ok:
                 raise CaiError(msg, field=name)
         self.check_ppo(ppo)  # the PPO-only fields for PPO alone
+        self._check_other_algorithm(ppo)
+
+    def _check_other_algorithm(self, ppo: bool) -> None:
+        """A field only another algorithm reads, set away from its default, is refused:
+        silently ignored it would leave the manifest claiming a setting that did nothing."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)
+                    if f.default is not dataclasses.MISSING}
+        others = ("num_generations",) if ppo else PPO_ONLY
+        for name in others:
+            if getattr(self, name) != defaults[name]:
+                who = "RLOO and GRPO only" if ppo else "PPO only"
+                raise CaiError(f"is read by {who}; --algo {self.algo} ignores it: leave it out "
+                               "(or choose the algorithm that reads it)", field=name)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -162,6 +180,11 @@ def run_rl(cfg: RLConfig, reward: RewardSource | None = None) -> dict[str, Any] 
     out = Path(cfg.out)
     if cfg.algo != "ppo":
         _trl_vllm_args(cfg)  # an unsupported vLLM is refused before the folder is touched
+    if cfg.rollout_engine == "vllm":  # and a model it cannot run
+        from cai.core.models import local_path
+        from cai.train.rollout import check_vllm_model
+
+        check_vllm_model(local_path(cfg.model))
     state = _process_group()
     main = state is None or state.is_main_process
     done = None

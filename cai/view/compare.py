@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.results import read_jsonl as _read_jsonl
-from cai.view.runs import Run
+from cai.view.runs import Run, read_jsonl_in
 
 
 def _load_constitution(run: Run) -> tuple[Any, str | None]:
@@ -72,9 +71,9 @@ def compare_sl(old: Run, new: Run, limit: int = 100) -> list[dict[str, Any]]:
     so, sn = old.pick("sl", None), new.pick("sl", None)
     if so is None or sn is None:
         return []
-    a = {(r.get("prompt"), r.get("sample", 0)): r for r in _read_jsonl(so.path / "data.jsonl")}
+    a = {(r.get("prompt"), r.get("sample", 0)): r for r in read_jsonl_in(so, "data.jsonl")}
     rows = []
-    for r in _read_jsonl(sn.path / "data.jsonl"):
+    for r in read_jsonl_in(sn, "data.jsonl"):
         o = a.get((r.get("prompt"), r.get("sample", 0)))
         if o is not None:
             rows.append({"old": o, "new": r, "same": o.get("final") == r.get("final")})
@@ -93,9 +92,9 @@ def compare_labels(old: Run, new: Run, limit: int = 50) -> dict[str, Any]:
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("prompt"), r.get("response_a"), r.get("response_b"))
 
-    a = {key(r): r for r in _read_jsonl(lo.path / "data.jsonl")}
+    a = {key(r): r for r in read_jsonl_in(lo, "data.jsonl")}
     rows = []
-    for r in _read_jsonl(ln.path / "data.jsonl"):
+    for r in read_jsonl_in(ln, "data.jsonl"):
         o = a.get(key(r))
         if o is None or not isinstance(o.get("p_a"), int | float) or not isinstance(
                 r.get("p_a"), int | float):

@@ -11,9 +11,7 @@ import math
 from typing import Any
 
 from cai.core.results import Example, PreferenceEval
-from cai.core.results import read_json as _read_json
-from cai.core.results import read_jsonl as _read_jsonl
-from cai.view.runs import Run
+from cai.view.runs import Run, read_json_in, read_jsonl_in
 
 # --------------------------------------------------------------------------- training
 
@@ -52,8 +50,9 @@ def training(run: Run) -> list[dict[str, Any]]:
     for s in run.stages:
         if s.stage not in registry or registry[s.stage].group != "train":
             continue
-        log = _read_jsonl(s.path / "log.jsonl")
-        ev = PreferenceEval.read(s.path) or PreferenceEval({})
+        log = read_jsonl_in(s, "log.jsonl")
+        ev = ((PreferenceEval.read(s.path) if s.file("eval.json") is not None else None)
+              or PreferenceEval({}))
         out.append({"key": s.key, "stage": s.stage, "manifest": s.manifest, "eval": ev.numbers,
                     "by_source": {k: dataclasses.asdict(v) for k, v in ev.by_source.items()},
                     "reliability": ev.reliability,
@@ -71,7 +70,7 @@ def evaluation(run: Run, key: str | None = None) -> dict[str, Any] | None:
     s = run.pick("eval", key)
     if s is None:
         return None
-    rep = _read_json(s.path / "report.json") or {}
+    rep = read_json_in(s, "report.json") or {}
     elo = rep.get("elo") or {}
     table = []
     for name, v in sorted((elo.get("overall") or {}).items(),
@@ -81,10 +80,11 @@ def evaluation(run: Run, key: str | None = None) -> dict[str, Any] | None:
                       "red_team": ((elo.get("red_team") or {}).get(name) or {}).get("rating"),
                       "helpful": ((elo.get("helpful") or {}).get(name) or {}).get("rating"),
                       "refusal": (rep.get("refusal") or {}).get(name) or {}})
-    comparisons = {r["id"]: r for r in _read_jsonl(s.path / "comparisons.jsonl") if "id" in r}
-    examples = {(e.set, e.prompt_id): e for e in Example.read_all(s.path)}
+    comparisons = {r["id"]: r for r in read_jsonl_in(s, "comparisons.jsonl") if "id" in r}
+    examples = {(e.set, e.prompt_id): e for e in (Example.read_all(s.path)
+                                                  if s.file("examples.jsonl") is not None else [])}
     prompts: dict[tuple[str, str], dict[str, Any]] = {}
-    for g in _read_jsonl(s.path / "games.jsonl"):
+    for g in read_jsonl_in(s, "games.jsonl"):
         k = (g.get("set"), g.get("prompt_id"))
         item = prompts.setdefault(k, {"set": k[0], "prompt_id": k[1], "prompt": None,
                                       "answers": {}, "games": [], "_cands": {}})

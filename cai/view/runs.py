@@ -1,9 +1,7 @@
-"""Reading run folders for the viewer: stages, paged records, filters and two-run comparison.
+"""Reading run folders for the viewer: stages, filters and two-run comparison (paged
+records are read by `cai.view.paging`, re-exported here).
 
-Why paging by byte offsets: a stage of 100,000 records is hundreds of megabytes of jsonl;
-parsing it whole for every page would take seconds. The first page reads only its own
-lines; a line-offset index (one fast scan, cached by file size and mtime) serves any later
-page; filters scan once and keep the matching line numbers per query.
+Every path is resolved before it is read and read only inside the run folder (`Run.inside`).
 
 Nothing here writes: the viewer is read-only.
 """
@@ -11,21 +9,26 @@ Nothing here writes: the viewer is read-only.
 from __future__ import annotations
 
 import json
-import math
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
 from cai.core.folders import stage_name
 from cai.core.results import read_json as _read_json
-
-PAGE_SIZE = 50
-"""Records per page."""
+from cai.view.paging import (  # noqa: F401 - the viewer's readers, re-exported
+    PAGE_SIZE,
+    LineIndex,
+    Page,
+    _torn,
+    count_lines,
+    facets,
+    first_lines,
+    line_index,
+    page_of,
+)
 
 
 @dataclass
@@ -38,14 +41,28 @@ class StageFolder:
     """The folder."""
     manifest: dict[str, Any]
     """Its manifest.json."""
+    run: Run | None = None
+    """The run it belongs to: every file of the folder is read through `file`, inside it."""
 
     @property
     def stage(self) -> str:
         return str(stage_name(self.manifest.get("stage")) or "")
 
+    def file(self, name: str) -> Path | None:
+        """`name` in this folder, resolved; None (and a problem shown on every page) when a
+        symlink takes it outside the run. The viewer reads a stage's files only through this."""
+        rel = f"{self.key}/{name}" if self.key != "." else name
+        return self.run.inside(rel) if self.run is not None else self.path / name
+
 
 class Run:
-    """A run folder (a pipeline run, or one stage folder) as the viewer sees it."""
+    """A run folder (a pipeline run, or one stage folder) as the viewer sees it.
+
+    Every path it reads — manifests, records, logs, results — is resolved first and read only
+    when it lies inside the run folder; a symlink out of it, a manifest that is not a valid
+    manifest, and a torn or unreadable line are listed in `problems` (shown on every page)
+    instead of being followed, taken for "no such stage", or miscounted.
+    """
 
     def __init__(self, root: str | Path):
         root = Path(root)
@@ -53,24 +70,64 @@ class Run:
             raise CaiError("not a run folder (no such folder)", str(root))
         self.root = root.resolve()
         self.name = root.name or str(root)
-        self.pipeline: dict[str, Any] = _read_json(self.root / "pipeline.json") or {}
+        self.problems: list[str] = []
+        pipe = self.inside("pipeline.json")
+        self.pipeline: dict[str, Any] = (_read_json(pipe) if pipe else None) or {}
+        if not isinstance(self.pipeline, dict):
+            self.problems.append("pipeline.json is not a JSON object; its config is not shown")
+            self.pipeline = {}
         self.stages: list[StageFolder] = []
-        own = _read_json(self.root / "manifest.json")
-        if isinstance(own, dict):
-            self.stages.append(StageFolder(".", self.root, own))
-        else:
+        own = self._manifest(".")
+        if own is not None:
+            self.stages.append(StageFolder(".", self.root, own, self))
+        elif not (self.root / "manifest.json").exists():
             found = sorted(self.root.glob("*/manifest.json")) + sorted(
                 self.root.glob("round-*/*/manifest.json"),
                 key=lambda p: (int(p.parent.parent.name.split("-")[1])
                                if p.parent.parent.name.split("-")[1].isdigit() else 0, str(p)))
             for m in found:
-                data = _read_json(m)
-                if isinstance(data, dict):
-                    key = m.parent.relative_to(self.root).as_posix()
-                    self.stages.append(StageFolder(key, m.parent, data))
-        if not self.stages:
+                key = m.parent.relative_to(self.root).as_posix()
+                data = self._manifest(key)
+                if data is not None:
+                    self.stages.append(StageFolder(key, self.root / key, data, self))
+        if not self.stages and not self.problems:
             raise CaiError("no stage folder with a manifest.json here; give a run folder "
                            "(runs/NAME) or a stage folder", str(root))
+
+    def _manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of the stage folder `key` (relative to the run), or None; one that
+        escapes the run or is not a JSON object with a `stage` is a problem, not a stage."""
+        rel = "manifest.json" if key == "." else f"{key}/manifest.json"
+        if not (self.root / rel).exists():
+            return None
+        path = self.inside(rel)
+        if path is None:
+            return None
+        data = _read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
+            self.problem(f"{rel} is not a valid manifest (not JSON, or no `stage`): that "
+                         "folder is not shown")
+            return None
+        return data
+
+    def problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+    def inside(self, rel: str) -> Path | None:
+        """`rel` resolved (symlinks followed) when it lies inside the run, else None and a
+        problem naming it; it need not exist."""
+        if "\x00" in rel:
+            return None
+        try:
+            p = (self.root / rel).resolve()
+        except (OSError, ValueError, RuntimeError):
+            self.problem(f"{rel} cannot be resolved (a symlink loop?): not shown")
+            return None
+        if p != self.root and self.root not in p.parents:
+            self.problem(f"{rel} points outside the run folder: not shown")
+            return None
+        return p
 
     def of(self, stage: str) -> list[StageFolder]:
         """Stage folders whose manifest says `stage` ("sl", "label", "pm", ...; a folder
@@ -96,223 +153,52 @@ class Run:
             return None
         try:
             p = (self.root / rel).resolve()
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):
             return None
         if p != self.root and self.root not in p.parents:
             return None
         return p if p.is_file() else None
 
     def pngs(self, folder: Path, recurse: bool = False) -> list[str]:
-        """PNG files of a folder, relative to the run."""
+        """PNG files of a folder inside the run, relative to the run."""
         pattern = "**/*.png" if recurse else "*.png"
-        return sorted(p.relative_to(self.root).as_posix() for p in folder.glob(pattern)
-                      if "checkpoint" not in p.as_posix())
+        return sorted(rel for p in folder.glob(pattern)
+                      if "checkpoint" not in p.as_posix()
+                      and self.safe_path(rel := p.relative_to(self.root).as_posix()) is not None)
 
 
-# --------------------------------------------------------------------------- paged jsonl
+def read_json_in(folder: StageFolder, name: str) -> Any:
+    """A stage's JSON file, read only inside the run (see `StageFolder.file`)."""
+    p = folder.file(name)
+    return _read_json(p) if p is not None else None
 
 
-class LineIndex:
-    """Byte offsets of the non-blank lines of a jsonl file, found by a chunked numpy scan
-    for newlines (a Python loop over 100,000 lines is several times slower)."""
-
-    CHUNK = 16 << 20
-
-    def __init__(self, path: Path):
-        import numpy as np
-
-        self.path = path
-        st = path.stat()
-        self.stamp = (st.st_size, st.st_mtime_ns)
-        starts = [np.zeros(1, dtype=np.int64)]
-        pos = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(self.CHUNK):
-                nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
-                starts.append(nl.astype(np.int64) + pos + 1)
-                pos += len(chunk)
-        begin = np.concatenate(starts)
-        end = np.append(begin[1:] - 1, pos)  # each line's end (its newline or the file's end)
-        keep = end > begin  # drop empty lines (and the empty "line" after the last newline)
-        if keep.any():
-            # Lines of only whitespace are rare; check just the short ones.
-            short = np.flatnonzero(keep & (end - begin <= 4))
-            if len(short):
-                with open(path, "rb") as f:
-                    for k in short:
-                        f.seek(int(begin[k]))
-                        if not f.read(int(end[k] - begin[k])).strip():
-                            keep[k] = False
-        self.offsets = begin[keep].tolist()
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, numbers: list[int]) -> list[tuple[int, dict[str, Any]]]:
-        """The records at these line numbers (0-based), skipping unreadable lines."""
-        out = []
-        with open(self.path, "rb") as f:
-            for n in numbers:
-                f.seek(self.offsets[n])
-                try:
-                    out.append((n, json.loads(f.readline())))
-                except ValueError:
-                    continue
-        return out
-
-
-class _Cache:
-    """A small LRU of indexes and filter results, dropped when the file changes."""
-
-    def __init__(self, size: int = 32):
-        self.size = size
-        self.items: OrderedDict[Any, Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
-
-
-_CACHE = _Cache()
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-def line_index(path: Path) -> LineIndex:
-    return _CACHE.get(("index", str(path), _stamp(path)), lambda: LineIndex(path))
-
-
-def first_lines(path: Path, n: int) -> list[tuple[int, dict[str, Any]]]:
-    """The first n records without scanning the rest of the file (the fast first page)."""
-    out = []
-    with open(path, "rb") as f:
-        k = 0
-        for line in f:
+def read_jsonl_in(folder: StageFolder, name: str) -> list[dict[str, Any]]:
+    """A stage's jsonl records, read only inside the run; a torn or unreadable line is a
+    problem shown on every page, not a silent gap."""
+    p = folder.file(name)
+    if p is None or not p.is_file():
+        return []
+    rows, bad = [], []
+    with open(p, "rb") as f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append((k, json.loads(line)))
+                rows.append(json.loads(line))
             except ValueError:
-                pass
-            k += 1
-            if len(out) >= n:
-                break
-    return out
+                bad.append(n)
+    if bad and folder.run is not None:
+        folder.run.problem(_bad_lines_text(folder.key, name, bad, _torn(p)))
+    return rows
 
 
-def count_lines(path: Path) -> int:
-    """Lines, counted on raw bytes in C (no index, no JSON parsing): all the first page of
-    a big stage needs. A store has no blank lines; in a hand-edited file each blank line
-    counts here (at worst the pager shows one more page, and the index drops them)."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(LineIndex.CHUNK):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")  # a last line without its newline
-
-
-@dataclass
-class Page:
-    """One page of records and what the pager needs."""
-
-    rows: list[dict[str, Any]]
-    page: int
-    pages: int
-    total: int
-    """Records that match (the whole stage when nothing filters)."""
-    all_records: int
-    numbers: list[int] = field(default_factory=list)
-
-
-def page_of(path: Path, page: int, match: Callable[[dict[str, Any]], bool] | None = None,
-            query_key: Any = None, prefilter: Callable[[bytes], bool] | None = None,
-            sort: Callable[[dict[str, Any]], float] | None = None,
-            size: int = PAGE_SIZE) -> Page:
-    """Page `page` (1-based) of the records of `path` that `match`, optionally sorted.
-
-    Unfiltered and unsorted, page 1 reads only its own lines. Otherwise the file is scanned
-    once per (query, file version) and the matching line numbers are cached.
-    """
-    if not path.is_file():
-        return Page([], 1, 1, 0, 0)
-    page = max(1, page)
-    if match is None and sort is None:
-        if page == 1:
-            rows = first_lines(path, size)
-            total = _CACHE.get(("count", str(path), _stamp(path)), lambda: count_lines(path))
-            return Page([r for _, r in rows], 1, max(1, math.ceil(total / size)), total, total,
-                        [n for n, _ in rows])
-        idx = line_index(path)
-        total = len(idx)
-        pages = max(1, math.ceil(total / size))
-        page = min(page, pages)
-        got = idx.read(list(range((page - 1) * size, min(total, page * size))))
-        return Page([r for _, r in got], page, pages, total, total, [n for n, _ in got])
-
-    def scan() -> list[int]:
-        keyed: list[tuple[float, int]] = []
-        with open(path, "rb") as f:
-            k = 0
-            for line in f:
-                if not line.strip():
-                    continue
-                n, k = k, k + 1
-                if prefilter is not None and not prefilter(line):
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if match is None or match(rec):
-                    keyed.append((sort(rec) if sort else 0.0, n))
-        if sort is not None:
-            keyed.sort(key=lambda t: (-t[0], t[1]))
-        return [n for _, n in keyed]
-
-    numbers = _CACHE.get(("scan", str(path), _stamp(path), query_key), scan)
-    idx = line_index(path)
-    total = len(numbers)
-    pages = max(1, math.ceil(total / size))
-    page = min(page, pages)
-    chosen = numbers[(page - 1) * size: page * size]
-    got = idx.read(chosen)
-    return Page([r for _, r in got], page, pages, total, len(idx), [n for n, _ in got])
-
-
-def facets(path: Path, fields: Callable[[dict[str, Any]], dict[str, list[str]]]) -> dict[str, list[str]]:
-    """The distinct values of each filterable field (flags, principles, ...) in a file."""
-
-    def make() -> dict[str, list[str]]:
-        seen: dict[str, set[str]] = {}
-        if path.is_file():
-            with open(path, "rb") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    for k, vs in fields(rec).items():
-                        seen.setdefault(k, set()).update(v for v in vs if v)
-        return {k: sorted(v) for k, v in seen.items()}
-
-    if not path.is_file():
-        return {}
-    return _CACHE.get(("facets", str(path), _stamp(path), fields.__name__), make)
+def _bad_lines_text(key: str, name: str, lines: list[int], torn: bool) -> str:
+    where = name if key == "." else f"{key}/{name}"
+    shown = ", ".join(str(n) for n in lines[:5]) + (", …" if len(lines) > 5 else "")
+    return (f"{where}: {len(lines)} line{'s' if len(lines) != 1 else ''} not valid JSON "
+            f"(line {shown}){'; the last line is torn (cut by a kill?)' if torn else ''}: "
+            "not shown and not counted")
 
 
 def text_prefilter(q: str) -> Callable[[bytes], bool]:
@@ -429,11 +315,14 @@ SORTS: dict[str, Callable[[dict[str, Any]], float]] = {
 
 
 
-def file_size(path: Path) -> int:
+def file_size(path: Path | None) -> int:
+    if path is None:
+        return 0
     try:
         return os.path.getsize(path)
     except OSError:
         return 0
 
 
-__all__ = ["Run", "StageFolder", "Page", "page_of", "facets", "PAGE_SIZE", "LineIndex"]
+__all__ = ["Run", "StageFolder", "Page", "page_of", "facets", "PAGE_SIZE", "LineIndex",
+           "read_json_in", "read_jsonl_in"]
