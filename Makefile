@@ -40,10 +40,19 @@ demo: $(STAMP)
 
 # A gold preference that code can check, planted in the labels; see configs/known-answer.yaml.
 # `cai eval known-answer` then scores it with the exact gold (benchmarks/results/known_answer.json).
+# PPO on the noisy gold itself and on its negation (configs/known-answer-direct.yaml) is what
+# two CPU cores can prove; the full run with the PM targets is configs/known-answer-gpu.yaml
+# (benchmarks/gpu_check.py).
+KA_REWARD := python:cai.evaluate.known_answer
 known-answer: $(STAMP)
 	@start=$$(date +%s); $(VENV)/bin/cai pipeline run configs/known-answer.yaml && \
-	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 1 --best-of 4 \
-	  --max-new-tokens 40 --json benchmarks/results/known_answer.json --overwrite --started $$start
+	$(VENV)/bin/cai train rl --config configs/known-answer-direct.yaml \
+	  --reward $(KA_REWARD):noisy_valence --out runs/known-answer/rl-direct && \
+	$(VENV)/bin/cai train rl --config configs/known-answer-direct.yaml \
+	  --reward $(KA_REWARD):negated_noisy_valence --out runs/known-answer/rl-direct-negated && \
+	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 1 --best-of 16 \
+	  --best-of-limit 6 --no-base --max-new-tokens 32 --json benchmarks/results/known_answer.json \
+	  --overwrite --started $$start
 
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check cai tests benchmarks

@@ -1,6 +1,7 @@
 """GPU acceptance run: the code paths only a GPU exercises, in one script of ≤ 8 minutes.
 
     python benchmarks/gpu_check.py [--out FILE] [--only peak,pipeline,scores,ppo,train]
+    python benchmarks/gpu_check.py --only known-answer     (about ten minutes more)
 
 Sections, each timed and recorded even when another fails (the JSON is rewritten after
 every section, so a run cut short keeps what it measured):
@@ -18,6 +19,9 @@ every section, so a run cut short keeps what it measured):
 - memory: every trainer (sft, pm, dpo, rl with ppo, rloo and grpo) in bf16 with gradient
   checkpointing, full weights, on the embedded model: peak GPU memory beside
   `cai plan memory`'s estimate for the same config;
+- known-answer (only when named in --only: it takes about ten minutes by itself): the full
+  known-answer run, configs/known-answer-gpu.yaml, checked against its targets
+  (benchmarks/gpu_known_answer.py; it also writes results/known_answer_gpu.json);
 and the peak GPU memory of each section. Writes benchmarks/results/gpu_check.json (or
 --out). Without a CUDA GPU it says so in one line and exits with code 2.
 """
@@ -42,7 +46,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-SECTIONS = ("peak", "pipeline", "scores", "ppo", "train", "memory")
+SECTIONS = ("peak", "pipeline", "scores", "ppo", "train", "memory", "known-answer")
+DEFAULT_SECTIONS = ("peak", "pipeline", "scores", "ppo", "train", "memory")
 
 
 def bf16_peak(torch) -> dict:
@@ -310,12 +315,23 @@ def trainers_memory(tmp: Path, torch, model: str = "embedded:smollm2-135m") -> d
         out[name] = row
     out["ok_trainers"] = sum("error" not in v for v in out.values() if isinstance(v, dict))
     return out
+def known_answer_section(tmp: Path) -> dict:
+    """The full known-answer run and its targets (benchmarks/gpu_known_answer.py); the
+    section is not ok when a target is missed."""
+    from gpu_known_answer import ROOT as KA_ROOT
+    from gpu_known_answer import run_known_answer_gpu
+
+    row = run_known_answer_gpu(tmp / "known-answer-gpu")
+    (KA_ROOT / "benchmarks" / "results" / "known_answer_gpu.json").write_text(
+        json.dumps({"bench": "known_answer_gpu", **row}, indent=2) + "\n")
+    missed = [k for k, ok in row["checks"].items() if not ok]
+    return {**row, "ok": not missed, "missed": missed}  # a missed target fails the section
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help="comma-separated sections")
     args = ap.parse_args()
     import torch
 
@@ -369,6 +385,7 @@ def main() -> int:
     section("ppo", lambda: ppo_throughput(tmp, *models()[:2], torch))
     section("train", lambda: train_fraction(tmp, models()[0], models()[2], peak, torch))
     section("memory", lambda: trainers_memory(tmp, torch))
+    section("known-answer", lambda: known_answer_section(tmp))
     summary = {"bench": "gpu_check", "device": res["device"],
                "ok": {k: v["ok"] for k, v in res["sections"].items()}}
     print(json.dumps(summary))

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cai.core.config import from_dict  # noqa: E402
 from cai.core.errors import CaiError  # noqa: E402
-from cai.evaluate.known_answer import gold_score  # noqa: E402
+from cai.evaluate.known_answer import valence_score as gold_score  # noqa: E402
 from cai.train.pm import PMConfig, pm_scores, train_pm  # noqa: E402
 from cai.train.prefs import apply_ties, load_preference_file, split_rows  # noqa: E402
 
-KNOWN_ANSWER_PM = {"model": "embedded:smollm2-135m", "batch_size": 8, "max_length": 192,
-                   "learning_rate": 3e-4, "epochs": 2}
+KNOWN_ANSWER_PM = {"model": "embedded:smollm2-135m", "batch_size": 8, "max_length": 160,
+                   "learning_rate": 3e-4, "epochs": 1}
 """The PM settings of configs/known-answer.yaml (the overrides change these)."""
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     scores = pm_scores(result.model, result.tokenizer, prompts + prompts,
                        [_text(r, "chosen") for r in test] + [_text(r, "rejected") for r in test])
     n = len(test)
-    right = sum((scores[i] > scores[n + i]) == (gold_score("", _text(test[i], "chosen")) > 0)
+    right = sum((scores[i] > scores[n + i]) == (gold_score("", _text(test[i], "chosen"))
+                                                 > gold_score("", _text(test[i], "rejected")))
                 for i in range(n))
     print(json.dumps({"overrides": overrides, "train_pairs": len(train), "test_pairs": n,
                       "gold_accuracy": round(right / max(n, 1), 3), "train_s": round(seconds, 1)}))

@@ -71,8 +71,9 @@ def test_known_answer_config_plans_with_the_noisy_labeller_and_the_gold_judge() 
     cfg = load_pipeline_config(ROOT / "configs" / "known-answer.yaml")
     steps = {s.stage: s.config for s in plan(cfg)}
     assert list(steps) == ["sl", "sft", "label", "pm", "rl", "dpo", "eval"]
-    assert steps["label"].feedback_model == "python:cai.evaluate.known_answer:noisy_judge"
-    assert steps["eval"].judge_model == "python:cai.evaluate.known_answer:gold_judge"
+    assert steps["label"].feedback_model == "python:cai.evaluate.known_answer:noisy_valence_judge"
+    assert steps["eval"].judge_model == "python:cai.evaluate.known_answer:valence_judge"
+    assert "gold=python:cai.evaluate.known_answer:valence_score" in steps["rl"].monitors
     assert steps["pm"].pairs is None and steps["dpo"].pairs is None  # labels only
 
 

@@ -167,7 +167,7 @@ def _fake_run(tmp_path: Path, policy: Path, pm: Path, judge: str) -> Path:
     (run / "pipeline.json").write_text(json.dumps({"config": {"model": str(policy),
                                                               "feedback_model": judge}}))
     (run / "rl" / "log.jsonl").write_text("".join(
-        json.dumps({"step": s, "sqrt_kl": 0.3 * s, "reward_mean": 0.1 * s,
+        json.dumps({"step": s, "sqrt_kl": 0.3 * (s - 1), "reward_mean": 0.1 * s,
                     "monitor/test_pm": 0.05 * s, "monitor/gold": 0.2 + 0.1 * s - 0.01 * s * s})
         + "\n" for s in range(1, 7)))
     return run
@@ -203,15 +203,25 @@ def test_known_answer_writer_on_a_tiny_run(boosted_model: tuple[Path, int], tiny
     assert result["pm_gold_accuracy"] is None or 0 <= result["pm_gold_accuracy"] <= 1
     assert [r["n"] for r in result["best_of_n"]] == [1, 2, 4]
     assert set(result["bon_fit"]) == {"bon", "rl"} and set(result["rl_fit"]) == {"rl", "bon"}
-    # The RL fit is through the log's (sqrt KL, gold monitor) points, from the SL gold rate.
+    # Three best-of-n points are too few to fit two parameters honestly: no fit, and why.
+    assert result["bon_fit"]["bon"]["reported"] is False
+    assert "at least 5 points" in result["bon_fit"]["bon"]["reason"]
+    # The RL fit is through the log's (sqrt KL, gold monitor) points, from the gold monitor
+    # of its own first step (d = 0), not from a gold rate measured on other prompts.
     steps = [json.loads(x) for x in (run / "rl" / "log.jsonl").open()]
     want = fit_rl([e["sqrt_kl"] for e in steps], [e["monitor/gold"] for e in steps],
-                  baseline=result["policies"]["sl-cai"]["gold"]["mean"])
-    assert result["rl_fit"]["rl"] == pytest.approx(want.as_dict())
+                  baseline=steps[0]["monitor/gold"])
+    got, want_d = dict(result["rl_fit"]["rl"]), want.as_dict()
+    assert got.pop("reported") is True and set(got) == set(want_d)
+    for key in ("d", "gold"):  # the points used, listed
+        assert got.pop(key) == pytest.approx(want_d.pop(key))
+    assert got == pytest.approx(want_d)
+    assert got["points"] == 6 and got["r2"] is not None
     assert [r["gold"] for r in result["rl_steps"]] == [e["monitor/gold"] for e in steps]
     assert result["provenance"]["gold"].startswith(f"python:{funcs}:has_cat@")
     assert (run / "known-answer" / "known_answer.png").stat().st_size > 10_000
-    assert "RL − SL gold rate" in (run / "known-answer" / "report.md").read_text()
+    report = (run / "known-answer" / "report.md").read_text()
+    assert "RL (on the PM) − SL gold" in report and "| curve, form | points |" in report
 
 
 def test_known_answer_cli_bad_run_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -35,13 +35,14 @@ def test_overopt_bon_recovers_known_alpha_beta(alpha: float, beta: float, baseli
     assert fit.form == "bon" and fit.points == len(NS)
     assert fit.alpha == pytest.approx(alpha, abs=1e-9) and fit.beta == pytest.approx(beta, abs=1e-9)
     assert fit.r2 == pytest.approx(1.0)
-    if beta > 0:
+    if beta > 0 and alpha / (2 * beta) <= d.max():
         assert fit.peak_sqrt_kl == pytest.approx(alpha / (2 * beta))
         assert fit.peak_kl == pytest.approx((alpha / (2 * beta)) ** 2)
         assert fit.peak_gold == pytest.approx(baseline + alpha ** 2 / (4 * beta))
-        assert fit.peak_in_range == (alpha / (2 * beta) <= d.max())
-    else:  # the gold never turns over
+        assert fit.peak_in_range is True and fit.no_peak is None
+    else:  # the gold never turns over, or only beyond the data: no peak is claimed
         assert fit.peak_sqrt_kl is None and fit.peak_gold is None and fit.peak_in_range is None
+        assert fit.no_peak
     assert fit.predict(d) == pytest.approx(gold)
 
 

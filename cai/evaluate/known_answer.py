@@ -27,11 +27,25 @@ The noisy judge stands in for a real AI judge: its labels are soft and sometimes
 the PM has to learn through noise. Which pairs are reversed is a hash of the pair's
 unordered content, so both orders and every principle agree and swapping the responses
 gives exactly 1 − p, as for any judge.
+
+**The graded gold: valence.** The safe-course property is rare (one answer in seven), so
+most pairs are ties and a PM or a policy sees little signal. `valence` scores *every*
+answer: positive minus negative words of a small word list written for this project
+(`POSITIVE`, `NEGATIVE`), squashed by tanh into (−1, 1). It is a word count, not an
+understanding of sentiment ("not good" counts as good). The known-answer run
+(`configs/known-answer.yaml`) plants this one:
+
+    python:cai.evaluate.known_answer:valence_score          the gold (every answer scored)
+    python:cai.evaluate.known_answer:noisy_valence          the noisy gold as a direct reward
+    python:cai.evaluate.known_answer:negated_noisy_valence  its negation (the sign check)
+    python:cai.evaluate.known_answer:valence_judge          judge: P(A better) = 1, 0, or ½ on a tie
+    python:cai.evaluate.known_answer:noisy_valence_judge    the labeller: shrunk and flipped as above
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 
 from cai.core.text import is_refusal
@@ -80,5 +94,81 @@ def noisy_judge(prompt: str, response_a: str, response_b: str, principle: str = 
     return p if response_a == lo else 1.0 - p
 
 
+def _words(*stems: str) -> re.Pattern[str]:
+    """Words starting with a stem of five or more letters, or a shorter word with a plain
+    ending (so "war" does not match "warm")."""
+    long = [x for x in stems if len(x) >= 5]
+    short = [x for x in stems if len(x) < 5]
+    return re.compile(r"\b(?:(?:" + "|".join(long) + r")\w*|(?:" + "|".join(short)
+                      + r")(?:s|es|ed|d|ing|ly|er|est|ful|ness|y|ies|iness|ily)?)\b",
+                      re.IGNORECASE)
+
+
+POSITIVE = _words(
+    "good", "great", "happy", "happi", "joy", "love", "lovely", "kind", "help", "hope", "glad", "wonderf",
+    "excellent", "nice", "beautif", "friend", "care", "caring", "calm", "peace", "safe",
+    "support", "respect", "thank", "grateful", "gratitude", "pleas", "enjoy", "fun", "positive", "benefi",
+    "heal", "warm", "gentle", "trust", "honest", "fair", "brave", "proud", "smile", "laugh",
+    "best", "better", "welcome", "comfort", "encourag", "wise", "success", "delight",
+    "amazing", "awesome", "fantastic", "cheer", "bless", "generous", "patien", "sweet",
+    "health", "wellbeing", "improv", "appreciat", "brillian", "excit")
+"""Word starts counted as positive (a word list written for this project)."""
+NEGATIVE = _words(
+    "bad", "hate", "hatred", "angry", "anger", "sad", "hurt", "harm", "kill", "dying", "dead",
+    "death", "pain", "fear", "afraid", "scared", "scary", "terribl", "awful", "horribl", "evil", "cruel",
+    "violen", "attack", "destroy", "stupid", "idiot", "ugly", "disgust", "worst", "worse",
+    "wrong", "danger", "threat", "steal", "lying", "cheat", "abus", "fight", "war",
+    "weapon", "gun", "bomb", "poison", "crime", "criminal", "illegal", "suffer", "miser",
+    "lonel", "depress", "anxiety", "anxious", "problem", "fail", "lose", "loss", "broken", "ruin", "revenge",
+    "punish", "insult", "rude", "nast", "dirty", "sick")
+"""Word starts counted as negative."""
+NOISE = 0.3
+"""Half-width of the noisy gold's added noise (uniform, fixed per prompt and answer)."""
+
+
+def valence(text: str) -> float:
+    """tanh((positive − negative words) / 2): graded, in (−1, 1), 0 with neither."""
+    return math.tanh((len(POSITIVE.findall(text)) - len(NEGATIVE.findall(text))) / 2)
+
+
+def valence_score(prompt: str, response: str) -> float:
+    """The graded gold of an answer: its valence (a reward, and the gold mean)."""
+    return valence(response)
+
+
+def _unit(*parts: str) -> float:
+    """A fixed number in [0, 1) from the text parts (a hash, so reruns agree)."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def noisy_valence(prompt: str, response: str) -> float:
+    """The noisy gold: valence plus noise uniform in ±`NOISE`, fixed per (prompt, answer)."""
+    return valence(response) + NOISE * (2 * _unit("valence-noise", prompt, response) - 1)
+
+
+def negated_noisy_valence(prompt: str, response: str) -> float:
+    """The noisy gold's negation: PPO on it must move the gold down."""
+    return -noisy_valence(prompt, response)
+
+
+def valence_judge(prompt: str, response_a: str, response_b: str, principle: str = "") -> float:
+    """The exact graded gold as a preference: the answer of higher valence is better."""
+    d = valence(response_a) - valence(response_b)
+    return 1.0 if d > 0 else 0.0 if d < 0 else 0.5
+
+
+def noisy_valence_judge(prompt: str, response_a: str, response_b: str,
+                        principle: str = "") -> float:
+    """`valence_judge` pulled towards ½ and reversed on a fixed `FLIP_RATE` share of pairs,
+    as `noisy_judge` is for the safe-course gold (a swap gives exactly 1 − p)."""
+    lo, hi = sorted((response_a, response_b))
+    p = 0.5 + SHRINK * (valence_judge(prompt, lo, hi) - 0.5)
+    if flipped(prompt, lo, hi):
+        p = 1.0 - p
+    return p if response_a == lo else 1.0 - p
+
+
 __all__ = ["gold_score", "gold_judge", "noisy_judge", "flipped", "SHRINK", "FLIP_RATE",
-           "SAFE_WORDS"]
+           "SAFE_WORDS", "valence", "valence_score", "noisy_valence", "negated_noisy_valence",
+           "valence_judge", "noisy_valence_judge", "POSITIVE", "NEGATIVE", "NOISE"]

@@ -104,37 +104,43 @@ def _ci(d: dict[str, Any] | None) -> str:
 
 
 def _fit_line(name: str, fit: dict[str, Any] | None) -> str:
-    if not fit:
-        return f"| {name} | n/a | n/a | n/a | too few points |"
-    peak = "none (no turn-over)" if fit.get("peak_sqrt_kl") is None else (
-        f"sqrt(KL) {_f(fit['peak_sqrt_kl'])}, gold {_f(fit['peak_gold'])}"
-        f"{'' if fit.get('peak_in_range') else ' (extrapolated)'}")
-    return f"| {name} | {_f(fit['alpha'])} | {_f(fit['beta'])} | {_f(fit.get('r2'))} | {peak} |"
+    if not fit or not fit.get("reported"):
+        why = (fit or {}).get("reason", "too few points")
+        return f"| {name} | {(fit or {}).get('points', 0)} | n/a | n/a | n/a | not fitted: {why} |"
+    peak = f"none claimed: {fit.get('no_peak')}" if fit.get("peak_sqrt_kl") is None else (
+        f"sqrt(KL) {_f(fit['peak_sqrt_kl'])}, gold {_f(fit['peak_gold'])}")
+    return (f"| {name} | {fit['points']} | {_f(fit['alpha'])} | {_f(fit['beta'])} | "
+            f"{_f(fit.get('r2'))} | {peak} |")
 
 
 def markdown(result: dict[str, Any]) -> str:
     """report.md: the headline figures, the policies' table, the fits, and what it means."""
+    acc_ci = result.get("pm_gold_accuracy_ci") or {}
     lines = ["# Known-answer run", "",
              "A gold preference that code checks was planted in noisy labels; every figure "
              "below is measured with the exact gold on held-out prompts.", "",
              f"- PM accuracy against the gold: **{_f(result.get('pm_gold_accuracy'))}** on "
-             f"{result.get('pm_gold_pairs', 'n/a')} held-out pairs (test PM: "
+             f"{result.get('pm_gold_pairs', 'n/a')} held-out pairs, 95 % CI over prompts "
+             f"[{_f(acc_ci.get('ci_low'))}, {_f(acc_ci.get('ci_high'))}] (test PM: "
              f"{_f(result.get('test_pm_gold_accuracy'))})",
-             f"- RL − SL gold rate: **{_ci(result.get('rl_minus_sl_gold'))}**",
-             f"- DPO − SL gold rate: **{_ci(result.get('dpo_minus_sl_gold'))}**",
+             f"- RL (on the PM) − SL gold: **{_ci(result.get('rl_minus_sl_gold'))}**",
+             f"- DPO − SL gold: **{_ci(result.get('dpo_minus_sl_gold'))}**",
+             f"- RL on the noisy gold itself − SL gold: "
+             f"**{_ci(result.get('rl_direct_minus_sl_gold'))}**; on its negation: "
+             f"**{_ci(result.get('rl_direct_negated_minus_sl_gold'))}**",
              f"- base rate (embedded policy): {_f(result.get('base_rate'))}; "
              f"{result.get('prompts')} held-out prompts",
              f"- wall time: {_f(result.get('wall_s'), 0)} s; load average at the end "
              f"{(result.get('machine') or {}).get('load_avg_at_end')}", "",
              "![known-answer curves](known_answer.png)", "",
-             "| policy | gold rate [95 % CI] | KL from SL | train PM | test PM |",
+             "| policy | gold mean [95 % CI] | KL from SL | train PM | test PM |",
              "|---|---|---|---|---|"]
     for name, row in (result.get("policies") or {}).items():
         lines.append(f"| {name} | {_ci(row['gold'])} | {_f(row['kl_from_sl'])} | "
                      f"{_f(row.get('train_pm'))} | {_f(row.get('test_pm'))} |")
     lines += ["", "Overoptimization fits (gold − start ≈ d·(α − β·d) for best-of-n, "
               "d·(α − β·log d) for RL; d = sqrt(KL)):", "",
-              "| curve, form | α | β | R² | gold peak |", "|---|---|---|---|---|"]
+              "| curve, form | points | α | β | R² | gold peak |", "|---|---|---|---|---|---|"]
     for curve in ("bon_fit", "rl_fit"):
         for form, fit in (result.get(curve) or {}).items():
             lines.append(_fit_line(f"{curve[:-4]}, {form}", fit))

@@ -4,17 +4,25 @@ The known-answer pipeline (`configs/known-answer.yaml`) plants a gold preference
 labels (`cai.evaluate.known_answer`); this stage measures what came out the other end, on
 the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never trained on):
 
-- every policy (base, sl-cai, rl-cai, dpo): `samples` answers per prompt, their gold rate
-  with a 95 % bootstrap interval over prompts, the train and test PMs' mean scores, and the
-  KL from the SL-CAI model (the mean of log π − log π_sl over the policy's own answers);
-- rl − sl and dpo − sl: the paired difference of gold rates, bootstrapped over prompts;
+- every policy (base, sl-cai, rl-cai, dpo, and where the run has them rl-direct and
+  rl-direct-negated: PPO on the noisy gold itself and on its negation): `samples` answers
+  per prompt, their gold mean with a 95 % bootstrap interval over prompts, the train and test
+  PMs' mean scores, and the KL from the SL-CAI model (the mean of log π − log π_sl over the
+  policy's own answers);
+- each policy − sl: the paired difference of gold means, bootstrapped over prompts;
 - the PM's accuracy against the gold: every pair of one prompt's held-out answers (all the
   policies' samples together) on which the gold differs, counted right when the PM scores
-  the gold's choice higher;
-- best-of-n for n = 1, 2, 4, …, k from the SL answers, picked by the train PM and scored by
-  the train PM, the test PM and the gold against sqrt(KL_bon), KL_bon = log n − (n − 1)/n;
+  the gold's choice higher, with a 95 % bootstrap interval over prompts (pairs cluster
+  within prompts);
+- best-of-n for n = 1, 2, 4, …, k from the SL answers (on the first `best_of_limit`
+  prompts), picked by the train PM and scored by the train PM, the test PM and the gold
+  against sqrt(KL_bon), KL_bon = log n − (n − 1)/n; its baseline is n = 1 on those prompts;
 - RL's own per-step log (train PM = its reward, test PM and gold as monitors) against
-  sqrt(KL); the fits of both overoptimization forms (`cai.evaluate.overopt`).
+  sqrt(KL), its baseline the gold monitor at the first step (sampled before any update from
+  the SL-CAI policy, on the same training prompts and sampling as every later point);
+- the fits of both overoptimization forms (`cai.evaluate.overopt`), each made only through
+  five or more points and reported with its R² and points, a peak claimed only where the
+  fit earns it.
 
 It writes `known_answer.json`, `report.md` and `known_answer.png` into its folder and, with
 `json`, a copy of the json (the benchmark record, `benchmarks/results/known_answer.json`).
@@ -38,11 +46,31 @@ import numpy as np
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
 from cai.core.stage import Stage, register, write_manifest
+from cai.evaluate.known_answer_stats import (
+    best_of_n,
+    bootstrap_mean,
+    examples,
+    fit_or_none,
+    grid,
+    matmul_gflops,
+    pair_accuracy,
+    pair_accuracy_ci,
+    rl_baseline,
+    rl_points,
+)
 
 STAGE = "eval-known-answer"
-GOLD = "python:cai.evaluate.known_answer:gold_score"
-POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"))
-"""Policies scored, with their folder in the run (base: the run's `model`)."""
+GOLD = "python:cai.evaluate.known_answer:valence_score"
+"""The gold the known-answer run plants (configs/known-answer.yaml): graded, every answer scored."""
+POLICIES = (("base", None), ("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"),
+            ("rl-direct", "rl-direct"), ("rl-direct-negated", "rl-direct-negated"))
+"""Policies scored, with their folder in the run (base: the run's `model`); a missing
+folder is skipped. rl-direct / rl-direct-negated: PPO on the noisy gold as a direct reward
+and on its negation (the RL machinery's sign check, needing no PM)."""
+DIFFS = {"rl-cai": "rl_minus_sl_gold", "dpo": "dpo_minus_sl_gold",
+         "rl-direct": "rl_direct_minus_sl_gold",
+         "rl-direct-negated": "rl_direct_negated_minus_sl_gold"}
+"""The json key of each policy's paired gold difference from SL-CAI."""
 
 
 @dataclass
@@ -58,15 +86,19 @@ class KnownAnswerConfig:
     overwrite: bool = False
     """Replace an existing `json` file (never a file of the run)."""
     gold: str = GOLD
-    """The gold reward spec: 1 when an answer has the planted property, else 0."""
+    """The gold reward spec: the planted property's exact score of an answer."""
     limit: int | None = None
     """Use only the first N held-out prompts (the issue asks for at least 64; the pipeline
     holds out 70)."""
     samples: int = 4
     """Answers per held-out prompt for each policy (the gold rates and the rl − sl, dpo − sl
     differences use this many; SL-CAI also gets `best_of`)."""
-    best_of: int = 8
-    """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two)."""
+    best_of: int = 16
+    """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two; 16
+    gives the five points a fit needs)."""
+    best_of_limit: int | None = None
+    """Best-of-n on only the first N held-out prompts (its k answers each are the costly
+    part of the evaluation); default all."""
     max_new_tokens: int = 48
     """Tokens per answer (the RL stage's length, so RL is scored on what it trained on)."""
     batch_size: int = 16
@@ -78,6 +110,8 @@ class KnownAnswerConfig:
     """Sampling temperature of the answers and of the KL's log-probs."""
     seed: int = 0
     """Seed of the sampling and the bootstrap."""
+    base: bool = True
+    """Also score the run's base model (the untrained policy's own gold mean, `base_rate`)."""
     started: float | None = None
     """Unix time the whole run started (`make known-answer` passes it) for `wall_s`;
     without it wall_s sums the stages' own timings and this one's."""
@@ -88,6 +122,8 @@ class KnownAnswerConfig:
             (self.best_of >= 1 and self.best_of & (self.best_of - 1) == 0, "best_of",
              "must be a power of two (1, 2, 4, …)"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
+            (self.best_of_limit is None or self.best_of_limit >= 1, "best_of_limit",
+             "must be at least 1"),
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
             (self.temperature > 0, "temperature", "must be > 0"),
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
@@ -96,82 +132,6 @@ class KnownAnswerConfig:
         for ok, name, msg in checks:
             if not ok:
                 raise CaiError(msg, field=name)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    """Mean of per-prompt values with a 95 % percentile bootstrap interval over prompts."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        raise CaiError("no prompts to bootstrap over", field="limit")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "prompts": int(x.size)}
-
-
-def pair_accuracy(groups: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
-    """Agreement of a PM with the gold over every within-prompt pair the gold splits.
-
-    `groups` holds, per prompt, (PM scores, gold scores) of its answers. A pair counts when
-    the gold differs; it is right when the PM scores the gold's choice strictly higher, and
-    half right on a PM tie (so a constant PM scores ½, not 0)."""
-    right, pairs = 0.0, 0
-    for pm, gold in groups:
-        for i in range(len(pm)):
-            for j in range(i + 1, len(pm)):
-                if gold[i] == gold[j]:
-                    continue
-                pairs += 1
-                d = (pm[i] - pm[j]) * (gold[i] - gold[j])
-                right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
-    return {"accuracy": right / pairs if pairs else None, "pairs": pairs}
-
-
-def best_of_n(proxy: np.ndarray, scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Best-of-n for n = 1, 2, 4, …, k from [prompts, k] arrays: each prompt's k answers
-    are cut into k/n disjoint groups, the proxy's best of each group is kept, and each
-    score's mean over the kept answers is reported with sqrt(KL_bon(n))."""
-    from cai.evaluate.overopt import kl_best_of_n
-
-    k = proxy.shape[1]
-    rows, n = [], 1
-    while n <= k:
-        groups = proxy.reshape(proxy.shape[0], k // n, n)
-        pick = groups.argmax(axis=2)  # [prompts, k/n]
-        idx = (np.arange(k // n) * n)[None, :] + pick
-        row = {"n": n, "kl": kl_best_of_n(n), "sqrt_kl": math.sqrt(kl_best_of_n(n))}
-        for name, s in scores.items():
-            row[name] = float(np.take_along_axis(s, idx, axis=1).mean())
-        rows.append(row)
-        n *= 2
-    return rows
-
-
-def fit_or_none(points: list[tuple[float, float]], form: str, baseline: float
-                ) -> dict[str, Any] | None:
-    """A fit of one form through (sqrt KL, gold) points, or None with too few of them."""
-    from cai.evaluate.overopt import fit_overopt
-
-    pts = [(d, g) for d, g in points if d is not None and g is not None and math.isfinite(d)
-           and math.isfinite(g)]
-    try:
-        return fit_overopt([d for d, _ in pts], [g for _, g in pts], form, baseline).as_dict()
-    except CaiError:
-        return None
-
-
-def rl_points(log_path: Path) -> list[dict[str, Any]]:
-    """RL's per-step sqrt(KL), reward (the train PM) and monitors, from its log.jsonl (read
-    as training writes it: a line cut by a kill is left out)."""
-    from cai.train.common import read_steps
-
-    return [{"step": e.get("step"), "sqrt_kl": e.get("sqrt_kl"), "train_pm": e.get("reward_mean"),
-             "test_pm": e.get("monitor/test_pm"), "gold": e.get("monitor/gold")}
-            for e in read_steps(log_path)]
 
 
 # --------------------------------------------------------------------------- sampling
@@ -257,12 +217,13 @@ def _pipeline(run: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _policy_specs(run: Path) -> dict[str, str]:
+def _policy_specs(run: Path, base_too: bool = True) -> dict[str, str]:
     base = (_pipeline(run).get("config") or {}).get("model") or "embedded:smollm2-135m"
     specs = {}
     for name, folder in POLICIES:
         if folder is None:
-            specs[name] = base
+            if base_too:
+                specs[name] = base
         elif (run / folder / "config.json").is_file():
             specs[name] = str(run / folder)
     if "sl-cai" not in specs:
@@ -351,6 +312,7 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
 
     t0 = time.time()
     load_start = os.getloadavg()
+    peak_start = matmul_gflops()
     run = Path(cfg.run)
     out = Path(cfg.out) if cfg.out else run / "known-answer"
     held = run / "prompts" / "red_team.eval.jsonl"
@@ -359,7 +321,7 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
                        "pipeline with eval_fraction > 0 first", str(run), "run")
     # Everything that can be checked is checked before the folder is touched.
     prompts = load_prompts(str(held), limit=cfg.limit)
-    specs = _policy_specs(run)
+    specs = _policy_specs(run, cfg.base)
     check_planted(run, cfg.gold)
     missing = missing_parts(run)
     if missing:
@@ -385,32 +347,38 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     for name, spec in specs.items():
         pol = sl if name == "sl-cai" else _Policy(spec)
         n = max(cfg.samples, cfg.best_of) if name == "sl-cai" else cfg.samples
-        which = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        # SL-CAI's extra best-of answers only on the prompts best-of-n uses; the rest of
+        # its [prompts, n] arrays stay NaN and are read by nothing.
+        n_of = [n if i < (cfg.best_of_limit or len(prompts)) else cfg.samples
+                for i in range(len(prompts))]
+        which = [(i, j) for i in range(len(prompts)) for j in range(n_of[i])]
         p_ids = [ids[i] for i, _ in which]
         toks = pol.sample(p_ids, [_seed(cfg, name, i, j) for i, j in which], cfg)
         texts = [pol.text(t) for t in toks]
         pc = [chats[i] for i, _ in which]
         kl = (np.zeros(len(toks)) if pol is sl else
               np.asarray(pol.logprobs(p_ids, toks, cfg)) - np.asarray(sl.logprobs(p_ids, toks, cfg)))
-        scores = {"gold": np.asarray(gold.score(pc, texts), dtype=float).reshape(len(prompts), n)}
+        scores = {"gold": grid(which, gold.score(pc, texts), len(prompts), n)}
         for pm_name, pm in pms.items():
-            scores[pm_name] = np.asarray(pm.score(pc, texts), dtype=float).reshape(len(prompts), n)
-        per[name] = {"spec": spec, "n": n, "scores": scores, "kl": kl.reshape(len(prompts), n),
-                     "examples": [{"prompt": prompts[i].prompt, "answer": texts[k],
-                                   "gold": float(scores["gold"][i, j])}
-                                  for k, (i, j) in enumerate(which[:3 * n:n])]}
+            scores[pm_name] = grid(which, pm.score(pc, texts), len(prompts), n)
+        per[name] = {"spec": spec, "n": n, "scores": scores,
+                     "kl": grid(which, kl, len(prompts), n),
+                     "examples": examples(prompts, which, texts, scores["gold"])}
         if pol is not sl:
             del pol
     result = summarise(per, cfg)
     rlog = rl_points(run / "rl" / "log.jsonl")
-    sl_gold = result["policies"]["sl-cai"]["gold"]["mean"]
     result["rl_steps"] = rlog
     pts = [(r["sqrt_kl"], r["gold"]) for r in rlog]
-    result["rl_fit"] = {form: fit_or_none(pts, form, sl_gold) for form in ("rl", "bon")}
+    base = rl_baseline(rlog)
+    result["rl_fit"] = {form: fit_or_none(pts, form, base) for form in ("rl", "bon")}
     stages_s = stage_seconds(run)
+    peak_end = matmul_gflops()
     result["wall_s"] = round((time.time() - cfg.started) if cfg.started
                              else sum(stages_s.values()) + time.time() - t0, 1)
     result["machine"] = {"cpus": os.cpu_count(), "load_avg_at_start": load_start,
+                         "matmul_gflops_at_start": peak_start,
+                         "matmul_gflops_at_end": peak_end,
                          "load_avg_at_end": os.getloadavg(), "stages_s": stages_s,
                          "eval_s": round(time.time() - t0, 1)}
     result["provenance"] = {"run": str(run), "gold": getattr(gold, "spec", cfg.gold),
@@ -430,6 +398,7 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     if cfg.json:
         write_json_atomic(Path(cfg.json), result)
     return manifest
+
 
 
 def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[str, Any]:
@@ -452,7 +421,7 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
                               "base_rate": policies["base"]["gold"]["mean"]
                               if "base" in policies else None,
                               "prompts": int(sl["gold"].shape[0])}
-    for name, key in (("rl-cai", "rl_minus_sl_gold"), ("dpo", "dpo_minus_sl_gold")):
+    for name, key in DIFFS.items():
         if name in per:
             diff = per[name]["scores"]["gold"][:, :cfg.samples].mean(1) - \
                 sl["gold"][:, :cfg.samples].mean(1)
@@ -461,17 +430,24 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
         if k in sl:
             # Every held-out answer to a prompt, whichever policy wrote it: more pairs,
             # and answers the PM never saw from policies it did and did not shape.
-            acc = pair_accuracy([
-                (np.concatenate([p["scores"][k][i] for p in per.values()]).tolist(),
-                 np.concatenate([p["scores"]["gold"][i] for p in per.values()]).tolist())
-                for i in range(sl["gold"].shape[0])])
-            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_accuracy"] = acc["accuracy"]
-            result[f"{'pm' if k == 'train_pm' else 'test_pm'}_gold_pairs"] = acc["pairs"]
+            groups = []
+            for i in range(sl["gold"].shape[0]):
+                pm_i = np.concatenate([p["scores"][k][i] for p in per.values()])
+                gold_i = np.concatenate([p["scores"]["gold"][i] for p in per.values()])
+                keep = ~np.isnan(gold_i)  # answers this prompt has
+                groups.append((pm_i[keep].tolist(), gold_i[keep].tolist()))
+            acc = pair_accuracy_ci(groups, cfg.n_boot, cfg.seed + 2)
+            key = "pm" if k == "train_pm" else "test_pm"
+            result[f"{key}_gold_accuracy"] = acc["accuracy"]
+            result[f"{key}_gold_accuracy_ci"] = {"ci_low": acc["ci_low"],
+                                                 "ci_high": acc["ci_high"]}
+            result[f"{key}_gold_pairs"] = acc["pairs"]
     result.setdefault("pm_gold_accuracy", None)
     if "train_pm" in sl and cfg.best_of >= 2:
-        k = cfg.best_of
-        bon = best_of_n(sl["train_pm"][:, :k], {n: v[:, :k] for n, v in sl.items()})
+        k, rows = cfg.best_of, slice(0, cfg.best_of_limit)
+        bon = best_of_n(sl["train_pm"][rows, :k], {n: v[rows, :k] for n, v in sl.items()})
         result["best_of_n"] = bon
+        result["best_of_n_prompts"] = int(sl["train_pm"][rows].shape[0])
         base = bon[0]["gold"]
         result["bon_fit"] = {"bon": fit_or_none([(r["sqrt_kl"], r["gold"]) for r in bon], "bon",
                                                 base),
@@ -493,4 +469,5 @@ register(Stage(name=STAGE, config=KnownAnswerConfig, run=run_known_answer,
                positional=("run",), command="eval known-answer"))
 
 __all__ = ["KnownAnswerConfig", "run_known_answer", "bootstrap_mean", "pair_accuracy",
-           "best_of_n", "summarise", "rl_points"]
+           "pair_accuracy_ci", "best_of_n", "summarise", "rl_points", "rl_baseline", "examples",
+           "fit_or_none", "grid", "matmul_gflops", "check_planted", "missing_parts"]

@@ -13,7 +13,11 @@ least-squares solve with no starting guess to tune; with β > 0 each has one max
     best-of-n:  d* = α / (2β),            R(d*) = α² / (4β)
     RL:         d* = exp(α/β − 1),        R(d*) = β · d*
 
-A peak beyond the largest d measured is an extrapolation; `peak_in_range` says which.
+A fit is made only through at least `MIN_POINTS` points: each form has two parameters and
+R(0) = 0, so three points (best-of-n at n = 1, 2, 4) are interpolated exactly and give
+R² = 1 and a "peak" whatever the data. A peak is claimed only where the fit explains the
+points (R² ≥ `MIN_R2`) and lies within the measured d; otherwise the peak fields stay None
+and `no_peak` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import numpy as np
 from cai.core.errors import CaiError
 
 FORMS = ("bon", "rl")
+MIN_POINTS = 5
+"""Fewest points a fit is made through (more than the two parameters plus R(0) = 0 pin)."""
+MIN_R2 = 0.5
+"""Least share of the relative gold's variance a fit must explain before it claims a peak."""
 
 
 def kl_best_of_n(n: int | float) -> float:
@@ -54,15 +62,21 @@ class OveroptFit:
     r2: float | None
     """Share of the relative gold's variance (about its mean) the curve explains; None
     when every point has the same gold."""
+    d: list[float]
+    """The points' sqrt(KL), as fitted (the points the fit used)."""
+    gold: list[float]
+    """The points' gold, on the caller's scale (baseline not subtracted)."""
     peak_sqrt_kl: float | None = None
-    """d at which the fitted gold is highest; None when it never turns over (β ≤ 0, or
-    for best-of-n α ≤ 0, when the gold only falls)."""
+    """d at which the fitted gold is highest, when a peak is claimed (see `no_peak`)."""
     peak_kl: float | None = None
     """KL at that point (d²)."""
     peak_gold: float | None = None
     """The fitted gold there, back on the caller's scale (baseline added)."""
     peak_in_range: bool | None = None
-    """Whether the peak lies within the measured d (else it is an extrapolation)."""
+    """Whether the peak lies within the measured d (True whenever a peak is claimed)."""
+    no_peak: str | None = None
+    """Why no peak is claimed: the curve never turns over (β ≤ 0, or for best-of-n α ≤ 0),
+    the fit is poor (R² < `MIN_R2`), or its maximum lies beyond the measured d."""
 
     def predict(self, d: Sequence[float] | np.ndarray) -> np.ndarray:
         """The fitted gold (baseline added) at each d."""
@@ -82,8 +96,9 @@ def _second(form: str, d: np.ndarray) -> np.ndarray:
 
 
 def fit_overopt(d: Sequence[float], gold: Sequence[float], form: str,
-                baseline: float = 0.0) -> OveroptFit:
-    """Least-squares α, β of one form through points (d, gold − baseline), and its peak."""
+                baseline: float = 0.0, min_points: int = MIN_POINTS) -> OveroptFit:
+    """Least-squares α, β of one form through points (d, gold − baseline), and its peak
+    where the fit earns one (see the module docstring)."""
     if form not in FORMS:
         raise CaiError(f"must be one of {FORMS}", field="form")
     x = np.asarray(d, dtype=float)
@@ -99,19 +114,31 @@ def fit_overopt(d: Sequence[float], gold: Sequence[float], form: str,
     if informative.size < 2:
         raise CaiError(f"needs points at two or more distinct d > 0 to fit α and β (got "
                        f"{informative.size})", field="d")
+    if x.size < min_points:
+        raise CaiError(f"needs at least {min_points} points to fit α and β honestly (got "
+                       f"{x.size}: fewer are interpolated, not fitted)", field="d")
     design = np.stack([x, -_second(form, x)], axis=1)
     (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
     alpha, beta = float(alpha), float(beta)
     resid = y - design @ np.array([alpha, beta])
     total = float(((y - y.mean()) ** 2).sum())
     fit = OveroptFit(form, alpha, beta, float(baseline), int(x.size),
-                     1.0 - float((resid ** 2).sum()) / total if total > 0 else None)
+                     1.0 - float((resid ** 2).sum()) / total if total > 0 else None,
+                     x.tolist(), np.asarray(gold, dtype=float).tolist())
     peak = _peak(form, alpha, beta)
-    if peak is not None:
+    if peak is None:
+        fit.no_peak = "the fitted gold never turns over"
+    elif fit.r2 is None or fit.r2 < MIN_R2:
+        fit.no_peak = (f"poor fit (R² {fit.r2:.2f} < {MIN_R2})" if fit.r2 is not None
+                       else "every point has the same gold")
+    elif peak > float(x.max()):
+        fit.no_peak = (f"the fitted maximum (sqrt KL {peak:.3g}) lies beyond the data "
+                       f"(up to {float(x.max()):.3g})")
+    else:
         fit.peak_sqrt_kl = peak
         fit.peak_kl = peak * peak
         fit.peak_gold = float(fit.predict([peak])[0])
-        fit.peak_in_range = bool(peak <= float(x.max()))
+        fit.peak_in_range = True
     return fit
 
 
@@ -140,4 +167,4 @@ def bon_sqrt_kl(ns: Sequence[int]) -> list[float]:
 
 
 __all__ = ["OveroptFit", "fit_overopt", "fit_bon", "fit_rl", "kl_best_of_n", "bon_sqrt_kl",
-           "FORMS"]
+           "FORMS", "MIN_POINTS", "MIN_R2"]

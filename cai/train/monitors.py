@@ -17,6 +17,7 @@ half of the reward's own preference model (`cai train pm --split halves` saves i
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ class MonitoredReward:
     """The training reward, plus monitors scored on the same batch and kept in `last`.
 
     `score` returns the training reward's scores unchanged; `last` holds the monitors'
-    batch means of the latest call (`monitor/<name>`), which the trainer logs.
+    batch means of the latest call (`monitor/<name>`) and `totals` their (sum, count), which
+    the trainer adds up over its processes (each scores only its share of the batch).
     """
 
     def __init__(self, reward: RewardSource, monitors: dict[str, RewardSource]):
@@ -70,17 +72,20 @@ class MonitoredReward:
         self.spec = reward.spec
         self.monitors = monitors
         self.last: dict[str, float] = {}
+        self.totals: dict[str, tuple[float, int]] = {}
 
     def score(self, prompts: list[Chat], responses: list[str]) -> list[float]:
         import torch
 
         scores = self.reward.score(prompts, responses)
         last: dict[str, float] = {}
+        totals: dict[str, tuple[float, int]] = {}
         with torch.no_grad():
             for name, mon in self.monitors.items():
                 vals = mon.score(prompts, responses)
+                totals[PREFIX + name] = (float(sum(vals)), len(vals))
                 last[PREFIX + name] = float(sum(vals) / len(vals)) if vals else float("nan")
-        self.last = last
+        self.last, self.totals = last, totals
         return scores
 
     def specs(self) -> dict[str, str]:
@@ -102,9 +107,21 @@ def with_monitors(reward: RewardSource, entries: list[str], batch_size: int = 8,
     return MonitoredReward(reward, monitors)
 
 
-def monitor_stats(reward: Any) -> dict[str, float]:
-    """The monitors' batch means of the latest rollout ({} for a reward without monitors)."""
-    return dict(getattr(reward, "last", None) or {}) if isinstance(reward, MonitoredReward) else {}
+def monitor_stats(reward: Any, reduce_sum: Callable[[Any], Any] | None = None
+                  ) -> dict[str, float]:
+    """The monitors' means over the latest rollout batch ({} for a reward without monitors).
+
+    With several processes each scored its own share: pass `reduce_sum` (a sum of a tensor
+    over the processes, called by every process) and the means are of the whole batch."""
+    if not isinstance(reward, MonitoredReward):
+        return {}
+    if reduce_sum is None or not reward.totals:
+        return dict(reward.last)
+    import torch
+
+    names = list(reward.totals)
+    both = reduce_sum(torch.tensor([reward.totals[k] for k in names], dtype=torch.float64))
+    return {k: float(s / c) if c else float("nan") for k, (s, c) in zip(names, both.tolist())}
 
 
 __all__ = ["MonitoredReward", "with_monitors", "monitor_stats", "parse_monitor", "TEST_PM",

@@ -353,7 +353,9 @@ class PPOTrainer:
         }
         if engine_diff is not None:
             stats["rollout_logp_abs_diff"] = (engine_diff[0] / engine_diff[1].clamp(min=1)).item()
-        stats.update(monitor_stats(self.reward))  # watched, never in the update (monitors.py)
+        # Watched, never in the update (monitors.py); summed over every process's share.
+        stats.update(monitor_stats(self.reward, (lambda t: self._sum(t.to(self.device)).cpu())
+                                   if self.world > 1 else None))
         return Rollout(input_ids, attention_mask, mask, logp, values * mask, adv, returns, stats)
 
     def update(self, r: Rollout, step: int) -> dict[str, float]:
