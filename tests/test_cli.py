@@ -67,3 +67,20 @@ def test_public_api_names_resolve() -> None:
         assert getattr(cai, name) is not None
     with pytest.raises(AttributeError):
         cai.not_a_thing  # noqa: B018
+
+
+def test_list_field_from_one_flag_is_a_list_of_names() -> None:
+    """A list field given as one command-line value (`--monitors a,b`) is a list of names,
+    not a string read as characters; a YAML list passes as it is; an empty name is refused."""
+    from cai.core.config import coerce
+    from cai.core.errors import CaiError
+    from cai.train.rl import RLConfig
+
+    assert coerce(RLConfig, "monitors", "gold=python:g.py:f") == ["gold=python:g.py:f"]
+    assert coerce(RLConfig, "monitors", "python:a.py:f, test-pm") == ["python:a.py:f", "test-pm"]
+    assert coerce(RLConfig, "monitors", ["python:a.py:f"]) == ["python:a.py:f"]
+    with pytest.raises(CaiError, match="monitors"):
+        coerce(RLConfig, "monitors", "a,,b")
+    # A field that takes text or a list keeps a single text as text.
+    from cai.train.pm import PMConfig
+    assert coerce(PMConfig, "preferences", "run/label") == "run/label"

@@ -149,7 +149,11 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
                        where or None, name)
     if value is None:
         return None
-    if isinstance(value, list) and list[str] in typing.get_args(hints[name]):
+    args = typing.get_args(hints[name])
+    wants_list = typing.get_origin(hints[name]) is list or (list[str] in args and str not in args)
+    if isinstance(value, str) and wants_list:  # one command-line flag: names joined by commas
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, list) and (wants_list or list[str] in args):
         if not value or not all(isinstance(v, str) and v for v in value):
             raise CaiError(f"expected a list of names, got {short(value)}", where or None, name)
         return list(value)

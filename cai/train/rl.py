@@ -83,7 +83,8 @@ class RLConfig(PPOConfig):
     monitors: list[str] = field(default_factory=list)
     """PPO: rewards that only watch: each scores every rollout batch and its mean is logged
     as `monitor/NAME` in log.jsonl, never used for the update. Entries are `NAME=SPEC` or
-    `SPEC` (any reward spec, or `test-pm`: the held-out half of a `split: halves` PM)."""
+    `SPEC` (any reward spec, or `test-pm`: the held-out half of a `split: halves` PM); on
+    the command line, several joined by commas."""
     prompts: str = "prompts/red_team.jsonl"
     """Prompts to answer: jsonl with `prompt` (or a `datasets` folder)."""
     limit: int | None = None
