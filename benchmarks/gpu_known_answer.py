@@ -36,7 +36,7 @@ PM_TARGET = 0.85
 MIN_POINTS = 5
 # The direct PPO runs, sized for the GPU (the CPU sizes are in known-answer-direct.yaml).
 DIRECT_GPU = ["--steps", "30", "--batch-size", "32", "--minibatch-size", "8",
-              "--max-new-tokens", "48", "--bf16"]
+              "--max-new-tokens", "48", "--dtype", "bfloat16"]
 EVAL_GPU = ["--samples", "4", "--best-of", "32", "--max-new-tokens", "48", "--batch-size", "64"]
 
 

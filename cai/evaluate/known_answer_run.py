@@ -145,12 +145,12 @@ class _Policy:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cai.backends.chat import ChatFormat
+        from cai.backends.hf import load_pretrained
         from cai.core.models import local_path
 
         path = str(local_path(spec))
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                          use_safetensors=True).eval()
+        self.model = load_pretrained(AutoModelForCausalLM, path, dtype=torch.float32).eval()
         self.fmt = ChatFormat(self.tok)
         pad = self.tok.pad_token_id
         self.pad = pad if pad is not None else self.fmt.stop_ids[0]
