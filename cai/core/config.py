@@ -150,7 +150,7 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     if value is None:
         return None
     args = typing.get_args(hints[name])
-    wants_list = typing.get_origin(hints[name]) is list or (list[str] in args and str not in args)
+    wants_list = hints[name] == list[str] or (list[str] in args and str not in args)
     if isinstance(value, str) and wants_list:  # one command-line flag: names joined by commas
         value = [v.strip() for v in value.split(",")]
     if isinstance(value, list) and (wants_list or list[str] in args):
