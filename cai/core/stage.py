@@ -53,22 +53,16 @@ from cai.core.records import (
 @dataclass(frozen=True)
 class Input:
     """A config field naming something a stage reads (data, a model, a reward), typed by
-    what it holds: the manifest's `upstream` lists every declared input, and the pipeline
-    wires each one to the newest earlier step that outputs its kind."""
+    what it holds: the manifest's `upstream` lists every declared input, the output folder
+    may not lie over one, and the pipeline splits the prompt sets (kinds "...-prompts") a
+    training stage and the evaluation both read. Which step feeds it in a pipeline is the
+    recipe's to say (`cai.recipe`)."""
 
     field: str
     """The config field holding it (a path, a model spec, or a `name=spec,...` list)."""
     kind: str
     """What it holds: "sl-data", "labels", "policy", "reward", "base-model", "judge-model",
-    "red-team-prompts", ... (an `Output` of the same kind feeds it)."""
-    missing: str = "run"
-    """In a pipeline with no earlier step of this kind: "run" takes the run's own value of
-    the kind (its base model, its judge, the red-team prompts) if it has one, "folder" the
-    folder the producing stage would write, "none" leaves the field unset."""
-    pick: str = "latest"
-    """Which producing step when several rounds made one: "latest" or "first"."""
-    many: bool = False
-    """A `name=spec,...` list of every output of this kind that names a player."""
+    "red-team-prompts", ... (an `Output` of the same kind is what a stage hands on)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +70,7 @@ class Output:
     """Something a stage leaves in its folder for later stages to read."""
 
     kind: str
-    """What it is (matched against `Input.kind`)."""
+    """What it is: the recipe names a step's output by it (`cai.recipe.From`)."""
     file: str | None = None
     """The file inside the folder; None: the folder itself (a data folder, a model)."""
     prefix: str = ""
@@ -113,7 +107,7 @@ class Stage:
     """The words after `cai` that run it ("train pm", "eval policies"); empty: its name.
     How the command line spells it, grouped as users type it, not a name of the stage."""
     pipeline: bool = False
-    """Run by the pipeline (in registry order), under its name."""
+    """A step of the method's recipe (`cai.recipe`), run by the pipeline under its name."""
     constitution_parts: tuple[str, ...] = ()
     """The constitution sections it reads ("sl"; "rl"; "rl" and "helpfulness"): a pipeline
     reruns it when one of them changes, and only then (training stages read none)."""
@@ -135,8 +129,9 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {}
 
-# The one list of stages: the modules that register them, in the order of the method (a
-# pipeline runs its stages in this order). The CLI and the pipeline import them all.
+# The one list of stages: the modules that register them, in the order the CLI lists them
+# (the method's order; a pipeline follows `cai.recipe.RECIPE`). The CLI and the pipeline
+# import them all.
 STAGE_MODULES = (
     "cai.sl",
     "cai.train.sft",

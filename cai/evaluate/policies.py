@@ -521,10 +521,10 @@ def _source(value: str) -> dict[str, Any]:
 
 register(Stage(STAGE, PoliciesEvalConfig, run_policies_eval,
                "Compare policies: AI-judge Elo (harmless, helpful), best-of-k, over-refusal.",
-               inputs=(Input("models", "policy", many=True),
+               inputs=(Input("models", "policy"),
                        Input("red_team", "red-team-prompts"), Input("helpful", "helpful-prompts"),
                        Input("benign", "benign-prompts"), Input("feedback_model", "judge-model"),
-                       Input("reward", "reward", missing="none"),
+                       Input("reward", "reward"),
                        Input("pm_eval", "pm-eval"), Input("rl_log", "rl-log")),
                outputs=("report.json", "elo.png", "examples.jsonl", "responses.jsonl",
                         "conditions.jsonl",
