@@ -241,7 +241,7 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
 
 def _data_hashes(folder: Path) -> dict[str, Any] | None:
     m = read_manifest(folder)
-    return (m.get("data") or {}).get("files") if m else None
+    return m.data.files if m else None
 
 
 # --------------------------------------------------------------------------- running

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai.core.errors import CaiError
 from cai.core.eval_report import PolicyEvalReport
+from cai.core.folders import MANIFEST, read_manifest
+from cai.core.manifest import Manifest
 from cai.core.records import write_text_atomic
 from cai.core.results import Example, PreferenceEval
 from cai.core.results import read_json as _json
@@ -42,11 +45,20 @@ def _latest(root: Path, stage: str) -> Path:
     return rounds[-1] if rounds else root / stage
 
 
+def _manifest(folder: Path) -> Manifest | None:
+    """A stage folder's manifest, read through its schema; None when it has none or one
+    that does not read (a report leaves that stage out rather than failing)."""
+    try:
+        return read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    except CaiError:
+        return None
+
+
 def _sl(root: Path) -> list[str]:
-    m = _json(root / "sl" / "manifest.json")
+    m = _manifest(root / "sl")
     if not m:
         return []
-    c = m["counts"]
+    c = m.counts
     lines = ["## SL-CAI data", "",
              f"{c.get('records')} records, {c.get('rounds')} critique → revision rounds each; "
              f"{c.get('kept')} kept after the quality filters, giving {c.get('sft_examples')} "
@@ -60,15 +72,15 @@ def _sl(root: Path) -> list[str]:
 def _labels(root: Path) -> list[str]:
     lines: list[str] = []
     for folder in [root / "label", *sorted(root.glob("round-*/label"))]:
-        m = _json(folder / "manifest.json")
+        m = _manifest(folder)
         if not m:
             continue
-        s = m.get("label_stats") or {}
+        s = m.label_stats or {}
         n = s.get("pairs") or 0
         ties = round((s.get("tie_rate") or 0) * n)
-        judge = m["config"].get("judge") or {}  # the label stage's nested judge config
+        judge = m.config.get("judge") or {}  # the label stage's nested judge config
         lines += [f"## AI labels ({folder.relative_to(root)})", "",
-                  f"{n} pairs labelled by `{m['models'].get('feedback')}` under "
+                  f"{n} pairs labelled by `{m.models.get('feedback')}` under "
                   f"{judge.get('principles')} principles in {judge.get('orders')} "
                   f"orders. **{n - ties} of {n} labels carried signal** (|p − ½| ≥ "
                   f"{judge.get('tie_threshold')}); {ties} were ties.", ""]
@@ -252,7 +264,8 @@ def _tokens(root: Path) -> list[str]:
     time per stage: from each stage manifest's `tokens`."""
     rows = []
     for path in sorted([*root.glob("*/manifest.json"), *root.glob("round-*/*/manifest.json")]):
-        for model, t in ((_json(path) or {}).get("tokens") or {}).items():
+        m = _manifest(path.parent)
+        for model, t in ((m.tokens if m else None) or {}).items():
             rows.append([str(path.parent.relative_to(root)), f"`{model}`", t.get("prompt_tokens"),
                          t.get("completion_tokens"), t.get("usd", "")])
     if not rows:

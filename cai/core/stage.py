@@ -40,6 +40,7 @@ from cai.core.folders import (
     spec_target,
     stage_name,
 )
+from cai.core.manifest import SCHEMA_VERSION, Manifest
 from cai.core.records import (
     cai_version,
     file_sha256,
@@ -62,7 +63,12 @@ class Input:
     """The config field holding it (a path, a model spec, or a `name=spec,...` list)."""
     kind: str
     """What it holds: "sl-data", "labels", "policy", "reward", "base-model", "judge-model",
-    "red-team-prompts", ... (an `Output` of the same kind is what a stage hands on)."""
+    "red-team-prompts", ... (an `Output` of the same kind is what a stage hands on);
+    "constitution": a constitution file, recorded as the manifest's constitution stamp
+    rather than as an upstream entry."""
+    model: bool = False
+    """A model (or a reward or judge spec): its upstream entry also records the model's
+    identity (spec without speed options, weights hash)."""
 
 
 @dataclass(frozen=True)
@@ -159,22 +165,9 @@ def register(stage: Stage) -> Stage:
         raise RuntimeError(f"stage {stage.name!r} declares input {bad[0]!r}, not a field of "
                            f"{stage.config.__name__}")
     _RUNS[stage.name] = stage.run
-    reads = read_fields(stage)
+    reads = tuple(i.field for i in stage.reads)
     REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run, reads))
     return REGISTRY[stage.name]
-
-
-MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge_model", "constitution",
-                "old", "new", "best_of_base")
-"""Config fields naming models or constitutions a stage reads (besides its `inputs`)."""
-
-
-def read_fields(stage: Stage, config: Any = None) -> tuple[str, ...]:
-    """Every config field a stage reads: its declared inputs, then any model or constitution
-    field it did not declare."""
-    declared = tuple(i.field for i in stage.reads)
-    names = [f.name for f in dataclasses.fields(config or stage.config)]
-    return (*declared, *(n for n in names if n in MODEL_FIELDS and n not in declared))
 
 
 def _guarded(run: Callable[[Any], dict[str, Any]], reads: Sequence[str]
@@ -206,17 +199,17 @@ def finished_run(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
     """The manifest of a finished training run of `stage` with exactly this config (its
     saved model folder present), so a rerun returns it instead of training again."""
     m = read_manifest(out) if (out / MANIFEST).is_file() else None
-    if not m or m.get("stage") != stage or getattr(cfg, "force", False):
+    if not m or m.stage != stage or getattr(cfg, "force", False):
         return None
     want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     want.pop("force", None)
-    have = {k: v for k, v in (m.get("config") or {}).items() if k != "force"}
+    have = {k: v for k, v in m.config.items() if k != "force"}
     if have != want or not (out / "config.json").is_file() \
             or not any(out.glob("*.safetensors")):
         return None
     if _python_edited(out, cfg):  # trained under another version of a python: function
         return None
-    return m
+    return m.as_dict()
 
 
 def _python_edited(out: Path, cfg: Any) -> bool:
@@ -245,41 +238,40 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-NOT_UPSTREAM = ("constitution", "old", "new")
-"""Fields whose provenance is the manifest's constitution stamp, not an upstream entry."""
-
-
-def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
-    """For each input field (each model of a `name=spec` list as `field.name`): its path or
-    spec, the upstream stage, its data hash and constitution when a stage wrote it, a
-    file's own hash, and a model's identity (spec without speed options, weights hash)."""
+def upstream(config: Any, inputs: Sequence[Input]) -> dict[str, Any]:
+    """For each input (each model of a `name=spec` list as `field.name`): its path or spec,
+    the upstream stage, its data hash and constitution when a stage wrote it, a file's own
+    hash, and a model's identity. A constitution input is left to the constitution stamp."""
     out: dict[str, Any] = {}
-    for name in fields:
+    for inp in inputs:
+        name = inp.field
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if isinstance(value, list) and name not in NOT_UPSTREAM:  # several weighted sources
+        if inp.kind == "constitution":
+            continue
+        if isinstance(value, list):  # several weighted sources
             from cai.core.data import split_weight
 
             for i, spec in enumerate(v for v in value if isinstance(v, str)):
-                out[f"{name}.{i}"] = _upstream_entry(name, split_weight(spec)[0])
+                out[f"{name}.{i}"] = _upstream_entry(inp, split_weight(spec)[0])
             continue
-        if not value or value == "-" or not isinstance(value, str) or name in NOT_UPSTREAM:
+        if not value or value == "-" or not isinstance(value, str):
             continue
         for player, spec in spec_parts(value):
-            out[f"{name}.{player}" if player else name] = _upstream_entry(name, spec)
+            out[f"{name}.{player}" if player else name] = _upstream_entry(inp, spec)
     return out
 
 
-def _upstream_entry(field: str, spec: str) -> dict[str, Any]:
+def _upstream_entry(inp: Input, spec: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": spec}
     target = spec_target(spec)
     if target is not None and target.is_file():
         entry["sha256"] = file_sha256(target)
     m = read_manifest(target) if target is not None and target.exists() else None
     if m:
-        entry["stage"] = m.get("stage")
-        entry["data_sha256"] = (m.get("data") or {}).get("sha256")
-        entry["constitution"] = m.get("constitution")
-    if field in MODEL_FIELDS:
+        entry["stage"] = m.stage
+        entry["data_sha256"] = m.data.sha256
+        entry["constitution"] = m.constitution
+    if inp.model:
         from cai.core.models import model_identity
 
         try:
@@ -308,9 +300,10 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
     constitution of its own inherits the first upstream stamp, through models as well as
     data (the RL policy from its SFT model and its PM)."""
     root = Path(root)
-    declared = (read_fields(REGISTRY[stage], config)
+    declared = (REGISTRY[stage].reads
                 if stage in REGISTRY and dataclasses.is_dataclass(config) else ())
-    ups = upstream(config, tuple(dict.fromkeys((*inputs, *declared))))
+    named = {i.field: i for i in (*(Input(f, "file") for f in inputs), *declared)}
+    ups = upstream(config, tuple(named.values()))
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     timings = dict(timings or {})
     if started is not None:
@@ -318,6 +311,7 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
     files = {name: file_sha256(root / name) for name in data if (root / name).exists()}
     first = next(iter(files), None)
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "stage": stage,
         "cai_version": cai_version(),
         "git": git_revision(),
@@ -332,7 +326,8 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
                  "sha256": files.get(first) if first else None, "files": files},
         **(extra or {}),
     }
-    manifest = _json_safe(manifest)
+    as_json = json.loads(json.dumps(_json_safe(manifest), default=str))  # as it is written
+    manifest = Manifest.parse(as_json, root / MANIFEST).as_dict()
     write_json_atomic(root / MANIFEST, manifest)
     return manifest
 
