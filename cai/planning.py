@@ -1,10 +1,10 @@
 """Planning a pipeline run: the recipe (`cai.recipe`) made into one config per step.
 
-`plan()` is pure: it reads the run config, the constitution-free stage registry and the
-prompt sets, and returns a `Plan` (the steps, each with its config, folder and the steps it
-depends on, and the held-out split of the prompt sets); it writes no file and changes
-nothing it is given. Writing the split's prompt files is a step of the run
-(`Plan.write_prompt_files`, called by `run_pipeline` once it holds the run folder).
+`plan()` is pure: it reads the run config, the stage registry and the prompt sets, and
+returns a `Plan` (the steps, each with its config, folder and the steps it depends on, and
+the held-out split of the prompt sets); it writes no file and changes nothing it is given.
+Writing the split's prompt files is a step of the run (`Plan.write_prompt_files`, called by
+`run_pipeline` once it holds the run folder).
 
 Evaluation prompts are held out by construction: every prompt set that a training stage
 (sl, label, rl) and the evaluation both read is split once, by a seeded hash of each
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cai.core.config import from_dict
 from cai.core.errors import CaiError
 from cai.core.stage import Output, Stage, load_registry
-from cai.recipe import RECIPE, Players, RecipeStep, Run, Source
+from cai.recipe import RECIPE, Players, Run, Source
 
 if TYPE_CHECKING:
     from cai.pipeline import PipelineConfig
@@ -54,8 +54,6 @@ class Step:
     folder: Path
     spec: Stage | None = None
     """The registered stage it runs."""
-    recipe: RecipeStep | None = None
-    """Its step of the recipe."""
 
     def prompt_fields(self) -> tuple[str, ...]:
         return _prompt_inputs(self.spec) if self.spec else ()
@@ -165,7 +163,7 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> Plan:
             if name_ not in values:
                 values.update(settings)
         conf = _build(name, values, getattr(cfg, name), where, root)
-        steps.append(Step(key, name, conf, deps, root / key, registry[name], rs))
+        steps.append(Step(key, name, conf, deps, root / key, registry[name]))
     split, files, moved = split_prompts(cfg, steps, where)
     for i, st in enumerate(steps):
         if st.key in moved:

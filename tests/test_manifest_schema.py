@@ -69,3 +69,17 @@ def test_written_manifest_carries_the_version_and_reads_back(tmp_path: Path) -> 
     back = read_manifest(tmp_path)
     assert back.as_dict() == m == json.loads((tmp_path / "manifest.json").read_text())
     assert back.data.records == 1 and back.label_stats == {"pairs": 1}
+
+
+def test_viewer_shows_a_newer_manifest_as_a_problem_not_a_stage(tmp_path: Path) -> None:
+    from cai.view.runs import Run
+
+    raw = json.loads((OLD / "label-v0.json").read_text(encoding="utf-8"))
+    for key, obj in (("label", raw), ("round-2/label", {**raw, "schema_version": 99})):
+        (tmp_path / key).mkdir(parents=True)
+        (tmp_path / key / "manifest.json").write_text(json.dumps(obj), encoding="utf-8")
+    run = Run(tmp_path)
+    assert [s.key for s in run.stages] == ["label"] and run.stages[0].manifest.stage == "label"
+    assert run.problems == ["round-2/label/manifest.json: manifest schema_version 99 is newer than "
+                            f"this cai reads ({SCHEMA_VERSION}); upgrade cai to read it: that "
+                            "folder is not shown"]

@@ -11,7 +11,9 @@ What every stage shares is written once:
   over work not yet on disk;
 - `write_manifest` records the resolved config, the upstream manifests' data hashes and
   the constitution stamp (inherited from upstream when the stage has none of its own), so a
-  trained model can be traced back to the constitution version and data that made it.
+  trained model can be traced back to the constitution version and data that made it; it
+  writes through the versioned schema `cai.core.manifest.Manifest`, the one that
+  `read_manifest` reads back.
 """
 
 from __future__ import annotations
@@ -293,12 +295,13 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
                    started: float | None = None, timings: dict[str, float] | None = None,
                    data: Sequence[str] = ("data.jsonl",),
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `manifest.json` for any stage; the config in it is enough to rerun the stage.
+    """Write `manifest.json` for any stage (through the `Manifest` schema, with its
+    `schema_version`) and return it as a dict; the config in it is enough to rerun the stage.
 
     `upstream` lists every input the stage declared at registration (data and models:
-    policy, reference, reward) besides any `inputs` given here; a stage without a
-    constitution of its own inherits the first upstream stamp, through models as well as
-    data (the RL policy from its SFT model and its PM)."""
+    policy, reference, reward; a model input with its identity) besides any `inputs` given
+    here; a stage without a constitution of its own inherits the first upstream stamp,
+    through models as well as data (the RL policy from its SFT model and its PM)."""
     root = Path(root)
     declared = (REGISTRY[stage].reads
                 if stage in REGISTRY and dataclasses.is_dataclass(config) else ())

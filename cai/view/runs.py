@@ -104,13 +104,13 @@ class Run:
         if path is None:
             return None
         data = _read_json(path)
+        if data is None:
+            self.problem(f"{rel} is not a valid manifest (not JSON): that folder is not shown")
+            return None
         try:
-            if data is None:
-                raise CaiError("not JSON")
             return Manifest.parse(data, rel)
         except CaiError as err:
-            self.problem(f"{rel} is not a valid manifest ({err.message}): that folder is not "
-                         "shown")
+            self.problem(f"{rel}: {err.message}: that folder is not shown")
             return None
 
     def problem(self, text: str) -> None:
