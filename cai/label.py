@@ -196,7 +196,9 @@ def verdict_counts(records: list[dict]) -> dict[str, int]:
 register(Stage("label", LabelConfig, run_label,
                "RLAIF: soft preference labels from the feedback model's log-probs.",
                inputs=(Input("pairs", "pairs"), Input("prompts", "red-team-prompts"),
-                       Input("policy", "policy"), Input("feedback_model", "judge-model")),
+                       Input("policy", "policy", model=True),
+                       Input("feedback_model", "judge-model", model=True),
+                       Input("constitution", "constitution")),
                outputs=(Output("labels"),), pipeline=True, constitution_parts=("rl",)))
 
 __all__ = ["LabelConfig", "run_label", "sample_pairs"]

@@ -1,18 +1,20 @@
 """`cai pipeline run CONFIG.yaml`: one config from a constitution to a trained, evaluated model.
 
-The pipeline walks the stage registry: sl → sft → label → pm → rl and/or dpo → eval, each
-in its own folder under the run. A stage is skipped when its cache key matches the last
-run's: the key hashes the stage's resolved config, the part of the constitution it reads
-(SL principles and examples for `sl`, comparison principles for `label` and `eval`) and the
-data hashes of the stages it depends on. So an edit to one comparison principle reruns
-label and everything after it, never sl or sft. With `rounds: R > 1` the label → pm → rl
-loop repeats with the newest policy, each round in its own folder.
+The pipeline follows the recipe (`cai.recipe`): sl → sft → label → pm → rl and/or dpo →
+eval, each in its own folder under the run, planned by `cai.planning.plan`. A stage is
+skipped when its cache key matches the last run's: the key hashes the stage's resolved
+config, the part of the constitution it reads (SL principles and examples for `sl`,
+comparison principles for `label` and `eval`) and the data hashes of the stages it depends
+on. So an edit to one comparison principle reruns label and everything after it, never sl
+or sft. With `rounds: R > 1` the label → pm → rl loop repeats with the newest policy, each
+round in its own folder.
 
 Evaluation prompts are held out by construction: every prompt set that a training stage
 (sl, label, rl) and the evaluation both read is split once, by a seeded hash of each
 prompt's id, into `<run>/prompts/<set>.train.jsonl` and `<set>.eval.jsonl`; the training
-stages get the train part, the evaluation the eval part, and `pipeline.json` records the
-split and checks, after the run, that no eval prompt turned up in a training stage.
+stages get the train part, the evaluation the eval part (`cai.planning`); the run writes
+those files first, `pipeline.json` records the split, and after the run it checks that no
+eval prompt turned up in a training stage.
 
 Nothing here runs a model itself: every stage is the same registered run function the
 CLI calls, so a pipeline and a hand-run sequence of commands give the same records.
@@ -20,12 +22,14 @@ CLI calls, so a pipeline and a hand-run sequence of commands give the same recor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,25 +39,14 @@ import yaml
 from cai.core.config import from_dict, locate, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
-from cai.core.stage import Input, Output, Stage, load_registry, lock_dir, read_manifest
-
-ROUND = ("label", "pm", "rl")
-"""The steps that `rounds: R > 1` repeats with the newest policy."""
-
-
-def stages() -> dict[str, Stage]:
-    """The stages a pipeline runs, by step name, in the registry's (the method's) order."""
-    return {s.name: s for s in load_registry().values() if s.pipeline}
+from cai.core.stage import lock_dir, read_manifest
+from cai.planning import Plan, Step, plan
+from cai.recipe import RECIPE
 
 
 def steps_order() -> tuple[str, ...]:
-    """Step names in run order: sl, sft, label, pm, rl, dpo, eval."""
-    return tuple(stages())
-
-
-def _prompt_inputs(stage: Stage) -> tuple[str, ...]:
-    """Config fields of a stage holding a prompt set (declared kinds "...-prompts")."""
-    return tuple(i.field for i in stage.reads if i.kind.endswith("-prompts"))
+    """Step names in run order, the recipe's: sl, sft, label, pm, rl, dpo, eval."""
+    return RECIPE.order
 
 
 @dataclass
@@ -140,177 +133,6 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise locate(err, p) from None
 
 
-# --------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Step:
-    """One stage to run: where, with which config, after which steps."""
-
-    key: str
-    """"sl", "label", or "round-2/label" for later rounds."""
-    stage: str
-    """The stage's name (sl, sft, ...: its `Stage.name`)."""
-    config: Any
-    deps: list[str]
-    folder: Path
-    spec: Stage | None = None
-    """The registered stage it runs."""
-
-    def prompt_fields(self) -> tuple[str, ...]:
-        return _prompt_inputs(self.spec) if self.spec else ()
-
-    @property
-    def is_eval(self) -> bool:
-        return bool(self.spec) and self.spec.group == "eval"
-
-
-def _build(stage: str, values: dict[str, Any], user: dict[str, Any], where: str,
-           root: Path | None = None) -> Any:
-    cls = stages()[stage].config
-    names = {f.name for f in dataclasses.fields(cls)}
-    wired = {k: v for k, v in values.items() if k in names}
-    for k in user:  # the folder a stage writes or reads from another stage is the pipeline's
-        if k == "out" or (root is not None and k in wired and str(root) in str(wired[k] or "")):
-            raise CaiError(f"is wired by the pipeline (to {wired.get(k)}); remove it from the "
-                           f"`{stage}:` section (set the run folder with `out:` at the top)",
-                           where, f"{stage}.{k}")
-    return from_dict(cls, {**wired, **user}, f"{where}: {stage}")
-
-
-def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
-    """The steps of a run, each input wired by its declared kind (see `Input`) to the newest
-    earlier step that outputs that kind, else to the run's own value of the kind."""
-    registry = stages()
-    root, on = cfg.root, set(cfg.stages)
-    base = {"constitution": cfg.constitution, "seed": cfg.seed}
-    given = {"base-model": cfg.model, "policy": cfg.model, "sl-model": cfg.model,
-             "judge-model": cfg.feedback_model, "red-team-prompts": "red_team",
-             "reward": f"judge:{cfg.feedback_model}"}  # the run's own value of each kind
-    skip = set() if cfg.sl_pairs_in_pm else {("pm", "pairs"), ("dpo", "pairs")}
-    producer = {o.kind: name for name, st in registry.items() for o in st.writes}
-    steps: list[Step] = []
-    made: dict[str, list[tuple[Step, Output]]] = {}
-
-    def wire(inp: Input) -> tuple[Any, list[str]]:
-        found = made.get(inp.kind, [])
-        if inp.many:  # every named output of the kind, the newest of each name; base first
-            named: dict[str, tuple[Step | None, str]] = {"base": (None, cfg.model)}
-            for st, out in found:
-                if out.player:
-                    named[out.player] = (st, out.value(st.folder))
-            return (",".join(f"{n}={v}" for n, (_, v) in named.items()),
-                    [st.key for st, _ in named.values() if st])
-        if found:
-            st, out = found[-1] if inp.pick == "latest" else found[0]
-            return out.value(st.folder), [st.key]
-        if inp.missing == "folder" and inp.kind in producer:
-            src = registry[producer[inp.kind]]
-            out = next(o for o in src.writes if o.kind == inp.kind)
-            return out.value(root / producer[inp.kind]), []
-        return (given.get(inp.kind) if inp.missing == "run" else None), []
-
-    sequence = []
-    for name in registry:
-        if name in on:
-            sequence.append((name, name))
-        if name == ROUND[-1]:
-            sequence += [(f"round-{r}/{n}", n) for r in range(2, cfg.rounds + 1)
-                         for n in ROUND if n in on]
-    for key, name in sequence:
-        st = registry[name]
-        values: dict[str, Any] = {**base, "out": str(root / key)}
-        deps: list[str] = []
-        for inp in st.reads:
-            if (name, inp.field) in skip:
-                continue
-            value, used = wire(inp)
-            if value is not None:
-                values[inp.field] = value
-                deps += [d for d in used if d not in deps]
-        if name == "eval" and "reward" not in values:
-            values["best_of_k"] = 0  # no PM: nothing to pick the best of k by
-        conf = _build(name, values, getattr(cfg, name), where, root)
-        step = Step(key, name, conf, deps, root / key, st)
-        steps.append(step)
-        for out in st.writes:
-            made.setdefault(out.kind, []).append((step, out))
-    cfg._prompt_split = split_prompts(cfg, steps, where)  # type: ignore[attr-defined]
-    return steps
-
-
-# --------------------------------------------------------------------------- held-out prompts
-
-
-def split_prompts(cfg: PipelineConfig, steps: list[Step], where: str = "pipeline") -> dict[str, Any]:
-    """Split each prompt set read by a training stage and by the evaluation, write both
-    parts under `<run>/prompts/`, and point the steps' configs at them; returns the split's
-    record (also kept in `pipeline.json`). Re-planning rewrites identical files."""
-    from cai.core.data import load_prompts
-    from cai.core.records import file_sha256, write_text_atomic
-    from cai.core.resources import resolve
-    from cai.core.splits import held_out
-
-    record: dict[str, Any] = {"seed": cfg.split_seed, "eval_fraction": cfg.eval_fraction,
-                              "by": "prompt id", "sets": {}}
-    uses: dict[Path, dict[str, list[tuple[Step, str]]]] = {}
-    for step in steps:
-        for name in step.prompt_fields():
-            value = getattr(step.config, name, None)
-            if value:
-                side = "eval" if step.is_eval else "train"
-                path = resolve(str(value), "prompts", announce=False).resolve()
-                uses.setdefault(path, {"train": [], "eval": []})[side].append((step, name))
-    if cfg.eval_fraction == 0:
-        return record
-    folder = cfg.root / "prompts"
-    stems: set[str] = set()
-    splits = []
-    for path, by in uses.items():  # every split first: an empty side is refused before any file
-        if not by["train"] or not by["eval"]:
-            continue  # read by one side only: nothing to hold out
-        text_field = next((getattr(st.config, "text_field", "prompt") for st, _ in by["train"]),
-                          "prompt")
-        items = load_prompts(path, text_field)
-        held = held_out([it.id for it in items], cfg.eval_fraction, cfg.split_seed)
-        if not held:
-            raise CaiError(f"eval_fraction {cfg.eval_fraction} of the {len(items)} prompts of "
-                           f"{path} holds out none for the evaluation "
-                           f"({', '.join(sorted({st.key for st, _ in by['eval']}))}); raise "
-                           "eval_fraction, give more prompts, or set eval_fraction: 0 to "
-                           "evaluate on training prompts", where, "eval_fraction")
-        splits.append((path, by, text_field, items, held))
-    if splits:  # the run's one writer from here (planning wrote nothing before this)
-        cfg.root.mkdir(parents=True, exist_ok=True)
-        lock_dir(cfg.root)
-    for path, by, text_field, items, held in splits:
-        stem = path.stem if path.stem not in stems else f"{path.stem}-{file_sha256(path)[7:15]}"
-        stems.add(stem)
-        files = {}
-        for side in ("train", "eval"):
-            part = [it for it in items if (it.id in held) == (side == "eval")]
-            rows = [{"id": it.id, "prompt": it.prompt, **({text_field: it.prompt}
-                    if text_field != "prompt" else {}), "category": it.category} for it in part]
-            files[side] = folder / f"{stem}.{side}.jsonl"
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            if not files[side].is_file() or files[side].read_text(encoding="utf-8") != text:
-                files[side].parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(files[side], text)
-            for st, name in by[side]:
-                setattr(st.config, name, str(files[side]))
-        record["sets"][stem] = {
-            "source": str(path), "sha256": file_sha256(path), "train": len(items) - len(held),
-            "eval": len(held), "train_file": str(files["train"]), "eval_file": str(files["eval"]),
-            "train_stages": sorted({f"{st.key}.{n}" for st, n in by["train"]}),
-            "eval_stages": sorted({f"{st.key}.{n}" for st, n in by["eval"]}),
-            "eval_ids": sorted(held)}
-    return record
-
-
-TRAINING_FILES = {"sl": ("sft.jsonl", "pairs.jsonl"), "label": ("preferences.jsonl",)}
-"""What later stages train on, per stage: the files derived from the current prompts only."""
-
-
 def _record_prompts(folder: Path, names: tuple[str, ...]) -> set[str]:
     """Prompt texts (the user turns) of the examples a stage hands to training.
 
@@ -336,7 +158,7 @@ def _record_prompts(folder: Path, names: tuple[str, ...]) -> set[str]:
     return out
 
 
-def heldout_overlap(steps: list[Step]) -> int | None:
+def heldout_overlap(steps: Iterable[Step]) -> int | None:
     """How many of the evaluation's prompts a training stage read: from the sl and label
     records, and the prompts rl was given. Every prompt of every eval set counts, not only
     the first `limit` the eval stage answered (a held-out set is held out whole), and a
@@ -353,14 +175,15 @@ def heldout_overlap(steps: list[Step]) -> int | None:
         eval_texts |= {b.prompt for b in load_benchmark(ev.config.prompts)}
     seen: set[str] = set()
     for step in steps:
-        if step.stage in TRAINING_FILES:
-            seen |= _record_prompts(step.folder, TRAINING_FILES[step.stage])
-        if step.stage == "rl":
-            seen |= {it.prompt for it in load_prompts(step.config.prompts, limit=step.config.limit)}
+        rs = RECIPE[step.stage]
+        seen |= _record_prompts(step.folder, rs.training_files)
+        if rs.training_prompts:
+            seen |= {it.prompt for it in load_prompts(getattr(step.config, rs.training_prompts),
+                                                      limit=step.config.limit)}
     return len(eval_texts & seen)
 
 
-def _eval_summary(steps: list[Step]) -> dict[str, Any] | None:
+def _eval_summary(steps: Iterable[Step]) -> dict[str, Any] | None:
     """The policy evaluation's headline numbers for pipeline.json, read through the
     report's schema (`cai.core.eval_report`); None when the run has no policy evaluation."""
     from cai.core.eval_report import PolicyEvalReport
@@ -418,7 +241,7 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
 
 def _data_hashes(folder: Path) -> dict[str, Any] | None:
     m = read_manifest(folder)
-    return (m.get("data") or {}).get("files") if m else None
+    return m.data.files if m else None
 
 
 # --------------------------------------------------------------------------- running
@@ -449,19 +272,20 @@ def run_pipeline(cfg: PipelineConfig, start: str | None = None, until: str | Non
     if start and until and order.index(start) > order.index(until):
         raise CaiError(f"--from {start} comes after --until {until}: nothing would run",
                        field="from")
-    try:  # every stage's config, and the prompt split, before any stage runs
+    try:  # every stage's config, and the prompt split, before anything is written
         steps = plan(cfg, where)
     except CaiError as err:
         raise locate(err, where) from None
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     lock_dir(root)  # one pipeline per run folder: a second is refused before pipeline.json
+    steps.write_prompt_files()
     state_path = root / "pipeline.json"
     previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
     before = previous.get("steps", {})
     state: dict[str, Any] = {"config": dataclasses.asdict(cfg), "steps": dict(before),
                              "started": time.time(),
-                             "prompt_split": getattr(cfg, "_prompt_split", None) or {}}
+                             "prompt_split": copy.deepcopy(steps.prompt_split)}
     done: dict[str, dict[str, Any]] = {}
     t_run = time.time()
     for n, step in enumerate(steps, 1):
@@ -535,5 +359,5 @@ def run_demo(out: Path | None = None, config: Path | None = None) -> dict[str, A
     return run_pipeline(cfg, where=str(path))
 
 
-__all__ = ["PipelineConfig", "load_pipeline_config", "plan", "run_pipeline", "cache_key",
-           "run_demo"]
+__all__ = ["PipelineConfig", "Plan", "Step", "load_pipeline_config", "plan", "run_pipeline",
+           "cache_key", "run_demo"]

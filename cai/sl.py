@@ -455,7 +455,8 @@ def write_outputs(root: Path, records: list[dict], seed: int,
 
 register(Stage("sl", SLConfig, run_sl, "SL-CAI: respond, critique and revise in rounds.",
                inputs=(Input("prompts", "red-team-prompts"),
-                       Input("helpful_prompts", "helpful-prompts"), Input("model", "base-model")),
+                       Input("helpful_prompts", "helpful-prompts"),
+                       Input("model", "base-model", model=True), Input("constitution", "constitution")),
                outputs=(Output("sl-data"),), pipeline=True, constitution_parts=("sl",)))
 
 __all__ = ["SLConfig", "SLRecord", "SLRound", "run_sl", "fit_prompts"]

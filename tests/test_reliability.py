@@ -504,7 +504,9 @@ def test_resume_config_change_pipeline_clears_a_killed_training_stage(tmp_path: 
 
     cfg = pipeline.PipelineConfig(name="t", out=str(tmp_path / "run"), stages=["sft"],
                                   sft={"learning_rate": 1e-3})
-    registry = pipeline.load_registry()
+    from cai.core.stage import load_registry
+
+    registry = load_registry()
     real = registry["sft"]
     registry["sft"] = pipeline.dataclasses.replace(real, run=fake_sft)
     try:

@@ -281,7 +281,7 @@ def test_pipeline_empty_eval_side_is_refused_before_any_stage(tmp_path: Path,
     assert "eval_fraction" in _one_error(r) and not run.exists()
     # A fraction that holds some out plans (the check is on the held-out count, not the value).
     cfg = load_pipeline_config(_pipeline_yaml(tmp_path, tiny_model, eval_fraction=0.01))
-    assert plan(cfg) and cfg._prompt_split["sets"]["red_team"]["eval"] == 2
+    assert plan(cfg).prompt_split["sets"]["red_team"]["eval"] == 2
 
 
 def test_pipeline_empty_eval_overlap_counts_training_data_not_stale_records(
@@ -292,12 +292,13 @@ def test_pipeline_empty_eval_overlap_counts_training_data_not_stale_records(
 
     cfg = load_pipeline_config(_pipeline_yaml(tmp_path, tiny_model))
     steps = plan(cfg)
+    steps.write_prompt_files()
     sl = next(s for s in steps if s.stage == "sl")
     label = next(s for s in steps if s.stage == "label")
     held = [json.loads(x)["prompt"] for x in
-            Path(cfg._prompt_split["sets"]["red_team"]["eval_file"]).read_text().splitlines()]
+            Path(steps.prompt_split["sets"]["red_team"]["eval_file"]).read_text().splitlines()]
     train = [json.loads(x)["prompt"] for x in
-             Path(cfg._prompt_split["sets"]["red_team"]["train_file"]).read_text().splitlines()]
+             Path(steps.prompt_split["sets"]["red_team"]["train_file"]).read_text().splitlines()]
     sl.folder.mkdir(parents=True)
     label.folder.mkdir(parents=True)
     # The store holds a record of a held-out prompt (a previous split's); training does not.

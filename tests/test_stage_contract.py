@@ -183,7 +183,7 @@ def test_registry_and_manifest_lineage(tmp_path) -> None:
     assert {"sl", "label", "sft", "eval-labeler", "eval-constitutions"} <= set(stages)
     assert [(i.field, i.kind) for i in REGISTRY["label"].reads] == [
         ("pairs", "pairs"), ("prompts", "red-team-prompts"), ("policy", "policy"),
-        ("feedback_model", "judge-model")]
+        ("feedback_model", "judge-model"), ("constitution", "constitution")]
     up = tmp_path / "label"
     up.mkdir()
     (up / "preferences.jsonl").write_text('{"id": "1"}\n')
@@ -199,7 +199,7 @@ def test_registry_and_manifest_lineage(tmp_path) -> None:
     assert m["constitution"] == stamp  # inherited from the upstream data
     assert m["upstream"]["preferences"]["stage"] == "label"
     assert m["upstream"]["preferences"]["data_sha256"].startswith("sha256:")
-    assert read_manifest(down)["upstream"] == m["upstream"]
+    assert read_manifest(down).as_dict()["upstream"] == m["upstream"]
 
 
 def test_declared_inputs_are_config_fields_and_reach_the_manifest(tmp_path, monkeypatch) -> None:
@@ -230,7 +230,7 @@ def test_declared_inputs_are_config_fields_and_reach_the_manifest(tmp_path, monk
                    outputs=(Output("policy"),)))
     m = write_manifest(tmp_path / "rl", "test.policy-user", config=Cfg(model=f"hf:{up}"), data=())
     assert m["upstream"]["model"]["stage"] == "sft"
-    assert m["upstream"]["model"]["data_sha256"] == read_manifest(up)["data"]["sha256"]
+    assert m["upstream"]["model"]["data_sha256"] == read_manifest(up).data.sha256
     assert m["constitution"] == stamp  # inherited through the model, not only through data
     bare = write_manifest(tmp_path / "bare", "test.unregistered", config=Cfg(model=f"hf:{up}"),
                           data=())
@@ -279,7 +279,7 @@ def test_folder_written_under_an_old_stage_name_still_resumes(tmp_path, tiny_bac
     first = run_labeler_eval(cfg, tiny_backend)
     assert first["stage"] == "eval-labeler"
     _rename_recorded(out, "eval.labeler")
-    assert read_manifest(out)["stage"] == "eval-labeler"  # read through the table
+    assert read_manifest(out).stage == "eval-labeler"  # read through the table
     again = run_labeler_eval(cfg, tiny_backend)  # accepted: no "holds the output of" error
     assert again["stage"] == "eval-labeler" and again["metrics"] == first["metrics"]
     _rename_recorded(out, "eval.labeler")

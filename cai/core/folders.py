@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.manifest import Manifest
 from cai.core.records import JsonlStore
 
 MANIFEST = "manifest.json"
@@ -37,8 +38,8 @@ class StageDir:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 
-    def read_manifest(self) -> dict[str, Any]:
-        return read_manifest(self.root) or {}
+    def read_manifest(self) -> Manifest | None:
+        return read_manifest(self.root)
 
 
 def claim_dir(root: Path, stage: str) -> None:
@@ -216,11 +217,12 @@ def _owner(root: Path) -> str | None:
     if marker.is_file():
         return stage_name(marker.read_text(encoding="utf-8").strip() or None)
     m = read_manifest(root)
-    return m.get("stage") if m else None
+    return m.stage if m else None
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The manifest of a stage folder (or of the folder holding a file), if there is one."""
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The manifest of a stage folder (or of the folder holding a file), if there is one,
+    read through its schema (`cai.core.manifest`); one that does not fit it is an error."""
     p = Path(folder)
     if p.is_file() or not p.exists():
         p = p.parent
@@ -231,9 +233,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CaiError("not a valid manifest", str(path)) from None
-    if isinstance(m, dict) and isinstance(m.get("stage"), str):
-        m["stage"] = stage_name(m["stage"])  # a folder written under a stage's old name
-    return m
+    return Manifest.parse(m, path)
 
 
 __all__ = ["MANIFEST", "LOCK", "RENAMED", "StageDir", "claim_dir", "lock_dir", "read_manifest",

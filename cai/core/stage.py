@@ -11,7 +11,9 @@ What every stage shares is written once:
   over work not yet on disk;
 - `write_manifest` records the resolved config, the upstream manifests' data hashes and
   the constitution stamp (inherited from upstream when the stage has none of its own), so a
-  trained model can be traced back to the constitution version and data that made it.
+  trained model can be traced back to the constitution version and data that made it; it
+  writes through the versioned schema `cai.core.manifest.Manifest`, the one that
+  `read_manifest` reads back.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cai.core.folders import (
     spec_target,
     stage_name,
 )
+from cai.core.manifest import SCHEMA_VERSION, Manifest
 from cai.core.records import (
     cai_version,
     file_sha256,
@@ -53,22 +56,21 @@ from cai.core.records import (
 @dataclass(frozen=True)
 class Input:
     """A config field naming something a stage reads (data, a model, a reward), typed by
-    what it holds: the manifest's `upstream` lists every declared input, and the pipeline
-    wires each one to the newest earlier step that outputs its kind."""
+    what it holds: the manifest's `upstream` lists every declared input, the output folder
+    may not lie over one, and the pipeline splits the prompt sets (kinds "...-prompts") a
+    training stage and the evaluation both read. Which step feeds it in a pipeline is the
+    recipe's to say (`cai.recipe`)."""
 
     field: str
     """The config field holding it (a path, a model spec, or a `name=spec,...` list)."""
     kind: str
     """What it holds: "sl-data", "labels", "policy", "reward", "base-model", "judge-model",
-    "red-team-prompts", ... (an `Output` of the same kind feeds it)."""
-    missing: str = "run"
-    """In a pipeline with no earlier step of this kind: "run" takes the run's own value of
-    the kind (its base model, its judge, the red-team prompts) if it has one, "folder" the
-    folder the producing stage would write, "none" leaves the field unset."""
-    pick: str = "latest"
-    """Which producing step when several rounds made one: "latest" or "first"."""
-    many: bool = False
-    """A `name=spec,...` list of every output of this kind that names a player."""
+    "red-team-prompts", ... (an `Output` of the same kind is what a stage hands on);
+    "constitution": a constitution file, recorded as the manifest's constitution stamp
+    rather than as an upstream entry."""
+    model: bool = False
+    """A model (or a reward or judge spec): its upstream entry also records the model's
+    identity (spec without speed options, weights hash)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class Output:
     """Something a stage leaves in its folder for later stages to read."""
 
     kind: str
-    """What it is (matched against `Input.kind`)."""
+    """What it is: the recipe names a step's output by it (`cai.recipe.From`)."""
     file: str | None = None
     """The file inside the folder; None: the folder itself (a data folder, a model)."""
     prefix: str = ""
@@ -113,7 +115,7 @@ class Stage:
     """The words after `cai` that run it ("train pm", "eval policies"); empty: its name.
     How the command line spells it, grouped as users type it, not a name of the stage."""
     pipeline: bool = False
-    """Run by the pipeline (in registry order), under its name."""
+    """A step of the method's recipe (`cai.recipe`), run by the pipeline under its name."""
     constitution_parts: tuple[str, ...] = ()
     """The constitution sections it reads ("sl"; "rl"; "rl" and "helpfulness"): a pipeline
     reruns it when one of them changes, and only then (training stages read none)."""
@@ -135,8 +137,9 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {}
 
-# The one list of stages: the modules that register them, in the order of the method (a
-# pipeline runs its stages in this order). The CLI and the pipeline import them all.
+# The one list of stages: the modules that register them, in the order the CLI lists them
+# (the method's order; a pipeline follows `cai.recipe.RECIPE`). The CLI and the pipeline
+# import them all.
 STAGE_MODULES = (
     "cai.sl",
     "cai.train.sft",
@@ -164,22 +167,9 @@ def register(stage: Stage) -> Stage:
         raise RuntimeError(f"stage {stage.name!r} declares input {bad[0]!r}, not a field of "
                            f"{stage.config.__name__}")
     _RUNS[stage.name] = stage.run
-    reads = read_fields(stage)
+    reads = tuple(i.field for i in stage.reads)
     REGISTRY[stage.name] = dataclasses.replace(stage, run=_guarded(stage.run, reads))
     return REGISTRY[stage.name]
-
-
-MODEL_FIELDS = ("model", "policy", "feedback_model", "models", "reward", "judge_model", "constitution",
-                "old", "new", "best_of_base")
-"""Config fields naming models or constitutions a stage reads (besides its `inputs`)."""
-
-
-def read_fields(stage: Stage, config: Any = None) -> tuple[str, ...]:
-    """Every config field a stage reads: its declared inputs, then any model or constitution
-    field it did not declare."""
-    declared = tuple(i.field for i in stage.reads)
-    names = [f.name for f in dataclasses.fields(config or stage.config)]
-    return (*declared, *(n for n in names if n in MODEL_FIELDS and n not in declared))
 
 
 def _guarded(run: Callable[[Any], dict[str, Any]], reads: Sequence[str]
@@ -211,17 +201,17 @@ def finished_run(out: Path, cfg: Any, stage: str) -> dict[str, Any] | None:
     """The manifest of a finished training run of `stage` with exactly this config (its
     saved model folder present), so a rerun returns it instead of training again."""
     m = read_manifest(out) if (out / MANIFEST).is_file() else None
-    if not m or m.get("stage") != stage or getattr(cfg, "force", False):
+    if not m or m.stage != stage or getattr(cfg, "force", False):
         return None
     want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     want.pop("force", None)
-    have = {k: v for k, v in (m.get("config") or {}).items() if k != "force"}
+    have = {k: v for k, v in m.config.items() if k != "force"}
     if have != want or not (out / "config.json").is_file() \
             or not any(out.glob("*.safetensors")):
         return None
     if _python_edited(out, cfg):  # trained under another version of a python: function
         return None
-    return m
+    return m.as_dict()
 
 
 def _python_edited(out: Path, cfg: Any) -> bool:
@@ -250,41 +240,40 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-NOT_UPSTREAM = ("constitution", "old", "new")
-"""Fields whose provenance is the manifest's constitution stamp, not an upstream entry."""
-
-
-def upstream(config: Any, fields: Sequence[str]) -> dict[str, Any]:
-    """For each input field (each model of a `name=spec` list as `field.name`): its path or
-    spec, the upstream stage, its data hash and constitution when a stage wrote it, a
-    file's own hash, and a model's identity (spec without speed options, weights hash)."""
+def upstream(config: Any, inputs: Sequence[Input]) -> dict[str, Any]:
+    """For each input (each model of a `name=spec` list as `field.name`): its path or spec,
+    the upstream stage, its data hash and constitution when a stage wrote it, a file's own
+    hash, and a model's identity. A constitution input is left to the constitution stamp."""
     out: dict[str, Any] = {}
-    for name in fields:
+    for inp in inputs:
+        name = inp.field
         value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if isinstance(value, list) and name not in NOT_UPSTREAM:  # several weighted sources
+        if inp.kind == "constitution":
+            continue
+        if isinstance(value, list):  # several weighted sources
             from cai.core.data import split_weight
 
             for i, spec in enumerate(v for v in value if isinstance(v, str)):
-                out[f"{name}.{i}"] = _upstream_entry(name, split_weight(spec)[0])
+                out[f"{name}.{i}"] = _upstream_entry(inp, split_weight(spec)[0])
             continue
-        if not value or value == "-" or not isinstance(value, str) or name in NOT_UPSTREAM:
+        if not value or value == "-" or not isinstance(value, str):
             continue
         for player, spec in spec_parts(value):
-            out[f"{name}.{player}" if player else name] = _upstream_entry(name, spec)
+            out[f"{name}.{player}" if player else name] = _upstream_entry(inp, spec)
     return out
 
 
-def _upstream_entry(field: str, spec: str) -> dict[str, Any]:
+def _upstream_entry(inp: Input, spec: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": spec}
     target = spec_target(spec)
     if target is not None and target.is_file():
         entry["sha256"] = file_sha256(target)
     m = read_manifest(target) if target is not None and target.exists() else None
     if m:
-        entry["stage"] = m.get("stage")
-        entry["data_sha256"] = (m.get("data") or {}).get("sha256")
-        entry["constitution"] = m.get("constitution")
-    if field in MODEL_FIELDS:
+        entry["stage"] = m.stage
+        entry["data_sha256"] = m.data.sha256
+        entry["constitution"] = m.constitution
+    if inp.model:
         from cai.core.models import model_identity
 
         try:
@@ -306,16 +295,18 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
                    started: float | None = None, timings: dict[str, float] | None = None,
                    data: Sequence[str] = ("data.jsonl",),
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `manifest.json` for any stage; the config in it is enough to rerun the stage.
+    """Write `manifest.json` for any stage (through the `Manifest` schema, with its
+    `schema_version`) and return it as a dict; the config in it is enough to rerun the stage.
 
     `upstream` lists every input the stage declared at registration (data and models:
-    policy, reference, reward) besides any `inputs` given here; a stage without a
-    constitution of its own inherits the first upstream stamp, through models as well as
-    data (the RL policy from its SFT model and its PM)."""
+    policy, reference, reward; a model input with its identity) besides any `inputs` given
+    here; a stage without a constitution of its own inherits the first upstream stamp,
+    through models as well as data (the RL policy from its SFT model and its PM)."""
     root = Path(root)
-    declared = (read_fields(REGISTRY[stage], config)
+    declared = (REGISTRY[stage].reads
                 if stage in REGISTRY and dataclasses.is_dataclass(config) else ())
-    ups = upstream(config, tuple(dict.fromkeys((*inputs, *declared))))
+    named = {i.field: i for i in (*(Input(f, "file") for f in inputs), *declared)}
+    ups = upstream(config, tuple(named.values()))
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     timings = dict(timings or {})
     if started is not None:
@@ -323,6 +314,7 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
     files = {name: file_sha256(root / name) for name in data if (root / name).exists()}
     first = next(iter(files), None)
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "stage": stage,
         "cai_version": cai_version(),
         "git": git_revision(),
@@ -337,7 +329,8 @@ def write_manifest(root: str | Path, stage: str, *, config: Any, inputs: Sequenc
                  "sha256": files.get(first) if first else None, "files": files},
         **(extra or {}),
     }
-    manifest = _json_safe(manifest)
+    as_json = json.loads(json.dumps(_json_safe(manifest), default=str))  # as it is written
+    manifest = Manifest.parse(as_json, root / MANIFEST).as_dict()
     write_json_atomic(root / MANIFEST, manifest)
     return manifest
 

@@ -106,7 +106,8 @@ def run_constitutions_eval(cfg: ConstitutionsEvalConfig,
 
 register(Stage(STAGE, ConstitutionsEvalConfig, run_constitutions_eval,
                "Label the same pairs under two constitutions and compare.",
-               inputs=(Input("pairs", "pairs"), Input("feedback_model", "judge-model")),
+               inputs=(Input("pairs", "pairs"), Input("feedback_model", "judge-model", model=True),
+                       Input("old", "constitution"), Input("new", "constitution")),
                outputs=("report.json",), positional=("old", "new"),
                command="eval constitutions"))
 

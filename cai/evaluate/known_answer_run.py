@@ -238,7 +238,7 @@ def planted_judge(run: Path) -> str | None:
     from cai.core.folders import read_manifest
 
     m = read_manifest(run / "label") if (run / "label" / "manifest.json").is_file() else None
-    spec = ((m or {}).get("config") or {}).get("feedback_model")
+    spec = m.config.get("feedback_model") if m else None
     if not spec:
         cfg = _pipeline(run).get("config") or {}
         spec = (cfg.get("label") or {}).get("feedback_model") or cfg.get("feedback_model")
@@ -298,7 +298,8 @@ def stage_seconds(run: Path) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for m in sorted(run.glob("*/manifest.json")):
-        t = ((read_manifest(m.parent) or {}).get("timings_s") or {}).get("total")
+        manifest = read_manifest(m.parent)
+        t = manifest.timings_s.get("total") if manifest else None
         if isinstance(t, int | float) and m.parent.name != "known-answer":
             out[m.parent.name] = round(float(t), 1)
     return out

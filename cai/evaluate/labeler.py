@@ -215,7 +215,8 @@ def _models(identity: str, judge: Backend | list[Backend]) -> dict[str, str]:
 
 register(Stage(STAGE, LabelerEvalConfig, run_labeler_eval,
                "Judge accuracy, calibration and position bias on A/B items.",
-               inputs=(Input("items", "labeler-items"), Input("feedback_model", "judge-model")),
+               inputs=(Input("items", "labeler-items"), Input("feedback_model", "judge-model", model=True),
+                       Input("constitution", "constitution")),
                outputs=("report.json", "reliability.png"), positional=("items",),
                command="eval labeler"))
 

@@ -328,8 +328,8 @@ def run_dpo(cfg: DPOTrainConfig, *, callbacks: list[Any] | None = None) -> dict[
 
 register(Stage(name=STAGE, config=DPOTrainConfig, run=run_dpo,
                help="DPO of the SL-CAI model on soft AI labels (and SL pairs).",
-               inputs=(Input("preferences", "labels", pick="first"), Input("pairs", "sl-data"),
-                       Input("model", "sl-model")),
+               inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
+                       Input("model", "sl-model", model=True)),
                outputs=(Output("policy", player="dpo"),), command="train dpo",
                pipeline=True))
 

@@ -306,7 +306,7 @@ def run_pm(cfg: PMConfig, *, callbacks: list[Any] | None = None) -> dict[str, An
 register(Stage(name=STAGE, config=PMConfig, run=run_pm,
                help="Train a preference model on soft AI labels (and SL pairs).",
                inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
-                       Input("model", "base-model")),
+                       Input("model", "base-model", model=True)),
                outputs=(Output("reward", prefix="pm:"), Output("pm-eval", file="eval.json")),
                command="train pm", pipeline=True))
 

@@ -495,8 +495,8 @@ def _write_trl_log(history: list[dict[str, Any]], path: Path, estimator: str = "
 register(Stage(STAGE, RLConfig, run_rl,
                "RL-CAI: PPO (or TRL RLOO/GRPO) on a preference-model or judge reward",
                command="train rl", pipeline=True,
-               inputs=(Input("model", "policy"), Input("reward", "reward"),
-                       Input("prompts", "red-team-prompts")),
+               inputs=(Input("model", "policy", model=True), Input("reward", "reward", model=True),
+                       Input("prompts", "red-team-prompts"), Input("constitution", "constitution")),
                outputs=(Output("policy", player="rl-cai"), Output("rl-log", file="log.jsonl"))))
 
 __all__ = ["RLConfig", "run_rl", "summarize", "ALGOS"]

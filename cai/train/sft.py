@@ -205,7 +205,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
 
 register(Stage(STAGE, SFTConfig, run_sft, "Supervised fine-tuning on SL-CAI data.",
-               inputs=(Input("data", "sl-data", missing="folder"), Input("model", "base-model")),
+               inputs=(Input("data", "sl-data"), Input("model", "base-model", model=True)),
                outputs=(Output("policy", player="sl-cai"), Output("sl-model")), command="train sft",
                pipeline=True))
 

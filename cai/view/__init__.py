@@ -1,6 +1,6 @@
 """`cai view`: a local, read-only web viewer for run folders and for two runs side by side.
 
-Needs the `view` extra (Starlette, Jinja2, uvicorn): `pip install 'cai[view]'`.
+Needs the `view` extra (Starlette, uvicorn; Jinja2 is a core dependency): `pip install 'cai[view]'`.
 """
 
 from __future__ import annotations

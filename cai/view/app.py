@@ -158,7 +158,7 @@ def create_app(roots: list[str | Path], hosts: list[str] | None = None) -> Starl
                 options = R.facets(path, R.sl_fields)
             else:
                 options = _first_page_facets(page.rows, R.sl_fields)
-                counted = [k.split(":", 1)[1] for k in folder.manifest.get("counts") or {}
+                counted = [k.split(":", 1)[1] for k in folder.manifest.counts
                            if k.startswith(("flag:", "filter:"))]
                 options["flag"] = sorted({*options.get("flag", []), *counted})
         return render("sl.html", request, i=i, run=run, page="sl", folder=folder, result=page,

@@ -19,7 +19,7 @@ def _load_constitution(run: Run) -> tuple[Any, str | None]:
     source = (run.pipeline.get("config") or {}).get("constitution")
     if not source:
         for s in run.stages:
-            source = (s.manifest.get("config") or {}).get("constitution")
+            source = s.manifest.config.get("constitution")
             if source:
                 break
     if not source:
@@ -115,10 +115,10 @@ def compare_counts(old: Run, new: Run) -> list[dict[str, Any]]:
     ol = {s.key: s for s in old.stages}
     nw = {s.key: s for s in new.stages}
     for k in keys:
-        co = (ol[k].manifest.get("counts") or {}) if k in ol else {}
-        cn = (nw[k].manifest.get("counts") or {}) if k in nw else {}
-        extra_o = (ol[k].manifest.get("label_stats") or {}) if k in ol else {}
-        extra_n = (nw[k].manifest.get("label_stats") or {}) if k in nw else {}
+        co = ol[k].manifest.counts if k in ol else {}
+        cn = nw[k].manifest.counts if k in nw else {}
+        extra_o = (ol[k].manifest.label_stats or {}) if k in ol else {}
+        extra_n = (nw[k].manifest.label_stats or {}) if k in nw else {}
         for name in list(dict.fromkeys([*co, *cn])):
             if co.get(name) != cn.get(name):
                 rows.append({"stage": k, "count": name, "old": co.get(name), "new": cn.get(name)})

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.folders import stage_name
+from cai.core.manifest import Manifest
 from cai.core.results import read_json as _read_json
 from cai.view.paging import (  # noqa: F401 - the viewer's readers, re-exported
     PAGE_SIZE,
@@ -39,14 +39,14 @@ class StageFolder:
     """Path relative to the run ("sl", "round-2/label"); "." when the run is one stage."""
     path: Path
     """The folder."""
-    manifest: dict[str, Any]
-    """Its manifest.json."""
+    manifest: Manifest
+    """Its manifest.json, read through the schema (`cai.core.manifest`)."""
     run: Run | None = None
     """The run it belongs to: every file of the folder is read through `file`, inside it."""
 
     @property
     def stage(self) -> str:
-        return str(stage_name(self.manifest.get("stage")) or "")
+        return self.manifest.stage
 
     def file(self, name: str) -> Path | None:
         """`name` in this folder, resolved; None (and a problem shown on every page) when a
@@ -94,9 +94,9 @@ class Run:
             raise CaiError("no stage folder with a manifest.json here; give a run folder "
                            "(runs/NAME) or a stage folder", str(root))
 
-    def _manifest(self, key: str) -> dict[str, Any] | None:
+    def _manifest(self, key: str) -> Manifest | None:
         """The manifest of the stage folder `key` (relative to the run), or None; one that
-        escapes the run or is not a JSON object with a `stage` is a problem, not a stage."""
+        escapes the run or does not fit the manifest schema is a problem, not a stage."""
         rel = "manifest.json" if key == "." else f"{key}/manifest.json"
         if not (self.root / rel).exists():
             return None
@@ -104,11 +104,14 @@ class Run:
         if path is None:
             return None
         data = _read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
-            self.problem(f"{rel} is not a valid manifest (not JSON, or no `stage`): that "
-                         "folder is not shown")
+        if data is None:
+            self.problem(f"{rel} is not a valid manifest (not JSON): that folder is not shown")
             return None
-        return data
+        try:
+            return Manifest.parse(data, rel)
+        except CaiError as err:
+            self.problem(f"{rel}: {err.message}: that folder is not shown")
+            return None
 
     def problem(self, text: str) -> None:
         if text not in self.problems:
@@ -143,8 +146,8 @@ class Run:
 
     def constitution(self) -> dict[str, Any] | None:
         for s in self.stages:
-            if s.manifest.get("constitution"):
-                return s.manifest["constitution"]
+            if s.manifest.constitution:
+                return s.manifest.constitution
         return None
 
     def safe_path(self, rel: str) -> Path | None:
