@@ -159,7 +159,7 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     from trl import RewardConfig as TRLRewardConfig
 
     from cai.core.models import local_path
-    from cai.train.loading import load_model, prepare_for_training, tensorboard_dir
+    from cai.train.loading import load_model, lora_config, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
     base = local_path(cfg.model)
@@ -182,13 +182,7 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     if not data:
         raise CaiError("no training pairs left (all dropped as ties?)", field="ties")
 
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear",
-                                 modules_to_save=["score"])
+    peft_config = lora_config(cfg, task_type="SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
     ckpt = out / CHECKPOINTS if out is not None else None
     args = trainer_args(TRLRewardConfig, cfg, ckpt, max_length=None, pad_to_multiple_of=None,
                         center_rewards_coefficient=None)
