@@ -35,6 +35,7 @@ import yaml
 from cai.core.config import from_dict, locate, safe_yaml
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
+from cai.core.reward_spec import PYTHON, judge_reward
 from cai.core.stage import Input, Output, Stage, load_registry, lock_dir, read_manifest
 
 ROUND = ("label", "pm", "rl")
@@ -186,7 +187,7 @@ def plan(cfg: PipelineConfig, where: str = "pipeline") -> list[Step]:
     base = {"constitution": cfg.constitution, "seed": cfg.seed}
     given = {"base-model": cfg.model, "policy": cfg.model, "sl-model": cfg.model,
              "judge-model": cfg.feedback_model, "red-team-prompts": "red_team",
-             "reward": f"judge:{cfg.feedback_model}"}  # the run's own value of each kind
+             "reward": judge_reward(cfg.feedback_model)}  # the run's own value of each kind
     skip = set() if cfg.sl_pairs_in_pm else {("pm", "pairs"), ("dpo", "pairs")}
     producer = {o.kind: name for name, st in registry.items() for o in st.writes}
     steps: list[Step] = []
@@ -408,7 +409,7 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
 
         parts["prompt_files"] = {n: file_sha256(Path(v)) for n, v in sorted(files.items())}
     # A python: judge or reward by its source's hash: an edited function reruns the stage.
-    funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith("python:")}
+    funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith(PYTHON)}
     if funcs:
         from cai.core.models import model_identity
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import is_python_spec
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def parse_spec(spec: str) -> ModelSpec:
     raw = spec.strip()
     if not raw:
         raise CaiError("empty model spec", field="model")
-    if raw.startswith("python:"):  # a function judge: python:TARGET:FUNCTION, no options
+    if is_python_spec(raw):  # a function judge: python:TARGET:FUNCTION, no options
         from cai.core.pyfunc import split_spec
 
         target, function = split_spec(raw)

@@ -26,13 +26,10 @@ from typing import Any
 import numpy as np
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import PYTHON as PREFIX
+from cai.core.reward_spec import is_python_spec
 
-PREFIX = "python:"
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def is_python_spec(spec: str) -> bool:
-    return spec.strip().startswith(PREFIX)
 
 
 def split_spec(spec: str, field: str = "model") -> tuple[str, str]:

@@ -286,9 +286,10 @@ def _upstream_entry(field: str, spec: str) -> dict[str, Any]:
         entry["constitution"] = m.get("constitution")
     if field in MODEL_FIELDS:
         from cai.core.models import model_identity
+        from cai.core.reward_spec import model_of
 
         try:
-            entry["identity"] = model_identity(spec.removeprefix("pm:").removeprefix("judge:"))
+            entry["identity"] = model_identity(model_of(spec))
         except (CaiError, OSError, ValueError):
             pass  # a reward spec that is no model; the manifest of a finished run still gets written
     return entry

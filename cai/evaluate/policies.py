@@ -57,6 +57,7 @@ from cai.core.errors import CaiError
 from cai.core.eval_report import SCHEMA_VERSION, Benchmark, PolicyEvalReport
 from cai.core.models import model_identity
 from cai.core.records import JsonlStore, file_sha256, write_text_atomic
+from cai.core.reward_spec import is_python_spec, reward_kind
 from cai.core.stage import (
     Engine,
     EngineFields,
@@ -300,10 +301,10 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     judges = {s: judge.capped(len(cs[s].rl_principles)) for s in JUDGED}
     rl = rl_points(cfg.rl_log) if cfg.rl_log else None
     pm = pm_calibration(cfg.pm_eval) if cfg.pm_eval else None
-    if cfg.best_of() and str(cfg.reward).startswith("python:"):
+    kind = reward_kind(str(cfg.reward))
+    if cfg.best_of() and kind == "python":
         reward_identity(str(cfg.reward))  # a function that does not load fails before any work
-    elif cfg.best_of() and not str(cfg.reward).startswith("judge:") and not pm_path(
-            str(cfg.reward)).is_dir():
+    elif cfg.best_of() and kind == "pm" and not pm_path(str(cfg.reward)).is_dir():
         raise CaiError("reward folder not found (give pm:PATH of a `cai train pm` folder, or "
                        "judge:SPEC)", str(pm_path(str(cfg.reward))), "reward")
     if cfg.best_of_k > 0 and not cfg.reward:
@@ -399,7 +400,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                    "red_team_bare": refusal_rate(texts[n]["red_team"], bare=True),
                    "helpful": refusal_rate(texts[n]["helpful"])} for n in players}
     refusal_judged, p_dec = None, None
-    if cfg.refusal_judge and not cfg.judge_spec().startswith("python:"):
+    if cfg.refusal_judge and not is_python_spec(cfg.judge_spec()):
         t = time.time()
         items = [(it.prompt, answers[n][it.tag()]) for n in players for s in SETS for it in sets[s]]
         items += [(a.applied.original, answer_of(n, a.applied.item)) for n in policies for a in asked]

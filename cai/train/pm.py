@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import PM
 from cai.core.stage import Input, Output, Stage, register, write_card
 from cai.train.common import CHECKPOINTS, LOG, finish_training, log_callback, log_entries, trainer_args
 from cai.train.prefs import (
@@ -301,7 +302,7 @@ register(Stage(name=STAGE, config=PMConfig, run=run_pm,
                help="Train a preference model on soft AI labels (and SL pairs).",
                inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
                        Input("model", "base-model")),
-               outputs=(Output("reward", prefix="pm:"), Output("pm-eval", file="eval.json")),
+               outputs=(Output("reward", prefix=PM), Output("pm-eval", file="eval.json")),
                command="train pm", pipeline=True))
 
 __all__ = ["PMConfig", "run_pm", "train_pm", "load_reward_model", "pm_scores", "encode_pm",
