@@ -18,7 +18,6 @@ Outputs in the stage folder:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -35,7 +34,7 @@ from cai.core import usage
 from cai.core.chunks import Engine, EngineFields, run_chunks
 from cai.core.data import PROMPT_FORMATS, PromptItem, dialogue, load_prompts, with_system
 from cai.core.errors import CaiError
-from cai.core.records import OptionalFields, Provenance, Record, record_id, write_text_atomic
+from cai.core.records import OptionalFields, Provenance, Record, record_id, write_jsonl
 from cai.core.seeds import derive_seed
 from cai.core.stage import Input, Output, Stage, StageDir, register, write_card, write_manifest
 from cai.core.text import is_bare_refusal, normalise
@@ -439,8 +438,7 @@ def write_outputs(root: Path, records: list[dict], seed: int,
               "rejected": [{"role": "assistant", "content": r["initial"]}], "p_chosen": 1.0}
              for r in kept]
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
-        write_text_atomic(root / name, "".join(json.dumps(x, ensure_ascii=False) + "\n"
-                                               for x in rows))
+        write_jsonl(root / name, rows)
     counts["sft_examples"] = len(sft)
     counts["pairs"] = len(pairs)
     return counts

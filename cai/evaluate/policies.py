@@ -37,7 +37,6 @@ a model to `models` generates and judges only that model's answers and pairs.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 import time
@@ -56,7 +55,7 @@ from cai.core.data import PairItem, PromptItem, load_prompts, with_system
 from cai.core.errors import CaiError
 from cai.core.eval_report import SCHEMA_VERSION, Benchmark, PolicyEvalReport
 from cai.core.models import model_identity
-from cai.core.records import JsonlStore, file_sha256, write_text_atomic
+from cai.core.records import JsonlStore, file_sha256, write_jsonl
 from cai.core.reward_spec import is_python_spec, reward_kind
 from cai.core.stage import (
     Engine,
@@ -351,8 +350,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                                       cfg.best_of_k, c, root, responses, unique, gcfg, cfg.chunk_size)
         answers[bok] = {p: v["text"] for p, v in picks.items()}
         rows = [{"set": s, "prompt_id": it.id, **picks[it.tag()]} for s in SETS for it in sets[s]]
-        write_text_atomic(root / "best_of_k.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(root / "best_of_k.jsonl", rows)
         timings["best_of_k"] = round(time.time() - t, 2)
 
     # 3. pairwise comparisons
@@ -389,7 +387,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         groups[g.set].append((g.set, g.prompt_id))
         game_rows.append({"set": g.set, "prompt_id": g.prompt_id, "model_a": g.a, "model_b": g.b,
                           "p_a": p_a, "comparison": g.label})
-    write_text_atomic(root / "games.jsonl", "".join(json.dumps(r) + "\n" for r in game_rows))
+    write_jsonl(root / "games.jsonl", game_rows, ensure_ascii=True)
     all_games = games["red_team"] + games["helpful"]
     elo = {s: elo_block(games[s], groups[s], players, cfg.n_boot, cfg.seed) for s in JUDGED}
     elo["overall"] = elo_block(all_games, groups["red_team"] + groups["helpful"], players,
@@ -411,8 +409,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                               for s in SETS} for n in players}
         timings["refusal_judge"] = round(time.time() - t, 2)
     by_condition, condition_rows = condition_results(asked, list(policies), answer_of, p_dec)
-    write_text_atomic(root / "conditions.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in condition_rows))
+    write_jsonl(root / "conditions.jsonl", condition_rows)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "players": players,
@@ -470,8 +467,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     examples = [{"set": s, "prompt_id": it.id, "prompt": it.prompt,
                  "responses": {n: answers[n][it.tag()] for n in players}}
                 for s in SETS for it in sets[s][:EXAMPLES_PER_SET]]
-    write_text_atomic(root / "examples.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))
+    write_jsonl(root / "examples.jsonl", examples)
 
     metrics = {"elo": {n: v["rating"] for n, v in elo["overall"].items()},
                "elo_harmlessness": {n: v["rating"] for n, v in elo["red_team"].items()},
