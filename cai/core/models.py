@@ -16,7 +16,7 @@ A spec is resolved once, here at the bottom of the stack (`resolve_spec` gives a
 `ResolvedSpec`: the parsed spec, which options are speed options, its identity and its
 local folder), and handed on: backends and stages read from it and never parse it again.
 The embedded model ships as a GGUF file; it is converted once into a safetensors folder
-(`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads take seconds, not 20 s.
+(`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads skip the conversion.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Typed views of the result files stages write, for the readers (report, viewer).
 
 The report and the viewer read a stage's results through these types, by the exact keys
-the stage writes, so a renamed key is one edit here and never a silent blank table
-(readers used to try two spellings of a key and show nothing when both missed).
+the stage writes, so a renamed key is one edit here and never a silent blank table.
 """
 
 from __future__ import annotations

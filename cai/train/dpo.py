@@ -163,8 +163,8 @@ def _soft_dpo_trainer_cls():
                     self._signature_columns.append(col)
 
         def _fused(self) -> bool:
-            # The fused head saves memory on GPUs (Triton); its torch fallback on CPU was ~9x
-            # slower than `completion_logps` in our measurements.
+            # The fused head (Triton) saves memory on GPUs; elsewhere its torch fallback is
+            # slower than `completion_logps`, so only a GPU uses it unless asked.
             if self.use_fused_head is not None:
                 return self.use_fused_head
             return self.accelerator.device.type in ("cuda", "xpu")
