@@ -10,12 +10,14 @@ best-of-k scoring, the memory plan, the pipeline's wiring and manifests) splits 
 same way. `python:` also names a function *judge* among model specs: `cai.core.models`
 and `cai.core.pyfunc` ask `is_python_spec` rather than spelling the prefix themselves.
 
-Only the shape is checked here; whether a folder exists or a function imports is for the
-code that loads it.
+The shape of a `python:` spec (`split_spec`) is checked here too, so this module needs
+nothing but `cai.core.errors`. Only shapes are checked here; whether a folder exists or a
+function imports is for the code that loads it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,28 @@ def _split(text: str) -> tuple[str, str]:
     return "pm", text.removeprefix(PM)
 
 
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def split_spec(spec: str, field: str = "model") -> tuple[str, str]:
+    """`python:TARGET:FUNCTION` → (TARGET, FUNCTION); one clear error for any other shape."""
+    raw = spec.strip()
+    target, sep, name = raw[len(PYTHON):].rpartition(":")
+    if "?" in raw:
+        raise CaiError(f"{raw}: a python spec takes no ?options", field=field)
+    if not sep or not target or not name.isidentifier():
+        raise CaiError(f"{raw!r} is not python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION",
+                       field=field)
+    if not is_file_target(target) and not _MODULE.match(target):
+        raise CaiError(f"{raw}: {target!r} is neither a module name nor a .py file", field=field)
+    return target, name
+
+
+def is_file_target(target: str) -> bool:
+    """Whether the target of a `python:` spec is a file (else a module name)."""
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
 def parse_reward_spec(spec: str, field: str = "reward") -> RewardSpec:
     """Split a reward spec; `CaiError` (naming `field`) for an empty spec, a `pm:` without a
     folder, a `judge:` without a model or a `python:` spec of another shape than
@@ -82,8 +106,6 @@ def parse_reward_spec(spec: str, field: str = "reward") -> RewardSpec:
     if kind == "judge" and not target:
         raise CaiError("judge: needs a model spec, e.g. judge:embedded:smollm2-135m", field=field)
     if kind == "python":
-        from cai.core.pyfunc import split_spec
-
         split_spec(text, field)
     if kind == "pm" and not target:
         raise CaiError(f"reward folder not found: {target!r} ({_FOLDER_HINT})", field=field)
@@ -106,4 +128,5 @@ def judge_reward(model: str) -> str:
 
 
 __all__ = ["PM", "JUDGE", "PYTHON", "KINDS", "RewardSpec", "is_python_spec", "reward_kind", "model_of",
-           "parse_reward_spec", "folder_not_found", "pm_reward", "judge_reward"]
+           "split_spec", "is_file_target", "parse_reward_spec", "folder_not_found", "pm_reward",
+           "judge_reward"]
