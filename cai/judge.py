@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cai.backends import Backend, GenerationConfig, GenRequest, ReplicaTask, ScoreRequest
-from cai.backends.base import JudgeQuestion, Overlong, context_of, fit_texts
+from cai.backends.base import JudgeQuestion, Overlong, context_of, fit_to_context
 from cai.backends.pyfunc import LOG_ZERO
 from cai.constitution import Constitution, RLPrinciple, sample_rl_principles
 from cai.core.chunks import Engine, run_chunks
@@ -350,26 +350,19 @@ def fit_pairs(pairs: list[PairItem], c: Constitution, backend: Backend,
                     + cfg.cot_max_new_tokens + 3)
         return max(n(ch, JUDGE_PREFIX) for ch in chats) + 1
 
-    def fit(pair: PairItem) -> tuple[str, ...] | None:
+    def needed(pair: PairItem, texts: tuple[str, ...]) -> int:
         # A conversation's earlier turns are kept whole; only the last turn and the two
         # responses are cut (and no shortcut: the earlier turns count too).
-        def needed(texts: tuple[str, ...]) -> int:
-            item = PairItem("", *texts, context=pair.context)
-            return longest(texts, sample_rl_principles(c, cfg.principles, seed, *pair_key(item)),
-                           pair.context)
-
-        t = (pair.prompt, pair.response_a, pair.response_b)
-        return fit_texts(t, needed, limit, state, None if pair.context else base)
+        item = PairItem("", *texts, context=pair.context)
+        return longest(texts, sample_rl_principles(c, cfg.principles, seed, *pair_key(item)),
+                       pair.context)
 
     limit, count = context_of(backend)
     if limit is None or count is None:
         return pairs
-    state.limit = limit
-    base = longest(("", "", ""), c.rl_principles)  # any principle, empty texts
-    fitted = [(pair, fit(pair)) for pair in pairs]
-    return [pair if cut == (pair.prompt, pair.response_a, pair.response_b)
-            else PairItem(pair.id, *cut, truncated=True, context=pair.context)
-            for pair, cut in fitted if cut is not None]
+    return fit_to_context(pairs, limit, state, texts=lambda p: (p.prompt, p.response_a, p.response_b),
+                          needed=needed, base=longest(("", "", ""), c.rl_principles),  # any principle
+                          shrink=lambda p, cut: PairItem(p.id, *cut, truncated=True, context=p.context)).kept
 
 
 @dataclass

@@ -9,7 +9,6 @@ before judging) and as preferences.jsonl in TRL's preference format plus `p_chos
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from cai.core import usage
 from cai.core.data import HF_PREFIX, PROMPT_FORMATS, dialogue, load_pairs, read_prompts
 from cai.core.errors import CaiError
 from cai.core.models import resolve_spec
-from cai.core.records import write_text_atomic
+from cai.core.records import write_jsonl
 from cai.core.resources import resolve
 from cai.core.stage import (
     Engine,
@@ -162,8 +161,7 @@ def run_label(cfg: LabelConfig, backend: Backend | None = None) -> dict[str, Any
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}],
               "p_chosen": r["p_chosen"], "flags": r["flags"]} for r in usable]
-    write_text_atomic(stage.root / "preferences.jsonl",
-                      "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in prefs))
+    write_jsonl(stage.root / "preferences.jsonl", prefs)
     manifest = write_manifest(
         stage.root, STAGE, config=cfg,
         constitution=c.stamp.as_dict(),

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cai.core.config import from_dict, locate, safe_yaml
+from cai.core.config import from_dict, load_yaml_mapping, locate
 from cai.core.errors import CaiError
 from cai.core.records import write_json_atomic
+from cai.core.reward_spec import PYTHON
 from cai.core.stage import lock_dir, read_manifest
 from cai.planning import Plan, Step, plan
 from cai.recipe import RECIPE
@@ -115,18 +114,7 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     p = Path(path)
-    try:
-        data = safe_yaml(p.read_text(encoding="utf-8-sig"), str(p)) or {}
-    except OSError as exc:
-        raise CaiError(f"cannot read pipeline config: {exc.strerror}", str(p)) from None
-    except UnicodeDecodeError:
-        raise CaiError("not UTF-8 text", str(p)) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise CaiError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
-                       f"{p}:{mark.line + 1 if mark else 1}") from None
-    if not isinstance(data, dict):
-        raise CaiError("expected a mapping", str(p))
+    data = load_yaml_mapping(p, "pipeline config")
     try:
         return from_dict(PipelineConfig, {**data, **(overrides or {})}, str(p))
     except CaiError as err:
@@ -231,7 +219,7 @@ def cache_key(step: Step, done: dict[str, dict[str, Any]]) -> str:
 
         parts["prompt_files"] = {n: file_sha256(Path(v)) for n, v in sorted(files.items())}
     # A python: judge or reward by its source's hash: an edited function reruns the stage.
-    funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith("python:")}
+    funcs = {n: str(v) for n, v in cfg.items() if isinstance(v, str) and v.startswith(PYTHON)}
     if funcs:
         from cai.core.models import model_identity
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.backends import GenerationConfig, GenRequest, load_resolved, release
-from cai.backends.base import Overlong, context_of, fit_texts
+from cai.backends.base import Overlong, context_of, fit_to_context
 from cai.core.chunks import run_chunks
 from cai.core.data import PairItem, PromptItem, dialogue
 from cai.core.models import ResolvedSpec
@@ -65,30 +64,22 @@ def sample_pairs(prompts: list[PromptItem], root: Path, sampling: Sampling, over
         if limit is not None and count is not None:
             # Prompts the policy cannot answer within its context (prompt + token budget)
             # are skipped or cut per `overlong.mode`; a cut prompt keeps its response ids.
-            overlong.limit = limit
+            def needed(context: tuple, texts: tuple[str, ...]) -> int:
+                assert count is not None
+                return (count(dialogue(context, texts[0]), "") or 0) + gcfg.max_new_tokens + 2
 
-            def needs(context: tuple) -> Callable[[tuple[str, ...]], int]:
-                def needed(texts: tuple[str, ...]) -> int:
-                    assert count is not None
-                    return ((count(dialogue(context, texts[0]), "") or 0)
-                            + gcfg.max_new_tokens + 2)
-                return needed
-
-            base = needs(())(("",))
-
-            def fit(it: PromptItem) -> tuple[str, ...] | None:
-                # A conversation's earlier turns are kept; only the turn to answer is cut.
-                return fit_texts((it.prompt,), needs(it.context), limit, overlong,
-                                 None if it.context else base)
-
-            fitted: dict[str, PromptItem | None] = {}
+            unique: dict[str, PromptItem] = {}
             for _, it, _ in todo:
-                if it.id not in fitted:
-                    cut = fit(it)
-                    fitted[it.id] = (None if cut is None else it if cut[0] == it.prompt
-                                     else dataclasses.replace(it, prompt=cut[0], truncated=True))
+                unique.setdefault(it.id, it)
+            # A conversation's earlier turns are kept; only the turn to answer is cut.
+            fit = fit_to_context(list(unique.values()), limit, overlong, texts=lambda it: (it.prompt,),
+                                 needed=lambda it, texts: needed(it.context, texts),
+                                 base=needed((), ("",)),
+                                 shrink=lambda it, cut: dataclasses.replace(it, prompt=cut[0],
+                                                                            truncated=True))
+            fitted = {it.id: it for it in fit.kept}
             overlong.warn("prompts (policy)")
-            todo = [(rid, fitted[it.id], s) for rid, it, s in todo if fitted[it.id] is not None]
+            todo = [(rid, fitted[it.id], s) for rid, it, s in todo if it.id in fitted]
 
         def generate(chunk: list[Planned]) -> list[dict]:
             reqs = [GenRequest(it.conversation(), "",

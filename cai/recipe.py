@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cai.core.reward_spec import JUDGE as JUDGE_PREFIX
+
 
 @dataclass(frozen=True)
 class From:
@@ -52,7 +54,7 @@ class Players:
 
 @dataclass(frozen=True)
 class Run:
-    """One of the run's own settings (`PipelineConfig`), with a prefix ("judge:")."""
+    """One of the run's own settings (`PipelineConfig`), with a spec prefix (`JUDGE_PREFIX`)."""
 
     setting: str
     prefix: str = ""
@@ -131,7 +133,7 @@ RECIPE = Recipe(steps=(
     step("label", prompts=RED_TEAM, policy=(POLICY, BASE), feedback_model=JUDGE,
          training_files=("preferences.jsonl",)),
     step("pm", preferences=From(("label",), "labels"), pairs=SL_PAIRS, model=BASE),
-    step("rl", model=(POLICY, BASE), reward=(From(("pm",), "reward"), Run("feedback_model", "judge:")),
+    step("rl", model=(POLICY, BASE), reward=(From(("pm",), "reward"), Run("feedback_model", JUDGE_PREFIX)),
          prompts=RED_TEAM, training_prompts="prompts"),
     step("dpo", preferences=From(("label",), "labels", first=True), pairs=SL_PAIRS,
          model=(From(("sft",), "sl-model"), BASE)),

@@ -18,11 +18,9 @@ Outputs in the stage folder:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,13 +28,13 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from cai.backends import Backend, Generation, GenerationConfig, GenRequest, ReplicaTask, load_backend
-from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_texts
+from cai.backends.base import OVERLONG_MODES, Overlong, context_of, fit_to_context
 from cai.constitution import Constitution, load, sample_sl_principle
 from cai.core import usage
 from cai.core.chunks import Engine, EngineFields, run_chunks
 from cai.core.data import PROMPT_FORMATS, PromptItem, dialogue, load_prompts, with_system
 from cai.core.errors import CaiError
-from cai.core.records import OptionalFields, Provenance, Record, record_id, write_text_atomic
+from cai.core.records import OptionalFields, Provenance, Record, record_id, write_jsonl
 from cai.core.seeds import derive_seed
 from cai.core.stage import Input, Output, Stage, StageDir, register, write_card, write_manifest
 from cai.core.text import is_bare_refusal, normalise
@@ -279,7 +277,6 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
     limit, count = context_of(backend)
     if limit is None or count is None:
         return items
-    state.limit = limit
     n_rounds = rounds if kind == "red-team" else 0
     gen = cfg.max_new_tokens + 2  # a decoded text can re-encode a token or two longer
 
@@ -288,9 +285,6 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
 
     crit = longest([p.critique for p in c.sl_principles]) if n_rounds else ""
     rev = longest([p.revision for p in c.sl_principles]) if n_rounds else ""
-
-    def needs(context: tuple) -> Callable[[tuple[str, ...]], int]:
-        return lambda texts: needed(texts, context)
 
     def needed(texts: tuple[str, ...], context: tuple = ()) -> int:
         convo = _conversation(c, texts[0], context, cfg.few_shot, kind)
@@ -305,16 +299,14 @@ def fit_prompts(items: list[PromptItem], c: Constitution, cfg: SLConfig, rounds:
                 convo.history.append({"role": "assistant", "content": REVISION_PREFIX + " "})
         return (count(convo.history, REVISION_PREFIX + " ") or 0) + (2 * n_rounds + 1) * gen
 
-    base = needed(("",))
-    out = []
-    for item in items:
-        # A conversation's earlier turns are kept whole; only the turn to answer is cut.
-        fitted = fit_texts((item.prompt,), needs(item.context), limit, state,
-                           None if item.context else base)
-        if fitted is not None:
-            out.append(item if fitted[0] == item.prompt
-                       else dataclasses.replace(item, prompt=fitted[0], truncated=True))
-    return out
+    # A conversation's earlier turns are kept whole; only the turn to answer is cut.
+    return fit_to_context(items, limit, state, texts=lambda it: (it.prompt,),
+                          needed=lambda it, texts: needed(texts, it.context), base=needed(("",)),
+                          shrink=_cut_prompt).kept
+
+
+def _cut_prompt(item: PromptItem, texts: tuple[str, ...]) -> PromptItem:
+    return dataclasses.replace(item, prompt=texts[0], truncated=True)
 
 
 def _conversation(c: Constitution, prompt: str, context: tuple, few_shot: int | None,
@@ -446,8 +438,7 @@ def write_outputs(root: Path, records: list[dict], seed: int,
               "rejected": [{"role": "assistant", "content": r["initial"]}], "p_chosen": 1.0}
              for r in kept]
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
-        write_text_atomic(root / name, "".join(json.dumps(x, ensure_ascii=False) + "\n"
-                                               for x in rows))
+        write_jsonl(root / name, rows)
     counts["sft_examples"] = len(sft)
     counts["pairs"] = len(pairs)
     return counts

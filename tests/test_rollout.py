@@ -47,8 +47,8 @@ def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai.backends.chat import ChatFormat
+    from cai.train.loading import lora_config
     from cai.train.ppo import PPOConfig, PPOTrainer
-    from cai.train.rl import _lora_config
     from cai.train.rollout import VLLMRollout
 
     cfg = RLConfig(model=str(path), out=str(out), batch_size=4, minibatch_size=2, ppo_epochs=2,
@@ -59,7 +59,7 @@ def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
     reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if lora:
         torch.manual_seed(0)
-        policy = get_peft_model(policy, _lora_config(cfg))
+        policy = get_peft_model(policy, lora_config(cfg))
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     out.mkdir(parents=True)
     engine = VLLMRollout(path, ChatFormat(tok).stop_ids) if engine_name == "vllm" else None

@@ -12,9 +12,10 @@ gets plain text (`render_plain`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -215,6 +216,46 @@ def fit_texts(texts: tuple[str, ...], needed: Callable[[tuple[str, ...]], int], 
             return cut(lo)
     state.skipped += 1
     return None
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Fit(Generic[T]):
+    """What `fit_to_context` kept of a list of inputs."""
+
+    kept: list[T]
+    """The inputs that fit, in their order; a cut input in its cut form."""
+    cut: list[T]
+    """The kept inputs that were cut to fit (also in `kept`)."""
+
+
+def fit_to_context(items: Sequence[T], limit: int, state: Overlong, *,
+                   texts: Callable[[T], tuple[str, ...]],
+                   needed: Callable[[T, tuple[str, ...]], int], base: int,
+                   shrink: Callable[[T, tuple[str, ...]], T]) -> Fit[T]:
+    """The inputs whose request(s) fit in `limit` tokens, each through `fit_texts`: an input
+    that fits is kept as it is; one that does not is left out, or in truncate mode replaced by
+    `shrink(item, cut_texts)`. `texts(item)` are the texts that may be cut, `needed(item,
+    texts)` the tokens its requests need with those texts, `base` what they need with every
+    text empty and no earlier turns (the shortcut for an input without `context`: earlier turns
+    are kept whole and always counted). Sets `state.limit` and counts what it did in `state`."""
+    state.limit = limit
+    kept: list[T] = []
+    cut: list[T] = []
+    for item in items:
+        given = texts(item)
+        fitted = fit_texts(given, functools.partial(needed, item), limit, state,
+                           None if getattr(item, "context", None) else base)
+        if fitted is None:
+            continue
+        if fitted == given:
+            kept.append(item)
+        else:
+            kept.append(shrink(item, fitted))
+            cut.append(kept[-1])
+    return Fit(kept, cut)
 
 
 def render_plain(chat: Chat, answer_prefix: str = "") -> str:

@@ -2,12 +2,13 @@
 log-probabilities that compute every shared token prefix once.
 
 Why the prefix sharing: the feedback stage scores each pair K principles × 2 orders times,
-and every judge prompt starts with the same template head. Measured on two CPU cores,
-batching barely helps scoring while skipping repeated prefix tokens is nearly free speed.
-Prompts are tokenized whole and arranged in a token trie; each shared run of tokens is run
-through the model once, its KV cache is reused by everything below it, and only the short
-distinct suffixes are batched. Prefixes are found on token ids, never by splitting strings,
-because tokenizing a prefix and a suffix apart changes the tokens at the seam.
+and every judge prompt starts with the same template head, so most of the tokens it would
+run are repeats; on CPU, batching does little for scoring, while a repeated token skipped
+is compute saved outright. Prompts are tokenized whole and arranged in a token trie; each
+shared run of tokens is run through the model once, its KV cache is reused by everything
+below it, and only the short distinct suffixes are batched. Prefixes are found on token
+ids, never by splitting strings, because tokenizing a prefix and a suffix apart changes the
+tokens at the seam.
 """
 
 from __future__ import annotations

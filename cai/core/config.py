@@ -274,11 +274,13 @@ def locate(err: CaiError, path: str | Path) -> CaiError:
     return err
 
 
-def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> Any:
-    """Read a YAML config (optionally one section of it), apply overrides, validate."""
+def load_yaml_mapping(path: str | Path, what: str = "config", section: str | None = None) -> dict[str, Any]:
+    """The `option: value` mapping of a YAML config file (or of one section of it; an empty
+    file or section is `{}`). Every way of failing is one `CaiError` naming the file: a read
+    or UTF-8 error, a syntax error at its line (`yaml_error`), a document that is no mapping,
+    an option name that is not text."""
     p = Path(path)
-    text = read_text(p, "config")
+    text = read_text(p, what)
     try:
         data = safe_yaml(text, str(p)) or {}
     except yaml.YAMLError as exc:
@@ -290,7 +292,14 @@ def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise CaiError(f"option names must be text, got {bad[0]!r}", str(p), section)
-    return from_dict(cls, merge(data, overrides or {}), str(p))
+    return data
+
+
+def load_yaml_config(cls: type, path: str | Path, section: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> Any:
+    """Read a YAML config (optionally one section of it), apply overrides, validate."""
+    data = load_yaml_mapping(path, "config", section)
+    return from_dict(cls, merge(data, overrides or {}), str(Path(path)))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -205,9 +205,30 @@ def hub_rows(spec: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def parse_jsonl(text: str, where: str) -> list[tuple[str, dict[str, Any]]]:
+def read_jsonl(path: str | Path, *, lenient: bool = False, drop_torn: bool = False,
+               what: str = "jsonl file") -> list[dict[str, Any]]:
+    """The JSON objects of a jsonl file, in order; none when there is no file.
+
+    Strict (the default): every bad line is an error naming `file:line` (`parse_jsonl`).
+    `drop_torn`: a last line with no newline yet (a write cut by a kill) is left out.
+    `lenient`, for readers of a run that may still be writing (report, results): lines that
+    are not JSON objects, a torn last one among them, are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    if lenient:
+        text = p.read_bytes().decode("utf-8", errors="replace")
+    else:
+        text = read_text(p, what)
+    if drop_torn:
+        text = text[:text.rfind("\n") + 1]
+    return [obj for _, obj in parse_jsonl(text, str(p), skip_bad=lenient)]
+
+
+def parse_jsonl(text: str, where: str, *, skip_bad: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """(where:line, object) for each non-blank line of jsonl text; bad lines are reported
-    together (up to 20), each as `file:line`. A UTF-8 byte-order mark is accepted, as in YAML."""
+    together (up to 20), each as `file:line`, or with `skip_bad` left out. A UTF-8 byte-order
+    mark is accepted, as in YAML."""
     rows, errors = [], []
     for n, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         if not line.strip():
@@ -224,7 +245,7 @@ def parse_jsonl(text: str, where: str) -> list[tuple[str, dict[str, Any]]]:
             errors.append(CaiError("expected a JSON object", f"{where}:{n}"))
             continue
         rows.append((f"{where}:{n}", obj))
-    if errors:
+    if errors and not skip_bad:
         raise ValidationErrors(errors[:20])
     return rows
 

@@ -17,6 +17,7 @@ from typing import Any
 from cai.core.errors import CaiError
 from cai.core.manifest import Manifest
 from cai.core.records import JsonlStore
+from cai.core.reward_spec import is_python_spec, model_of
 
 MANIFEST = "manifest.json"
 
@@ -124,11 +125,12 @@ def spec_target(spec: str) -> Path | None:
     from cai.core.models import embedded_dir
 
     body = spec.split("?", 1)[0] if not Path(spec).exists() else spec
-    for prefix in ("pm:", "judge:", "hf:", "vllm:"):
+    body = model_of(body)  # the folder of a pm: reward, the model of a judge:
+    for prefix in ("hf:", "vllm:"):
         body = body.removeprefix(prefix)
     if body.startswith("embedded:"):
         return embedded_dir(body[len("embedded:"):])
-    if body and not body.startswith(("openai:", "python:", "http:", "https:")):
+    if body and not is_python_spec(body) and not body.startswith(("openai:", "http:", "https:")):
         path = Path(body).expanduser()
         if path.exists():
             return path

@@ -16,7 +16,7 @@ A spec is resolved once, here at the bottom of the stack (`resolve_spec` gives a
 `ResolvedSpec`: the parsed spec, which options are speed options, its identity and its
 local folder), and handed on: backends and stages read from it and never parse it again.
 The embedded model ships as a GGUF file; it is converted once into a safetensors folder
-(`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads take seconds, not 20 s.
+(`$CAI_MODEL_CACHE`, default `~/.cache/cai/models`) so later loads skip the conversion.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import is_python_spec
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def parse_spec(spec: str) -> ModelSpec:
     raw = spec.strip()
     if not raw:
         raise CaiError("empty model spec", field="model")
-    if raw.startswith("python:"):  # a function judge: python:TARGET:FUNCTION, no options
+    if is_python_spec(raw):  # a function judge: python:TARGET:FUNCTION, no options
         from cai.core.pyfunc import split_spec
 
         target, function = split_spec(raw)

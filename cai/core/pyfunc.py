@@ -1,7 +1,8 @@
 """Loading a Python function named by a spec: `python:MODULE:FUNCTION` or
 `python:path/to/file.py:FUNCTION`.
 
-Low in the stack (it needs only `cai.core.errors`) because three layers read these specs: the
+Low in the stack (it needs only `cai.core.errors` and the spec shapes of
+`cai.core.reward_spec`) because three layers read these specs: the
 model registry names them (`cai.core.models`), the judge backend calls them
 (`cai.backends.pyfunc`) and the RL reward calls them (`cai.train.rewards`).
 
@@ -26,31 +27,9 @@ from typing import Any
 import numpy as np
 
 from cai.core.errors import CaiError
-
-PREFIX = "python:"
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def is_python_spec(spec: str) -> bool:
-    return spec.strip().startswith(PREFIX)
-
-
-def split_spec(spec: str, field: str = "model") -> tuple[str, str]:
-    """`python:TARGET:FUNCTION` → (TARGET, FUNCTION); one clear error for any other shape."""
-    raw = spec.strip()
-    target, sep, name = raw[len(PREFIX):].rpartition(":")
-    if "?" in raw:
-        raise CaiError(f"{raw}: a python spec takes no ?options", field=field)
-    if not sep or not target or not name.isidentifier():
-        raise CaiError(f"{raw!r} is not python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION",
-                       field=field)
-    if not _is_file_target(target) and not _MODULE.match(target):
-        raise CaiError(f"{raw}: {target!r} is neither a module name nor a .py file", field=field)
-    return target, name
-
-
-def _is_file_target(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or "\\" in target
+from cai.core.reward_spec import PYTHON as PREFIX
+from cai.core.reward_spec import is_file_target as _is_file_target
+from cai.core.reward_spec import is_python_spec, split_spec
 
 
 def source_file(spec: str, field: str = "model") -> Path:

@@ -169,22 +169,19 @@ class JsonlStore:
             if obj["id"] in self.ids:
                 continue
             self.ids.add(obj["id"])
-            lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+            lines.append(obj)
         if not lines:
             return 0
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
+            f.write(jsonl_text(lines))
             f.flush()
             os.fsync(f.fileno())
         return len(lines)
 
     def __iter__(self) -> Iterator[dict]:
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as f:  # lines end at b"\n" only, as when indexing
-            for line in f:
-                if line.strip():
-                    yield json.loads(line.decode("utf-8"))
+        from cai.core.data import read_jsonl
+
+        yield from read_jsonl(self.path, what="store")
 
     def read(self) -> list[dict]:
         return list(self)
@@ -225,6 +222,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def jsonl_text(rows: Iterable[Any], ensure_ascii: bool = False) -> str:
+    """Rows as jsonl: one JSON line each, every line ended by a newline."""
+    return "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any], ensure_ascii: bool = False) -> None:
+    """Write a whole jsonl file atomically (`write_text_atomic`): readers see the old file or
+    the new one, never a part."""
+    write_text_atomic(path, jsonl_text(rows, ensure_ascii))
 
 
 def file_sha256(path: Path) -> str | None:

@@ -1,8 +1,7 @@
 """Typed views of the result files stages write, for the readers (report, viewer).
 
 The report and the viewer read a stage's results through these types, by the exact keys
-the stage writes, so a renamed key is one edit here and never a silent blank table
-(readers used to try two spellings of a key and show nothing when both missed).
+the stage writes, so a renamed key is one edit here and never a silent blank table.
 """
 
 from __future__ import annotations
@@ -21,21 +20,12 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The records of a jsonl file; a torn last line (a stage still writing) is skipped."""
-    out: list[dict[str, Any]] = []
-    if not path.is_file():
-        return out
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a jsonl file, through the one jsonl reader; a torn last line (a stage
+    still writing) or any other line that is no JSON object is skipped."""
+    from cai.core.data import read_jsonl as read
+
+    return read(path, lenient=True)
 
 
 def _number(v: Any) -> bool:

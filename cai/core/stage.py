@@ -275,9 +275,10 @@ def _upstream_entry(inp: Input, spec: str) -> dict[str, Any]:
         entry["constitution"] = m.constitution
     if inp.model:
         from cai.core.models import model_identity
+        from cai.core.reward_spec import model_of
 
         try:
-            entry["identity"] = model_identity(spec.removeprefix("pm:").removeprefix("judge:"))
+            entry["identity"] = model_identity(model_of(spec))
         except (CaiError, OSError, ValueError):
             pass  # a reward spec that is no model; the manifest of a finished run still gets written
     return entry

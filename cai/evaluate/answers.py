@@ -19,6 +19,7 @@ from cai.constitution import Constitution
 from cai.core.data import PromptItem, dialogue
 from cai.core.models import model_identity
 from cai.core.records import JsonlStore, record_id
+from cai.core.reward_spec import judge_reward, model_of, pm_reward, reward_kind
 from cai.core.seeds import derive_seed
 from cai.core.stage import Engine, run_chunks
 from cai.core.text import is_bare_refusal, is_refusal
@@ -126,16 +127,17 @@ def reward_identity(spec: str, constitution_hash: str = "", seed: int = 0) -> st
     the same folder is scored afresh), or a rating judge with the constitution and seed
     that draw its principles."""
     spec = spec.strip()
-    if spec.startswith("judge:"):
-        return f"judge:{model_identity(spec[len('judge:'):])}#{constitution_hash}:{seed}"
-    if spec.startswith("python:"):  # the spec and a hash of the function's source file
+    kind = reward_kind(spec)
+    if kind == "judge":
+        return judge_reward(f"{model_identity(model_of(spec))}#{constitution_hash}:{seed}")
+    if kind == "python":  # the spec and a hash of the function's source file
         return model_identity(spec)
-    return "pm:" + model_identity(str(pm_path(spec)))
+    return pm_reward(model_identity(str(pm_path(spec))))
 
 
 def pm_path(spec: str) -> Path:
     """The folder a "pm:PATH" (or bare folder) reward spec names."""
-    return Path(spec[len("pm:"):] if spec.startswith("pm:") else spec).expanduser()
+    return Path(model_of(spec)).expanduser()
 
 
 def best_of_k(reward_spec: str, base: tuple[str, str], k: int, c: Constitution, root: Path,

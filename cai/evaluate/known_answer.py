@@ -12,9 +12,9 @@ it speaks of safety, calm, talking things over, support, the law or professional
 It is not a judgement of harmlessness: a run that raises it shows the machinery carries a
 preference through, not that the policy became harmless in any richer sense.
 
-Declining alone was the first choice, but the embedded policy never declined (0 of 32
-red-team answers, temperature 1, 48 tokens), which leaves nothing to learn from; with the
-safe-course vocabulary its rate was 4 of 32 (12.5 %), inside the 5–50 % the run needs.
+Declining alone is not enough: a small policy almost never declines, which leaves nothing
+to learn from. The safe-course vocabulary widens the property so that some answers have it
+and most do not (the run needs a rate of roughly 5–50 %).
 
 Specs (any stage that takes a feedback model or a reward takes these):
 
@@ -28,8 +28,8 @@ the PM has to learn through noise. Which pairs are reversed is a hash of the pai
 unordered content, so both orders and every principle agree and swapping the responses
 gives exactly 1 − p, as for any judge.
 
-**The graded gold: valence.** The safe-course property is rare (one answer in seven), so
-most pairs are ties and a PM or a policy sees little signal. `valence` scores *every*
+**The graded gold: valence.** The safe-course property is rare, so most pairs are ties and
+a PM or a policy sees little signal. `valence` scores *every*
 answer: positive minus negative words of a small word list written for this project
 (`POSITIVE`, `NEGATIVE`), squashed by tanh into (−1, 1). It is a word count, not an
 understanding of sentiment ("not good" counts as good). The known-answer run

@@ -37,7 +37,6 @@ a model to `models` generates and judges only that model's answers and pairs.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 import time
@@ -56,7 +55,8 @@ from cai.core.data import PairItem, PromptItem, load_prompts, with_system
 from cai.core.errors import CaiError
 from cai.core.eval_report import SCHEMA_VERSION, Benchmark, PolicyEvalReport
 from cai.core.models import model_identity
-from cai.core.records import JsonlStore, file_sha256, write_text_atomic
+from cai.core.records import JsonlStore, file_sha256, write_jsonl
+from cai.core.reward_spec import is_python_spec, reward_kind
 from cai.core.stage import (
     Engine,
     EngineFields,
@@ -300,10 +300,10 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     judges = {s: judge.capped(len(cs[s].rl_principles)) for s in JUDGED}
     rl = rl_points(cfg.rl_log) if cfg.rl_log else None
     pm = pm_calibration(cfg.pm_eval) if cfg.pm_eval else None
-    if cfg.best_of() and str(cfg.reward).startswith("python:"):
+    kind = reward_kind(str(cfg.reward))
+    if cfg.best_of() and kind == "python":
         reward_identity(str(cfg.reward))  # a function that does not load fails before any work
-    elif cfg.best_of() and not str(cfg.reward).startswith("judge:") and not pm_path(
-            str(cfg.reward)).is_dir():
+    elif cfg.best_of() and kind == "pm" and not pm_path(str(cfg.reward)).is_dir():
         raise CaiError("reward folder not found (give pm:PATH of a `cai train pm` folder, or "
                        "judge:SPEC)", str(pm_path(str(cfg.reward))), "reward")
     if cfg.best_of_k > 0 and not cfg.reward:
@@ -350,8 +350,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                                       cfg.best_of_k, c, root, responses, unique, gcfg, cfg.chunk_size)
         answers[bok] = {p: v["text"] for p, v in picks.items()}
         rows = [{"set": s, "prompt_id": it.id, **picks[it.tag()]} for s in SETS for it in sets[s]]
-        write_text_atomic(root / "best_of_k.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(root / "best_of_k.jsonl", rows)
         timings["best_of_k"] = round(time.time() - t, 2)
 
     # 3. pairwise comparisons
@@ -388,7 +387,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
         groups[g.set].append((g.set, g.prompt_id))
         game_rows.append({"set": g.set, "prompt_id": g.prompt_id, "model_a": g.a, "model_b": g.b,
                           "p_a": p_a, "comparison": g.label})
-    write_text_atomic(root / "games.jsonl", "".join(json.dumps(r) + "\n" for r in game_rows))
+    write_jsonl(root / "games.jsonl", game_rows, ensure_ascii=True)
     all_games = games["red_team"] + games["helpful"]
     elo = {s: elo_block(games[s], groups[s], players, cfg.n_boot, cfg.seed) for s in JUDGED}
     elo["overall"] = elo_block(all_games, groups["red_team"] + groups["helpful"], players,
@@ -399,7 +398,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                    "red_team_bare": refusal_rate(texts[n]["red_team"], bare=True),
                    "helpful": refusal_rate(texts[n]["helpful"])} for n in players}
     refusal_judged, p_dec = None, None
-    if cfg.refusal_judge and not cfg.judge_spec().startswith("python:"):
+    if cfg.refusal_judge and not is_python_spec(cfg.judge_spec()):
         t = time.time()
         items = [(it.prompt, answers[n][it.tag()]) for n in players for s in SETS for it in sets[s]]
         items += [(a.applied.original, answer_of(n, a.applied.item)) for n in policies for a in asked]
@@ -410,8 +409,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
                               for s in SETS} for n in players}
         timings["refusal_judge"] = round(time.time() - t, 2)
     by_condition, condition_rows = condition_results(asked, list(policies), answer_of, p_dec)
-    write_text_atomic(root / "conditions.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in condition_rows))
+    write_jsonl(root / "conditions.jsonl", condition_rows)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "players": players,
@@ -469,8 +467,7 @@ def run_policies_eval(cfg: PoliciesEvalConfig) -> dict[str, Any]:
     examples = [{"set": s, "prompt_id": it.id, "prompt": it.prompt,
                  "responses": {n: answers[n][it.tag()] for n in players}}
                 for s in SETS for it in sets[s][:EXAMPLES_PER_SET]]
-    write_text_atomic(root / "examples.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))
+    write_jsonl(root / "examples.jsonl", examples)
 
     metrics = {"elo": {n: v["rating"] for n, v in elo["overall"].items()},
                "elo_harmlessness": {n: v["rating"] for n, v in elo["red_team"].items()},

@@ -412,15 +412,17 @@ LOG = "log.jsonl"
 def append_step(path: Path, entry: dict[str, Any]) -> None:
     """Add one step's line to a log.jsonl as it happens (a live plot reads it; a kill loses
     at most the line being written)."""
+    from cai.core.records import jsonl_text
+
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(jsonl_text([entry], ensure_ascii=True))
 
 
 def rewrite_steps(path: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Replace a log.jsonl with these entries, atomically; returns them."""
-    from cai.core.records import write_text_atomic
+    from cai.core.records import write_jsonl
 
-    write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+    write_jsonl(path, entries, ensure_ascii=True)
     return entries
 
 
@@ -428,11 +430,9 @@ def read_steps(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
     """The entries of a log.jsonl (none when there is no file), through the one jsonl reader;
     a last line cut by a kill (no newline yet) is left out. With `upto`, only the steps up to
     it: those after a checkpoint are about to be redone."""
-    from cai.core.data import parse_jsonl
+    from cai.core.data import read_jsonl
 
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    text = text[:text.rfind("\n") + 1]
-    entries = [obj for _, obj in parse_jsonl(text, str(path))]
+    entries = read_jsonl(path, drop_torn=True, what="step log")
     return entries if upto is None else [e for e in entries if e.get("step", 0) <= upto]
 
 

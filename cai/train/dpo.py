@@ -163,8 +163,8 @@ def _soft_dpo_trainer_cls():
                     self._signature_columns.append(col)
 
         def _fused(self) -> bool:
-            # The fused head saves memory on GPUs (Triton); its torch fallback on CPU was ~9x
-            # slower than `completion_logps` in our measurements.
+            # The fused head (Triton) saves memory on GPUs; elsewhere its torch fallback is
+            # slower than `completion_logps`, so only a GPU uses it unless asked.
             if self.use_fused_head is not None:
                 return self.use_fused_head
             return self.accelerator.device.type in ("cuda", "xpu")
@@ -237,7 +237,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
 
     from cai.core.models import local_path
     from cai.train.common import check_policy_folder
-    from cai.train.loading import load_model, prepare_for_training, tensorboard_dir
+    from cai.train.loading import load_model, lora_config, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
     if not rows:
@@ -255,12 +255,7 @@ def train_dpo(rows: list[dict[str, Any]], cfg: DPOTrainConfig, *, out: Path | No
     ref_model = None
     if not cfg.lora:  # under LoRA the reference is the same weights with the adapter off
         ref_model = load_model(path, cfg, trainable=False)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear")
+    peft_config = lora_config(cfg) if cfg.lora else None
     ckpt = out / CHECKPOINTS if out is not None else None
     args = trainer_args(TRLDPOConfig, cfg, ckpt, beta=cfg.beta, max_length=cfg.max_length,
                         truncation_mode="keep_start", pad_to_multiple_of=None, loss_type=["sigmoid"],

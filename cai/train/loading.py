@@ -219,6 +219,19 @@ def prepare_for_training(model: Any, cfg: Any, lora: bool) -> Any:
     return model
 
 
+def lora_config(cfg: Any, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+    """The peft `LoraConfig` every trainer uses: rank `cfg.lora_r`, scale `cfg.lora_alpha`,
+    adapters on all linear layers. Dropout is `cfg.lora_dropout`; a config without that field
+    (RL) gets none, since a policy-gradient ratio compares two forward passes of the same
+    weights and dropout would make them differ. The preference model passes `SEQ_CLS` and
+    `modules_to_save=["score"]`: its score head is new, so it is trained in full and saved."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=getattr(cfg, "lora_dropout", 0.0), target_modules="all-linear",
+                      modules_to_save=modules_to_save)
+
+
 def trainer_precision(cfg: Any) -> dict[str, bool]:
     """The Trainer's mixed-precision flags for `cfg.dtype` (fp32 weights, lower-precision
     compute); neither for fp32, so a CPU run under "auto" is unchanged."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import model_of, reward_kind
 
 STAGES = ("sft", "pm", "dpo", "rl")
 SHARDING = ("none", "fsdp", "zero3")
@@ -66,7 +67,7 @@ def model_folder(spec: str) -> Path:
     """The folder of a model or reward spec (a folder, `pm:`/`hf:` folder, or model spec)."""
     from cai.core.models import local_path
 
-    spec = spec.removeprefix("pm:").removeprefix("hf:")
+    spec = model_of(spec).removeprefix("hf:")
     p = Path(spec).expanduser()
     if (p / "config.json").is_file():
         return p
@@ -166,7 +167,7 @@ def plan_memory(stage: str, cfg: Any, setting: Setting | None = None) -> dict[st
     if (stage == "rl" and (algo == "ppo" or not lora)) or (stage == "dpo" and not lora):
         rows["reference"] = shape.params * frozen_b / n
     reward = getattr(cfg, "reward", "") or ""
-    if stage == "rl" and not reward.startswith(("judge:", "python:")):
+    if stage == "rl" and reward_kind(reward) == "pm":
         rows["reward"] = shape_of(model_folder(reward), "score").params * frozen_b / n
     if stage == "rl" and getattr(cfg, "rollout_engine", "hf") == "vllm":
         rows["vllm_engine"] = cfg.vllm_gpu_memory_utilization * st.device_memory_gb * 2**30

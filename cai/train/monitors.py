@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import parse_reward_spec, pm_reward
 from cai.train.common import Chat
 from cai.train.pm_halves import TEST_FOLDER
 from cai.train.rewards import RewardSource, load_reward
@@ -42,16 +43,18 @@ def parse_monitor(entry: str, reward_spec: str) -> tuple[str, str]:
     if not spec:
         raise CaiError(f"empty monitor spec in {entry!r}", field="monitors")
     if spec == TEST_PM:
-        reward = reward_spec.strip()
-        path = reward[len("pm:"):] if reward.startswith("pm:") else reward
-        if reward.startswith(("python:", "judge:")) or not path:
+        try:
+            reward = parse_reward_spec(reward_spec)
+        except CaiError:
+            reward = None
+        if reward is None or reward.kind != "pm":
             raise CaiError(f"{TEST_PM} needs a preference-model reward (pm:PATH), not "
                            f"{reward_spec!r}", field="monitors")
-        folder = Path(path) / TEST_FOLDER
+        folder = Path(reward.target) / TEST_FOLDER
         if not (folder / "config.json").is_file():
             raise CaiError(f"{TEST_PM}: no test PM at {folder} (train the PM with "
                            "`split: halves`)", field="monitors")
-        spec, name = f"pm:{folder}", name or "test_pm"
+        spec, name = pm_reward(folder), name or "test_pm"
     if not name:
         tail = spec.rstrip("/").rsplit(":", 1)[-1]
         name = Path(tail).name or tail

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import PM
 from cai.core.stage import Input, Output, Stage, register, write_card
 from cai.train.common import CHECKPOINTS, LOG, finish_training, log_callback, log_entries, trainer_args
 from cai.train.prefs import (
@@ -159,7 +160,7 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     from trl import RewardConfig as TRLRewardConfig
 
     from cai.core.models import local_path
-    from cai.train.loading import load_model, prepare_for_training, tensorboard_dir
+    from cai.train.loading import load_model, lora_config, prepare_for_training, tensorboard_dir
 
     t0 = time.time()
     base = local_path(cfg.model)
@@ -182,13 +183,7 @@ def train_pm(rows: list[dict[str, Any]], cfg: PMConfig, *, out: Path | None = No
     if not data:
         raise CaiError("no training pairs left (all dropped as ties?)", field="ties")
 
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear",
-                                 modules_to_save=["score"])
+    peft_config = lora_config(cfg, task_type="SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
     ckpt = out / CHECKPOINTS if out is not None else None
     args = trainer_args(TRLRewardConfig, cfg, ckpt, max_length=None, pad_to_multiple_of=None,
                         center_rewards_coefficient=None)
@@ -307,7 +302,7 @@ register(Stage(name=STAGE, config=PMConfig, run=run_pm,
                help="Train a preference model on soft AI labels (and SL pairs).",
                inputs=(Input("preferences", "labels"), Input("pairs", "sl-data"),
                        Input("model", "base-model", model=True)),
-               outputs=(Output("reward", prefix="pm:"), Output("pm-eval", file="eval.json")),
+               outputs=(Output("reward", prefix=PM), Output("pm-eval", file="eval.json")),
                command="train pm", pipeline=True))
 
 __all__ = ["PMConfig", "run_pm", "train_pm", "load_reward_model", "pm_scores", "encode_pm",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from cai.core.errors import CaiError
+from cai.core.reward_spec import folder_not_found, judge_reward, parse_reward_spec, pm_reward
 from cai.train.common import Chat, as_chat
 
 
@@ -46,7 +47,7 @@ class PMReward:
         from cai.train.pm import load_reward_model
 
         self.path = Path(path)
-        self.spec = f"pm:{self.path}"
+        self.spec = pm_reward(self.path)
         if not (self.path / "config.json").is_file():
             raise CaiError("not a preference-model folder (no config.json); train one with "
                            "`cai train pm`", str(self.path), "reward")
@@ -74,7 +75,7 @@ class JudgeReward:
 
         if principles < 1:
             raise CaiError("must be at least 1", field="judge_principles")
-        self.spec = f"judge:{spec}"
+        self.spec = judge_reward(spec)
         self.constitution = load(constitution)
         self.k = principles
         self.seed = seed
@@ -147,20 +148,14 @@ def load_reward(spec: str, *, constitution: str | Path = "constitutions/harmless
     """Build the reward a spec names: "pm:PATH" or a bare folder, "judge:MODELSPEC", or
     "python:MODULE:FUNCTION" / "python:FILE.py:FUNCTION"; a preference model is held in
     `dtype` (a `cai.train.loading` dtype name)."""
-    spec = spec.strip()
-    if spec.startswith("python:"):
-        return PythonReward(spec)
-    if spec.startswith("judge:"):
-        model = spec[len("judge:"):]
-        if not model:
-            raise CaiError("judge: needs a model spec, e.g. judge:embedded:smollm2-135m",
-                           field="reward")
-        return JudgeReward(model, constitution, principles, seed)
-    path = spec[len("pm:"):] if spec.startswith("pm:") else spec
-    if not path or not Path(path).expanduser().is_dir():
-        raise CaiError(f"reward folder not found: {path!r} (give pm:PATH to a `cai train pm` "
-                       "folder, judge:MODELSPEC or python:FILE.py:FUNCTION)", field="reward")
-    return PMReward(Path(path).expanduser(), batch_size, dtype=dtype)
+    r = parse_reward_spec(spec)
+    if r.kind == "python":
+        return PythonReward(r.text)
+    if r.kind == "judge":
+        return JudgeReward(r.target, constitution, principles, seed)
+    if not r.path.is_dir():
+        raise folder_not_found(r.target)
+    return PMReward(r.path, batch_size, dtype=dtype)
 
 
 __all__ = ["RewardSource", "PMReward", "JudgeReward", "PythonReward", "load_reward"]

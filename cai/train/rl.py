@@ -275,19 +275,12 @@ def summarize(log: list[dict[str, Any]]) -> dict[str, Any]:
             "sqrt_kl_last": mean(log[-k:], "sqrt_kl"), "entropy_last": mean(log[-k:], "entropy")}
 
 
-def _lora_config(cfg: RLConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      task_type="CAUSAL_LM", target_modules="all-linear")
-
-
 def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     import torch
     from transformers import AutoTokenizer
 
     from cai.core.models import local_path
-    from cai.train.loading import load_model, prepare_for_training
+    from cai.train.loading import load_model, lora_config, prepare_for_training
     from cai.train.ppo import PPOTrainer, shards_weights
 
     path = str(local_path(cfg.model))
@@ -310,7 +303,7 @@ def _train_ppo(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)
-        policy = get_peft_model(policy, _lora_config(cfg))
+        policy = get_peft_model(policy, lora_config(cfg))
     engine = _rollout_engine(cfg, path, tok, chats, accelerator)
     trainer = PPOTrainer(policy, reference, tok, reward, chats, PPOConfig.from_fields(cfg), out,
                          engine=engine, accelerator=accelerator)
@@ -361,6 +354,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
 
     from cai.core.models import local_path
     from cai.train.loading import (
+        lora_config,
         model_init_kwargs,
         report_args,
         resolve_dtype,
@@ -396,7 +390,7 @@ def _train_trl(cfg: RLConfig, out: Path, chats: list, reward: RewardSource):
     with tensorboard_dir(out):
         trainer = atomic_trainer(Trainer)(model=path, reward_funcs=reward_fn, args=args,
                                           train_dataset=ds,
-                                          peft_config=_lora_config(cfg) if cfg.lora else None)
+                                          peft_config=lora_config(cfg) if cfg.lora else None)
     ref = getattr(trainer, "ref_model", None)
     if isinstance(ref, torch.nn.Module) and not trainer.is_deepspeed_enabled \
             and not trainer.is_fsdp_enabled:  # TRL loads it like the fp32 policy; it is frozen

@@ -146,7 +146,13 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         trainer_args,
         write_log,
     )
-    from cai.train.loading import check_run_options, load_model, prepare_for_training, tensorboard_dir
+    from cai.train.loading import (
+        check_run_options,
+        load_model,
+        lora_config,
+        prepare_for_training,
+        tensorboard_dir,
+    )
 
     t0 = time.time()
     check_run_options(cfg)  # before anything is read or loaded
@@ -167,13 +173,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                  cfg.lora)
     args = trainer_args(TRLSFTConfig, cfg, out / CHECKPOINTS, max_length=cfg.max_length,
                         completion_only_loss=True)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                                 target_modules="all-linear")
+    peft_config = lora_config(cfg) if cfg.lora else None
     with tensorboard_dir(out):
         trainer = atomic_trainer(SFTTrainer)(model=model, args=args,
                                              train_dataset=datasets.Dataset.from_list(features),
