@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cai.core.config import yaml_error
+from cai.core.config import safe_yaml, yaml_error
 from cai.core.errors import CaiError, ValidationErrors, read_text
 from cai.core.seeds import derive_seed
 
@@ -304,9 +304,11 @@ def parse(text: str, path: str = "<memory>") -> Constitution:
 def _parse(text: str, path: str) -> Constitution:
     try:
         node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        data = safe_yaml(text, f"{path}:1")  # the project's one loader: aliases bounded
     except yaml.YAMLError as exc:
         raise ValidationErrors([yaml_error(exc, path)]) from None
+    except CaiError as exc:
+        raise ValidationErrors([exc]) from None
     if node is None or not isinstance(data, dict):
         raise ValidationErrors([CaiError("expected a mapping at the top level", f"{path}:1")])
     try:

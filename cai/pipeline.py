@@ -127,17 +127,12 @@ def _record_prompts(folder: Path, names: tuple[str, ...]) -> set[str]:
     The derived files, not the stage's store: a store keeps records of prompts a previous
     split gave it, which no training stage reads, and counting them would report
     contamination the training data does not contain."""
+    from cai.core.data import read_jsonl
+
     out: set[str] = set()
     for name in names:
-        p = folder / name
-        if not p.is_file():
-            continue
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            chat = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        for row in read_jsonl(folder / name, lenient=True):
+            chat = row.get("prompt", row.get("messages"))
             if isinstance(chat, str):
                 out.add(chat)
             elif isinstance(chat, list):

@@ -46,7 +46,7 @@ def _set_env_defaults() -> None:
     if _cpu_only():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # Without OMP_NUM_THREADS, vLLM drops torch to one thread for the whole process
-        # (every later transformers call in it too); measured: no gain for vLLM itself.
+        # (every later transformers call in it too), for no gain to vLLM itself.
         import torch
 
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -109,8 +109,8 @@ class VLLMBackend:
         if self.options.max_num_seqs:
             kwargs["max_num_seqs"] = self.options.max_num_seqs
         if _cpu_only():
-            # Measured on 2 cores: torch.compile took 150 s to build and decoded slower
-            # (60 vs 74 tokens/s), so the CPU engine runs eager.
+            # On a CPU, torch.compile builds for minutes and decodes no faster: run eager
+            # (figures in the README's speed section).
             kwargs["enforce_eager"] = True
         else:
             kwargs.update(tensor_parallel_size=self.options.tensor_parallel_size,
