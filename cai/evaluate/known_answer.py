@@ -122,7 +122,7 @@ NEGATIVE = _words(
     "lonel", "depress", "anxiety", "anxious", "problem", "fail", "lose", "loss", "broken", "ruin", "revenge",
     "punish", "insult", "rude", "nast", "dirty", "sick")
 """Word starts counted as negative."""
-NOISE = 0.3
+NOISE = 0.1
 """Half-width of the noisy gold's added noise (uniform, fixed per prompt and answer)."""
 
 
