@@ -19,15 +19,15 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cai.core.config import from_dict
 from cai.core.errors import CaiError
 from cai.core.stage import Output, Stage, load_registry
 from cai.recipe import RECIPE, Players, Run, Source
 
-if TYPE_CHECKING:
-    from cai.pipeline import PipelineConfig
+PipelineConfig = Any
+"""A `cai.pipeline.PipelineConfig` (not imported: the pipeline imports this module)."""
 
 
 def stages() -> dict[str, Stage]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.core.errors import CaiError
-from cai.core.manifest import Manifest
+from cai.core.manifest import RENAMED, Manifest, stage_name
 from cai.core.records import JsonlStore
 from cai.core.reward_spec import is_python_spec, model_of
 
@@ -199,19 +199,6 @@ def _lock_owner(path: Path) -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
-
-
-RENAMED = {"train.sft": "sft", "train.pm": "pm", "train.rl": "rl", "train.dpo": "dpo",
-           "eval.policies": "eval", "eval.labeler": "eval-labeler",
-           "eval.constitutions": "eval-constitutions", "eval.known-answer": "eval-known-answer"}
-"""Stage names that folders written before each stage had one name still carry (in their
-manifest's `stage` and their `.cai-stage` marker), and the name each stage has now."""
-
-
-def stage_name(recorded: str | None) -> str | None:
-    """The stage a recorded name means today: every reader of a folder's recorded stage
-    goes through this, so an old run folder still resumes, caches and validates."""
-    return RENAMED.get(recorded, recorded) if recorded else recorded
 
 
 def _owner(root: Path) -> str | None:

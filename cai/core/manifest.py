@@ -24,6 +24,19 @@ SCHEMA_VERSION = 1
 """The version `write_manifest` writes; 0 is a manifest from before versioning."""
 
 
+RENAMED = {"train.sft": "sft", "train.pm": "pm", "train.rl": "rl", "train.dpo": "dpo",
+           "eval.policies": "eval", "eval.labeler": "eval-labeler",
+           "eval.constitutions": "eval-constitutions", "eval.known-answer": "eval-known-answer"}
+"""Stage names that folders written before each stage had one name still carry (in their
+manifest's `stage` and their `.cai-stage` marker), and the name each stage has now."""
+
+
+def stage_name(recorded: str | None) -> str | None:
+    """The stage a recorded name means today: every reader of a folder's recorded stage
+    goes through this, so an old run folder still resumes, caches and validates."""
+    return RENAMED.get(recorded, recorded) if recorded else recorded
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -87,8 +100,6 @@ class Manifest(_Open):
     @field_validator("stage")
     @classmethod
     def _new_name(cls, value: str) -> str:
-        from cai.core.folders import stage_name
-
         return stage_name(value)
 
     @classmethod
