@@ -6,9 +6,9 @@ the run's held-out red-team prompts (`<run>/prompts/red_team.eval.jsonl`, never 
 
 - every policy (base, sl-cai, rl-cai, dpo, and where the run has them rl-direct and
   rl-direct-negated: PPO on the noisy gold itself and on its negation): `samples` answers
-  per prompt, their gold mean with a 95 % bootstrap interval over prompts, the train and test
-  PMs' mean scores, and the KL from the SL-CAI model (the mean of log π − log π_sl over the
-  policy's own answers);
+  per prompt, their gold mean with a 95 % bootstrap interval over prompts, and on the first
+  `scored_samples` of them the train and test PMs' mean scores and the KL from the SL-CAI
+  model (the mean of log π − log π_sl over the policy's own answers);
 - each policy − sl: the paired difference of gold means, bootstrapped over prompts;
 - the PM's accuracy against the gold: every pair of one prompt's held-out answers (all the
   policies' samples together) on which the gold differs, counted right when the PM scores
@@ -93,6 +93,15 @@ class KnownAnswerConfig:
     samples: int = 4
     """Answers per held-out prompt for each policy (the gold rates and the rl − sl, dpo − sl
     differences use this many; SL-CAI also gets `best_of`)."""
+    scored_samples: int | None = None
+    """How many of each prompt's `samples` answers the PMs score and the KL from SL-CAI reads
+    (default all). The gold is a plain function of the text and scores every answer; the PM
+    and log-prob passes cost as much as sampling, so on two cores the gold differences can
+    get more answers than the PM figures."""
+    engine: str = "hf"
+    """What samples the answers: "hf" (transformers, one policy loaded at a time) or "vllm"
+    (one engine, each policy's weights loaded into it in turn; seeded per answer either way,
+    but the two engines draw different samples from the same seed)."""
     best_of: int = 16
     """k: SL-CAI answers per prompt for best-of-n, n = 1, 2, 4, …, k (a power of two; 16
     gives the five points a fit needs)."""
@@ -119,6 +128,9 @@ class KnownAnswerConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.samples >= 1, "samples", "must be at least 1"),
+            (self.scored_samples is None or 1 <= self.scored_samples <= self.samples,
+             "scored_samples", "must be between 1 and samples"),
+            (self.engine in ("hf", "vllm"), "engine", 'must be "hf" or "vllm"'),
             (self.best_of >= 1 and self.best_of & (self.best_of - 1) == 0, "best_of",
              "must be a power of two (1, 2, 4, …)"),
             (self.limit is None or self.limit >= 1, "limit", "must be at least 1"),
@@ -194,6 +206,26 @@ class _Policy:
                                       cfg.temperature)["logp"]
             out += (lp * rmask).sum(1).tolist()
         return out
+
+
+class _VLLMSampler:
+    """One vLLM engine for every policy: it starts on SL-CAI's weights and loads each other
+    policy's in turn (a weight reload, not a new engine)."""
+
+    def __init__(self, spec: str, sl: _Policy, max_prompt: int, cfg: KnownAnswerConfig):
+        from cai.core.models import local_path
+        from cai.train.rollout import VLLMRollout
+
+        self.engine = VLLMRollout(local_path(spec), sl.fmt.stop_ids, seed=cfg.seed,
+                                  max_model_len=max_prompt + cfg.max_new_tokens)
+        self.loaded = "sl-cai"
+
+    def sample(self, name: str, pol: _Policy, prompts: list[list[int]], seeds: list[int],
+               cfg: KnownAnswerConfig) -> list[list[int]]:
+        if name != self.loaded:
+            self.engine.sync(pol.model)
+            self.loaded = name
+        return self.engine.sample(prompts, seeds, cfg.max_new_tokens, cfg.temperature).tokens
 
 
 def _seed(cfg: KnownAnswerConfig, policy: str, prompt: int, sample: int) -> int:
@@ -344,26 +376,36 @@ def run_known_answer(cfg: KnownAnswerConfig) -> dict[str, Any]:
     sl = _Policy(specs["sl-cai"])
     chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
     ids = [sl.prompt_ids(p.prompt) for p in prompts]
+    sampler = (_VLLMSampler(specs["sl-cai"], sl, max(map(len, ids)), cfg)
+               if cfg.engine == "vllm" else None)
+    n_scored = cfg.scored_samples or cfg.samples
+    bon_rows = cfg.best_of_limit or len(prompts)
     per: dict[str, dict[str, Any]] = {}
     for name, spec in specs.items():
         pol = sl if name == "sl-cai" else _Policy(spec)
         n = max(cfg.samples, cfg.best_of) if name == "sl-cai" else cfg.samples
         # SL-CAI's extra best-of answers only on the prompts best-of-n uses; the rest of
         # its [prompts, n] arrays stay NaN and are read by nothing.
-        n_of = [n if i < (cfg.best_of_limit or len(prompts)) else cfg.samples
-                for i in range(len(prompts))]
+        n_of = [n if i < bon_rows else cfg.samples for i in range(len(prompts))]
         which = [(i, j) for i in range(len(prompts)) for j in range(n_of[i])]
         p_ids = [ids[i] for i, _ in which]
-        toks = pol.sample(p_ids, [_seed(cfg, name, i, j) for i, j in which], cfg)
+        seeds = [_seed(cfg, name, i, j) for i, j in which]
+        toks = (sampler.sample(name, pol, p_ids, seeds, cfg) if sampler
+                else pol.sample(p_ids, seeds, cfg))
         texts = [pol.text(t) for t in toks]
         pc = [chats[i] for i, _ in which]
-        kl = (np.zeros(len(toks)) if pol is sl else
-              np.asarray(pol.logprobs(p_ids, toks, cfg)) - np.asarray(sl.logprobs(p_ids, toks, cfg)))
         scores = {"gold": grid(which, gold.score(pc, texts), len(prompts), n)}
+        # The PMs and the KL read the first `scored_samples` answers (and every best-of one).
+        sc = [k for k, (i, j) in enumerate(which)
+              if j < n_scored or (name == "sl-cai" and i < bon_rows)]
+        s_which, s_ids, s_toks = [which[k] for k in sc], [p_ids[k] for k in sc], [toks[k] for k in sc]
         for pm_name, pm in pms.items():
-            scores[pm_name] = grid(which, pm.score(pc, texts), len(prompts), n)
+            scores[pm_name] = grid(s_which, pm.score([pc[k] for k in sc], [texts[k] for k in sc]),
+                                   len(prompts), n)
+        kl = (np.zeros(len(sc)) if pol is sl else np.asarray(pol.logprobs(s_ids, s_toks, cfg))
+              - np.asarray(sl.logprobs(s_ids, s_toks, cfg)))
         per[name] = {"spec": spec, "n": n, "scores": scores,
-                     "kl": grid(which, kl, len(prompts), n),
+                     "kl": grid(s_which, kl, len(prompts), n),
                      "examples": examples(prompts, which, texts, scores["gold"])}
         if pol is not sl:
             del pol
@@ -408,14 +450,16 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
     for name, p in per.items():
         s = p["scores"]
         m = cfg.samples  # every policy is compared on its first `samples` answers
+        sc = cfg.scored_samples or m  # and on its first `scored_samples` for the PMs and KL
         row = {"spec": p["spec"], "answers": int(s["gold"][:, :m].size),
                "gold": bootstrap_mean(s["gold"][:, :m].mean(1), cfg.n_boot, cfg.seed),
-               "kl_from_sl": float(p["kl"][:, :m].mean()),
+               "scored_answers": int(p["kl"][:, :sc].size),
+               "kl_from_sl": float(p["kl"][:, :sc].mean()),
                "examples": p["examples"]}
         row["sqrt_kl_from_sl"] = math.sqrt(max(row["kl_from_sl"], 0.0))
         for k in ("train_pm", "test_pm"):
             if k in s:
-                row[k] = float(s[k][:, :m].mean())
+                row[k] = float(s[k][:, :sc].mean())
         policies[name] = row
     sl = per["sl-cai"]["scores"]
     result: dict[str, Any] = {"policies": policies,
@@ -435,7 +479,7 @@ def summarise(per: dict[str, dict[str, Any]], cfg: KnownAnswerConfig) -> dict[st
             for i in range(sl["gold"].shape[0]):
                 pm_i = np.concatenate([p["scores"][k][i] for p in per.values()])
                 gold_i = np.concatenate([p["scores"]["gold"][i] for p in per.values()])
-                keep = ~np.isnan(gold_i)  # answers this prompt has
+                keep = ~np.isnan(pm_i)  # answers this prompt has that the PMs scored
                 groups.append((pm_i[keep].tolist(), gold_i[keep].tolist()))
             acc = pair_accuracy_ci(groups, cfg.n_boot, cfg.seed + 2)
             key = "pm" if k == "train_pm" else "test_pm"
