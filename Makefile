@@ -42,7 +42,7 @@ demo: $(STAMP)
 # `cai eval known-answer` then scores it with the exact gold (benchmarks/results/known_answer.json).
 # PPO on the noisy gold itself and on its negation (configs/known-answer-direct.yaml) is what
 # two CPU cores can prove; the full run with the PM targets is configs/known-answer-gpu.yaml
-# (benchmarks/gpu_check.py). The evaluation samples with vLLM and gives the gold four answers
+# (benchmarks/gpu_check.py). The evaluation samples with vLLM and gives the gold three answers
 # per held-out prompt (one answer left the negated run's -0.11 inside its interval), the PMs
 # and the KL one (their passes cost as much as sampling).
 KA_REWARD := python:cai.evaluate.known_answer
@@ -52,8 +52,8 @@ known-answer: $(STAMP)
 	  --reward $(KA_REWARD):noisy_valence --out runs/known-answer/rl-direct && \
 	$(VENV)/bin/cai train rl --config configs/known-answer-direct.yaml \
 	  --reward $(KA_REWARD):negated_noisy_valence --out runs/known-answer/rl-direct-negated && \
-	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 4 --scored-samples 1 \
-	  --engine vllm --best-of 16 --best-of-limit 6 --no-base --max-new-tokens 32 \
+	$(VENV)/bin/cai eval known-answer runs/known-answer --samples 3 --scored-samples 1 \
+	  --engine vllm --best-of 16 --best-of-limit 4 --no-base --max-new-tokens 32 \
 	  --json benchmarks/results/known_answer.json --overwrite --started $$start
 
 test: $(STAMP) browser

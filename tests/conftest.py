@@ -57,6 +57,30 @@ def tiny_model(embedded_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+def vllm_llama(embedded_path: Path, out: Path, seed: int) -> Path:
+    """A 2-layer random Llama with head size 32 (vLLM's CPU attention has no size-8 kernel),
+    drawn from `seed`, saved with the embedded model's tokenizer in `out`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_path))
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(embedded_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`vllm_llama` from seed 0, once per session."""
+    return vllm_llama(embedded_path, tmp_path_factory.mktemp("vllm-tiny"), 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model: Path):
     from cai.backends.hf import HFBackend, HFOptions

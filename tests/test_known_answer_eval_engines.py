@@ -9,29 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from cai.evaluate.known_answer_run import KnownAnswerConfig, _seed, run_known_answer
-from cai.train.pm import PMConfig, run_pm
-from tests.test_known_answer_run import FUNCS, PROMPTS, _fake_run, _rows
+from tests.test_known_answer_run import FUNCS, PROMPTS, _fake_run, _tiny_pm
+
+from .conftest import vllm_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _llama(embedded_path: Path, out: Path, seed: int) -> Path:
-    """A 2-layer random Llama with head size 32 (vLLM's CPU attention has no size-8 kernel)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(embedded_path))
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +25,9 @@ def two_run(embedded_path: Path, tiny_model: Path, tmp_path_factory: pytest.Temp
     another (so a policy that was never loaded would show), with a trained PM."""
     tmp = tmp_path_factory.mktemp("ka-engines")
     (tmp / "funcs.py").write_text(FUNCS, encoding="utf-8")
-    a = _llama(embedded_path, tmp / "a", 0)
-    b = _llama(embedded_path, tmp / "b", 1)
-    prefs = tmp / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in _rows(8, 2)), encoding="utf-8")
-    pm = tmp / "pm"
-    run_pm(PMConfig(preferences=str(prefs), model=str(tiny_model), out=str(pm), split="halves",
-                    lora=False, max_steps=1, batch_size=2, eval_fraction=0.25, max_length=32))
-    run = _fake_run(tmp, a, pm, f"python:{tmp / 'funcs.py'}:cat_judge")
+    a = vllm_llama(embedded_path, tmp / "a", 0)
+    b = vllm_llama(embedded_path, tmp / "b", 1)
+    run = _fake_run(tmp, a, _tiny_pm(tmp, tiny_model), f"python:{tmp / 'funcs.py'}:cat_judge")
     log = (run / "rl" / "log.jsonl").read_text()
     shutil.rmtree(run / "rl")
     shutil.copytree(b, run / "rl")

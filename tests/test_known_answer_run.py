@@ -154,6 +154,16 @@ def test_known_answer_statistics_by_hand() -> None:
     assert b["mean"] == 0.5 and b["ci_low"] < 0.5 < b["ci_high"] and b["ci_high"] - b["ci_low"] < 0.3
 
 
+def _tiny_pm(tmp: Path, tiny_model: Path) -> Path:
+    """A train PM and a test PM (halves) on the tiny model, one step each, in `tmp/pm`."""
+    prefs = tmp / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in _rows(8, 2)), encoding="utf-8")
+    pm = tmp / "pm"
+    run_pm(PMConfig(preferences=str(prefs), model=str(tiny_model), out=str(pm), split="halves",
+                    lora=False, max_steps=1, batch_size=2, eval_fraction=0.25, max_length=32))
+    return pm
+
+
 def _fake_run(tmp_path: Path, policy: Path, pm: Path, judge: str) -> Path:
     """A run folder as the known-answer pipeline leaves it, with tiny models, labelled by
     `judge` (the planted gold)."""
@@ -176,12 +186,7 @@ def _fake_run(tmp_path: Path, policy: Path, pm: Path, judge: str) -> Path:
 def test_known_answer_writer_on_a_tiny_run(boosted_model: tuple[Path, int], tiny_model: Path,  # noqa: F811
                                            funcs: Path, tmp_path: Path) -> None:
     path, _ = boosted_model
-    prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps(r) + "\n" for r in _rows(8, 2)), encoding="utf-8")
-    pm = tmp_path / "pm"
-    run_pm(PMConfig(preferences=str(prefs), model=str(tiny_model), out=str(pm), split="halves",
-                    lora=False, max_steps=1, batch_size=2, eval_fraction=0.25, max_length=32))
-    run = _fake_run(tmp_path, path, pm, f"python:{funcs}:cat_judge")
+    run = _fake_run(tmp_path, path, _tiny_pm(tmp_path, tiny_model), f"python:{funcs}:cat_judge")
     bench = tmp_path / "bench" / "known_answer.json"
     manifest = run_known_answer(KnownAnswerConfig(
         run=str(run), json=str(bench), gold=f"python:{funcs}:has_cat", samples=2, best_of=4,

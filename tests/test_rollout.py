@@ -24,24 +24,6 @@ class LengthReward:
         return [float(len(r)) / 10 for r in responses]
 
 
-@pytest.fixture(scope="module")
-def vllm_tiny(embedded_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with head size 32 (vLLM's CPU attention has no size-8 kernel)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(embedded_path))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("vllm-tiny")
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def _trainer(path: Path, out: Path, engine_name: str, lora: bool, **over):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
